@@ -11,10 +11,16 @@ intent score, the OOD action distance and the final implicit accuracy, as mean �
 over seeds, plus alignment steps/s; writes everything to
 ``bench/results/bench_alignment.json`` (or ``--json``).
 
-The full configuration (2 tasks × 3 seeds × 2 teachers × 3 methods × 2 rounds of 200
-pairs) takes hours on a CPU; flags make it small::
+The return teacher runs on every task; intent teachers (any other ``--teachers``) run
+on ``--intent-tasks`` (default: the first task). The full configuration (door-open with
+the return and smooth teachers, button-press with the return teacher; 3 seeds, 3
+methods, 2 rounds of 200 pairs) is 27 runs, about an hour and a half on 2 CPU cores
+with ``--jobs 2``. It is resumable: finished runs (``OUT/<task>/seed<s>/<teacher>/<method>/loop.json``
+with every round) are kept, runs are claimed through lock files so several processes
+share the work, and ``--report-only`` rebuilds the table from what is on disk::
 
-    python bench/bench_alignment.py                          # the full benchmark
+    python bench/bench_alignment.py --jobs 2                 # the full benchmark
+    python bench/bench_alignment.py --report-only            # table from finished runs
     python bench/bench_alignment.py --tasks metaworld/door-open-v3 --seeds 0 \\
         --teachers return --rounds 1 --pairs-per-round 32 --steps 60 --bc-steps 500 \\
         --bc-episodes 30 --eval-episodes 10                  # a smoke run
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import platform
 import time
@@ -52,11 +59,132 @@ def _fmt(values: list[float], pct: bool = False, digits: int = 1) -> str:
     return f"{scale * v.mean():.{digits}f} ± {scale * v.std(ddof=1):.{digits}f}{unit}"
 
 
+# The settings that must match for runs in one --out directory to be comparable.
+_RUN_KEYS = ("rounds", "pairs_per_round", "segment_length", "steps", "beta", "lam", "bc_steps", "bc_episodes",
+             "eval_episodes", "max_episode_steps")
+
+
+def _work(args) -> list[tuple[str, int, str, str]]:
+    intent_tasks = args.intent_tasks or args.tasks[:1]
+    return [(task, seed, teacher, method)
+            for task in args.tasks for seed in args.seeds for teacher in args.teachers
+            if teacher == "return" or task in intent_tasks
+            for method in args.methods]
+
+
+def _seed_root(args, task: str, seed: int) -> Path:
+    return Path(args.out) / task.replace("/", "_") / f"seed{seed}"
+
+
+def _run_dir(args, task, seed, teacher, method) -> Path:
+    return _seed_root(args, task, seed) / teacher / method
+
+
+def _finished(args, run_dir: Path) -> dict | None:
+    f = run_dir / "loop.json"
+    if not f.exists():
+        return None
+    summary = json.loads(f.read_text())
+    return summary if len(summary.get("rounds", [])) == args.rounds + 1 else None
+
+
+def _claim(path: Path) -> bool:
+    """Atomically claim a piece of work (O_EXCL lock file holding our pid); a dead owner's claim is taken over."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text() or 0)
+                os.kill(pid, 0)
+                return pid == os.getpid()
+            except (ValueError, ProcessLookupError):
+                path.unlink(missing_ok=True)  # the owner died: take the work over
+                continue
+            except PermissionError:
+                return False
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        return True
+    return False
+
+
+def _prepare_bc(args, task: str, seed: int) -> Path | None:
+    """Dataset + BC checkpoint for (task, seed): built here when claimed, else None while another process builds it."""
+    root = _seed_root(args, task, seed)
+    done = root / "bc" / "DONE"
+    if done.exists():
+        return Path(done.read_text())
+    if not _claim(root / ".bc.claim"):
+        return None
+    data = root / "data.hdf5"
+    if not data.exists():
+        print(f"[{task} seed {seed}] generating {args.bc_episodes} episodes", flush=True)
+        generate_dataset(task, args.bc_episodes, data, seed=seed,
+                         max_episode_steps=args.max_episode_steps or None, progress=False)
+    print(f"[{task} seed {seed}] behaviour cloning, {args.bc_steps} steps", flush=True)
+    bc = train_bc(BCConfig(task=task, dataset=str(data), out_dir=str(root / "bc"), steps=args.bc_steps,
+                           eval_every=0, seed=seed, device=args.device, threads=args.threads), progress=False)
+    done.write_text(str(bc))
+    (root / ".bc.claim").unlink(missing_ok=True)
+    return bc
+
+
+def _worker(args) -> None:
+    torch.set_num_threads(args.threads)
+    while True:
+        pending = [w for w in _work(args) if _finished(args, _run_dir(args, *w)) is None]
+        if not pending:
+            return
+        started = False
+        for task, seed, teacher, method in pending:
+            run_dir = _run_dir(args, task, seed, teacher, method)
+            bc = _prepare_bc(args, task, seed)
+            if bc is None or not _claim(run_dir / ".claim"):
+                continue
+            cfg = LoopConfig(task=task, teacher=teacher, rounds=args.rounds, pairs_per_round=args.pairs_per_round,
+                             segment_length=args.segment_length, out_dir=str(run_dir),
+                             dataset=str(_seed_root(args, task, seed) / "data.hdf5"), bc_checkpoint=str(bc),
+                             eval_episodes=args.eval_episodes, max_episode_steps=args.max_episode_steps,
+                             n_envs=args.n_envs, seed=seed)
+            acfg = AlignConfig(regularizer=method, steps=args.steps, beta=args.beta, lam=args.lam,
+                               threads=args.threads, device=args.device)
+            tr = time.time()
+            tag = f"[{task} seed {seed} {teacher} {method}]"
+            summary = run_loop(cfg, acfg, progress=False, log=lambda s: print(f"{tag} {s}", flush=True))
+            last = summary["rounds"][-1]
+            print(f"{tag} done: success {last['success_rate']:.0%}, return {last['mean_return']:.1f}, "
+                  f"intent {last['intent_score']:.4g}, {time.time() - tr:.0f} s", flush=True)
+            (run_dir / ".claim").unlink(missing_ok=True)
+            started = True
+            break
+        if not started:
+            time.sleep(10)  # everything left is claimed or waits for a BC policy another process is training
+
+
+def _check_out_dir(args) -> None:
+    """Refuse to mix runs made with different settings in one --out directory."""
+    f = Path(args.out) / "bench_args.json"
+    mine = {k: getattr(args, k) for k in _RUN_KEYS}
+    if f.exists():
+        theirs = {k: v for k, v in json.loads(f.read_text()).items() if k in _RUN_KEYS}
+        diff = {k: (theirs.get(k), mine[k]) for k in _RUN_KEYS if theirs.get(k) != mine[k]}
+        if diff:
+            raise SystemExit(f"{f} was written with other settings ({diff}, as (there, here)); pass another --out "
+                             "or the same settings")
+    else:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps(mine, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=["metaworld/door-open-v3", "metaworld/button-press-v3"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--teachers", nargs="+", default=["return", "smooth"])
+    ap.add_argument("--intent-tasks", nargs="*", default=None,
+                    help="tasks for the intent teachers (all but `return`); default: the first of --tasks")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--pairs-per-round", type=int, default=200)
@@ -69,49 +197,46 @@ def main() -> None:
     ap.add_argument("--eval-episodes", type=int, default=20)
     ap.add_argument("--max-episode-steps", type=int, default=0, help="0: the task's horizon")
     ap.add_argument("--n-envs", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 suits a shared CPU)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (1 suits a shared CPU)")
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes sharing the runs")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--report-only", action="store_true", help="only print the table from finished runs")
     ap.add_argument("--out", default="runs/bench_alignment")
     ap.add_argument("--json", default="bench/results/bench_alignment.json")
     args = ap.parse_args()
     if args.rounds * args.pairs_per_round > MAX_LABELS:
         ap.error(f"--rounds × --pairs-per-round = {args.rounds * args.pairs_per_round} labels per run; the benchmark "
                  f"allows at most {MAX_LABELS}")
-    torch.set_num_threads(args.threads)
+    _check_out_dir(args)
     t0 = time.time()
-    runs = []
-    for task in args.tasks:
-        for seed in args.seeds:
-            root = Path(args.out) / task.replace("/", "_") / f"seed{seed}"
-            data = root / "data.hdf5"
-            if not data.exists():
-                generate_dataset(task, args.bc_episodes, data, seed=seed,
-                                 max_episode_steps=args.max_episode_steps or None, progress=False)
-            bc = train_bc(BCConfig(task=task, dataset=str(data), out_dir=str(root / "bc"), steps=args.bc_steps,
-                                   eval_every=0, seed=seed, device=args.device, threads=args.threads), progress=False)
-            for teacher in args.teachers:
-                for method in args.methods:
-                    cfg = LoopConfig(task=task, teacher=teacher, rounds=args.rounds,
-                                     pairs_per_round=args.pairs_per_round, segment_length=args.segment_length,
-                                     out_dir=str(root / teacher / method), dataset=str(data), bc_checkpoint=str(bc),
-                                     eval_episodes=args.eval_episodes, max_episode_steps=args.max_episode_steps,
-                                     n_envs=args.n_envs, seed=seed)
-                    acfg = AlignConfig(regularizer=method, steps=args.steps, beta=args.beta, lam=args.lam,
-                                       threads=args.threads, device=args.device)
-                    tr = time.time()
-                    summary = run_loop(cfg, acfg, progress=False, log=lambda s: print(f"  {s}", flush=True))
-                    run = {"task": task, "seed": seed, "teacher": teacher, "method": method,
-                           "rounds": summary["rounds"], "wall_s": time.time() - tr}
-                    runs.append(run)
-                    last = summary["rounds"][-1]
-                    print(f"{task} seed {seed} teacher {teacher} {method}: success {last['success_rate']:.0%}, "
-                          f"return {last['mean_return']:.1f}, intent {last['intent_score']:.4g}, "
-                          f"{run['wall_s']:.0f} s", flush=True)
+    if not args.report_only:
+        if args.jobs > 1:
+            ctx = mp.get_context("spawn")
+            procs = [ctx.Process(target=_worker, args=(args,)) for _ in range(args.jobs)]
+            for p in procs:
+                p.start()
+                time.sleep(2)  # stagger the claims
+            for p in procs:
+                p.join()
+            if any(p.exitcode for p in procs):
+                raise SystemExit(f"a worker failed (exit codes {[p.exitcode for p in procs]}); finished runs are "
+                                 "kept, run the same command again to continue")
+        else:
+            _worker(args)
 
+    runs = []
+    for task, seed, teacher, method in _work(args):
+        summary = _finished(args, _run_dir(args, task, seed, teacher, method))
+        if summary is not None:
+            runs.append({"task": task, "seed": seed, "teacher": teacher, "method": method,
+                         "rounds": summary["rounds"], "wall_s": summary.get("wall_s")})
+    missing = len(_work(args)) - len(runs)
     tables = []
     for task in args.tasks:
         for teacher in args.teachers:
             sel = [r for r in runs if r["task"] == task and r["teacher"] == teacher]
+            if not sel:
+                continue
             rows = []
             first = {}
             for r in sel:  # BC = round 0, identical across methods for one seed
@@ -125,25 +250,26 @@ def main() -> None:
             print(f"### {task}, teacher `{teacher}` ({len(first)} seed(s), {args.rounds} round(s) × "
                   f"{args.pairs_per_round} pairs, {args.eval_episodes} eval episodes)")
             print()
-            print("| method | success | mean return | intent score | OOD action dist | implicit acc | align steps/s |")
-            print("|---|---|---|---|---|---|---|")
+            print("| method | success | mean return | intent score | OOD action dist | implicit acc |")
+            print("|---|---|---|---|---|---|")
             for row in rows:
                 ps = row["per_seed"]
                 col = lambda k: [p.get(k) for p in ps]  # noqa: E731
                 print(f"| {row['method']} | {_fmt(col('success_rate'), pct=True, digits=0)} | "
                       f"{_fmt(col('mean_return'))} | {_fmt(col('intent_score'), digits=4)} | "
-                      f"{_fmt(col('ood_action_dist'), digits=3)} | {_fmt(col('implicit_acc'), digits=2)} | "
-                      f"{_fmt(col('align_steps_per_s'))} |")
+                      f"{_fmt(col('ood_action_dist'), digits=3)} | {_fmt(col('implicit_acc'), digits=2)} |")
     round_s = [rd["round_s"] for r in runs for rd in r["rounds"][1:]]
     sps = [rd["align_steps_per_s"] for r in runs for rd in r["rounds"][1:]]
     print()
     print(f"alignment steps/s: {_fmt(sps)} (batch {AlignConfig.batch_pairs} pairs × 2 × L={args.segment_length} "
-          f"windows, torch threads {args.threads}); seconds per round: {_fmt(round_s)}; "
-          f"total wall time {time.time() - t0:.0f} s")
+          f"windows, torch threads {args.threads}, {args.jobs} process(es)); seconds per round: {_fmt(round_s)}; "
+          f"wall time of this invocation {time.time() - t0:.0f} s")
+    if missing:
+        print(f"{missing} of {len(_work(args))} runs are not finished; run without --report-only to continue")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(json_safe({
-        "benchmark": "bench_alignment", "args": vars(args),
+        "benchmark": "bench_alignment", "args": vars(args), "runs_missing": missing,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                     "cuda": torch.cuda.is_available(), "platform": platform.platform()},
         "tables": tables, "runs": runs, "align_steps_per_s": sps, "round_s": round_s,
