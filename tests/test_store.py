@@ -336,6 +336,34 @@ def test_lease_exclusivity_and_expiry(clocked_store, clock):
     assert store.next_pair("proj", a) is None, "a lost its pair and nothing else is free"
 
 
+def test_lease_pairs_prefetches_the_next_pair_in_a_stable_order(store):
+    _, pairs = make_project(store, 3)
+    a, b = store.get_or_create_annotator("a"), store.get_or_create_annotator("b")
+    first = store.lease_pairs("proj", a, 2)
+    assert [p.id for p in first] == pairs[:2], "the current pair, then the prefetched one"
+    assert [p.id for p in store.lease_pairs("proj", a, 2)] == pairs[:2], "a rerun returns the same two"
+    assert store.next_pair("proj", a).id == pairs[0], "next_pair is the first of the held pairs"
+    assert [p.id for p in store.lease_pairs("proj", b, 2)] == [pairs[2]], "a holds the first two"
+    store.answer(pairs[0], a, "left", NOW)
+    assert [p.id for p in store.lease_pairs("proj", a, 2)] == [pairs[1]], "the prefetched pair is now first"
+    store.answer(pairs[1], a, "right", NOW)
+    assert store.lease_pairs("proj", a, 2) == []
+    with pytest.raises(StoreInputError, match="count"):
+        store.lease_pairs("proj", a, 0)
+
+
+def test_retire_pair_sets_an_unshowable_pair_aside(store):
+    _, pairs = make_project(store, 2)
+    a = store.get_or_create_annotator("a")
+    assert store.next_pair("proj", a).id == pairs[0]
+    assert store.retire_pair(pairs[0]) is True
+    assert store.retire_pair(pairs[0]) is False, "already retired"
+    assert store.next_pair("proj", a).id == pairs[1], "the lease on the retired pair was dropped"
+    assert store.batch_progress("proj") == (0, 1), "retired pairs leave the batch total"
+    with pytest.raises(NotFoundError):
+        store.retire_pair(10_000)
+
+
 def test_release_returns_pair_to_pool(store):
     _, pairs = make_project(store, 1)
     a, b = store.get_or_create_annotator("a"), store.get_or_create_annotator("b")

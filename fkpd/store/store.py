@@ -759,6 +759,27 @@ class Store:
             )
             return int(result.rowcount or 0)
 
+    def retire_pair(self, pair_id: int) -> bool:
+        """Set one open pair aside (status ``retired``): it is never offered again.
+
+        For a pair that cannot be shown, e.g. because a clip's video file is missing or
+        corrupt. Its answers, if any, are kept; retired pairs do not count in
+        :meth:`batch_progress`. Returns True if the pair was open and is now retired.
+
+        Raises:
+            NotFoundError: unknown pair.
+        """
+        with self.session(write=True) as s:
+            pair = self._lock_pair(s, pair_id)
+            if pair is None:
+                raise NotFoundError(f"pair {pair_id!r} not found")
+            if pair.status != "open":
+                return False
+            pair.status = "retired"
+            pair.completed_at = self.now()
+            s.execute(delete(m.Lease.__table__).where(m.Lease.__table__.c.pair_id == pair.id))
+            return True
+
     # ------------------------------------------------------------------ assignment
 
     @staticmethod
@@ -805,70 +826,101 @@ class Store:
         Returns the pair the annotator already holds (extending its lease) if there is
         one; otherwise leases the oldest eligible pair of the latest round with open
         pairs (see the module docstring for the rules) for the project's
-        ``lease_seconds``.
+        ``lease_seconds``. Same as ``lease_pairs(project, annotator, 1)``.
 
         Raises:
             NotFoundError: unknown project or annotator.
         """
+        pairs = self.lease_pairs(project, annotator, 1)
+        return pairs[0] if pairs else None
+
+    def lease_pairs(self, project: Any, annotator: Any, count: int = 2) -> list[PairView]:
+        """Lease up to ``count`` pairs to ``annotator``: the one to show now, then the next.
+
+        The labelling page asks for two so that it can load the next pair's videos while
+        the annotator judges the current one (prefetching). The pairs the annotator
+        already holds come first, oldest first, with their leases extended; the rest are
+        newly leased under the rules of :meth:`next_pair`. After answering the first
+        pair, the next call returns the second one first, so the order is stable.
+
+        Returns:
+            Between 0 and ``count`` pairs; fewer when the batch is running out.
+
+        Raises:
+            StoreInputError: ``count`` < 1.
+            NotFoundError: unknown project or annotator.
+        """
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise StoreInputError(f"count must be an int >= 1, got {count!r}")
         now = self.now()
         with self.session(write=True) as s:
             proj = self._project(s, project)
             ann = self._annotator(s, annotator)
             settings = validate_settings(proj.settings)
             expires = now + timedelta(seconds=settings["lease_seconds"])
-            held = self._renew_held_lease(s, proj.id, ann.id, now, expires)
-            if held is not None:
-                return self._pair_view(s, held, expires)
-            round_ = self._latest_round(s, proj.id, open_only=True)
-            if round_ is None:
-                return None
-            available = self._available(ann.id, settings["labels_per_pair"], now)
-            rejected: list[int] = []
-            while True:
-                query = (
-                    select(m.Pair)
-                    .where(m.Pair.project_id == proj.id, m.Pair.round == round_, available)
-                    .order_by(m.Pair.id)
-                    .limit(1)
-                    .with_for_update(skip_locked=True, of=m.Pair)
-                    .execution_options(populate_existing=True)
-                )
-                if rejected:
-                    query = query.where(m.Pair.id.not_in(rejected))
-                pair = s.scalars(query).first()
+            pairs = self._renew_held_leases(s, proj.id, ann.id, now, expires, count)
+            round_ = self._latest_round(s, proj.id, open_only=True) if len(pairs) < count else None
+            while round_ is not None and len(pairs) < count:
+                pair = self._lease_new(s, ann.id, proj.id, round_, settings["labels_per_pair"], now, expires,
+                                       exclude=[p.id for p in pairs])
                 if pair is None:
-                    return None
-                # We hold the row lock now. On PostgreSQL the statement above ran on a
-                # snapshot taken before the lock was granted; a fresh statement sees any
-                # lease or answer committed by the transaction that held it before us.
-                # (SQLite needs no re-check: the transaction holds the database lock.)
-                if self.backend == "postgresql" and s.scalar(
-                    select(m.Pair.id).where(m.Pair.id == pair.id, available)
-                ) is None:
-                    rejected.append(pair.id)
-                    continue
-                lease = m.Lease.__table__
-                s.execute(delete(lease).where(lease.c.pair_id == pair.id, lease.c.expires_at <= now))
-                s.execute(
-                    self.insert(lease)
-                    .values(pair_id=pair.id, annotator_id=ann.id, leased_at=now, expires_at=expires)
-                    .on_conflict_do_update(
-                        index_elements=["pair_id", "annotator_id"],
-                        set_={"leased_at": now, "expires_at": expires},
-                    )
-                )
-                return self._pair_view(s, pair, expires)
+                    break
+                pairs.append(pair)
+            return [self._pair_view(s, p, expires) for p in pairs]
 
-    def _renew_held_lease(
-        self, s: Session, project_id: int, annotator_id: int, now: datetime, expires: datetime
-    ) -> m.Pair | None:
+    def _lease_new(self, s: Session, annotator_id: int, project_id: int, round_: int, labels_per_pair: int,
+                   now: datetime, expires: datetime, exclude: list[int]) -> m.Pair | None:
+        """Lease the oldest available pair of ``round_`` not in ``exclude``; None if none."""
+        available = self._available(annotator_id, labels_per_pair, now)
+        rejected = list(exclude)
+        while True:
+            query = (
+                select(m.Pair)
+                .where(m.Pair.project_id == project_id, m.Pair.round == round_, available)
+                .order_by(m.Pair.id)
+                .limit(1)
+                .with_for_update(skip_locked=True, of=m.Pair)
+                .execution_options(populate_existing=True)
+            )
+            if rejected:
+                query = query.where(m.Pair.id.not_in(rejected))
+            pair = s.scalars(query).first()
+            if pair is None:
+                return None
+            # We hold the row lock now. On PostgreSQL the statement above ran on a
+            # snapshot taken before the lock was granted; a fresh statement sees any
+            # lease or answer committed by the transaction that held it before us.
+            # (SQLite needs no re-check: the transaction holds the database lock.)
+            if self.backend == "postgresql" and s.scalar(
+                select(m.Pair.id).where(m.Pair.id == pair.id, available)
+            ) is None:
+                rejected.append(pair.id)
+                continue
+            lease = m.Lease.__table__
+            s.execute(delete(lease).where(lease.c.pair_id == pair.id, lease.c.expires_at <= now))
+            s.execute(
+                self.insert(lease)
+                .values(pair_id=pair.id, annotator_id=annotator_id, leased_at=now, expires_at=expires)
+                .on_conflict_do_update(
+                    index_elements=["pair_id", "annotator_id"],
+                    set_={"leased_at": now, "expires_at": expires},
+                )
+            )
+            return pair
+
+    def _renew_held_leases(
+        self, s: Session, project_id: int, annotator_id: int, now: datetime, expires: datetime, limit: int
+    ) -> list[m.Pair]:
         leases = m.Lease.__table__
         held = s.scalars(
             select(leases.c.pair_id)
             .where(leases.c.annotator_id == annotator_id, leases.c.expires_at > now)
             .order_by(leases.c.pair_id)
         ).all()
+        renewed_pairs: list[m.Pair] = []
         for pair_id in held:
+            if len(renewed_pairs) >= limit:
+                break
             pair = self._lock_pair(s, pair_id)
             if pair is None or pair.project_id != project_id or pair.status != "open":
                 continue
@@ -883,8 +935,8 @@ class Store:
                 .values(expires_at=expires)
             ).rowcount
             if renewed:
-                return pair
-        return None
+                renewed_pairs.append(pair)
+        return renewed_pairs
 
     @staticmethod
     def _lock_pair(s: Session, pair_id: int) -> m.Pair | None:
