@@ -8,7 +8,7 @@ Subcommands::
     fkpd train-bc --task T --dataset FILE [config flags]
     fkpd eval CHECKPOINT --episodes N [--videos DIR]
     fkpd pipeline [--task T]                     data -> BC -> eval -> clips
-    fkpd worker [--once]                         run queued jobs (bootstrap, alignment rounds)
+    fkpd worker [--once]                         run queued jobs (bootstrap, alignment rounds, compare)
     fkpd align --checkpoint REF --prefs FILE [--regularizer forward|reverse|none] [config flags]
     fkpd loop --task T --teacher NAME --rounds K --pairs-per-round M [config flags]
 
@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -175,10 +177,27 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     """Claim and run queued jobs until interrupted (SIGINT/SIGTERM stop after the current job)."""
     from fkpd.store import Store, run_worker
 
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     store = Store(args.database_url, args.artifact_dir)
-    print(f"worker on {store.backend} ({store.artifact_dir}); Ctrl-C stops after the current job")
+    print(f"worker on {store.backend} ({store.artifact_dir}); Ctrl-C stops after the current job", flush=True)
+    stop = threading.Event()
+    if args.parent_pid:
+        def watch_parent() -> None:  # the app that started us is gone: stop after the current job
+            while not stop.wait(2.0):
+                try:
+                    os.kill(args.parent_pid, 0)
+                except ProcessLookupError:
+                    print(f"parent process {args.parent_pid} exited; stopping after the current job", flush=True)
+                    stop.set()
+                except PermissionError:
+                    pass
+
+        threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
     n = run_worker(store, once=args.once, poll_s=args.poll_s, stale_after_s=args.stale_after_s,
-                   max_attempts=args.max_attempts, handler_modules=["fkpd.rounds"])
+                   max_attempts=args.max_attempts, handler_modules=["fkpd.rounds", "fkpd.studio"], stop=stop)
     print(f"worker ran {n} job(s)")
     return 0
 
@@ -247,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-attempts", type=int, default=2,
                    help="a job whose worker died is requeued until it has run this many times (the "
                         "bootstrap and alignment-round handlers are safe to re-run)")
+    s.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default; 1 leaves a core free on a shared machine)")
+    s.add_argument("--parent-pid", type=int, default=0,
+                   help="stop (after the current job) when this process exits; the app passes its own pid")
     s.set_defaults(fn=_cmd_worker)
     return p
 

@@ -1,0 +1,97 @@
+"""Rounds page: the current policy, alignment rounds (admin), live progress, history."""
+
+import streamlit as st
+
+from fkpd.align import AlignConfig
+from fkpd.studio import (
+    StudioError,
+    active_training_job,
+    enqueue_round,
+    error_headline,
+    job_summary,
+    latest_training_job,
+    rounds_history,
+)
+from studio_ui import is_admin, studio
+
+s = studio()
+st.title("Alignment rounds")
+
+latest = s.store.latest_policy_version(s.project.id)
+n_labels = len(s.store.training_pairs(s.project.id))
+answered, total = s.store.batch_progress(s.project.id)
+c1, c2, c3, c4 = st.columns(4)
+c1.metric("Current policy", "none yet" if latest is None else f"v{latest.id} (round {latest.round})")
+sr = None if latest is None else latest.metrics.get("success_rate")
+c2.metric("Success rate", "—" if sr is None else f"{100 * sr:.0f}%")
+c3.metric("Comparisons to train on", n_labels)
+c4.metric("Latest batch", f"{answered}/{total}")
+
+st.subheader("Run an alignment round")
+if not is_admin():
+    st.info("Only an admin can start a round. Sign in under **Admin** in the sidebar.", icon=":material/lock:")
+else:
+    with st.form("round_form"):
+        st.write("FKPD trains the current policy on every comparison so far, evaluates it, and renders the "
+                 "next labelling batch from it.")
+        with st.expander("Parameters", expanded=False):
+            regularizer = st.selectbox("Regulariser", ["forward", "reverse", "none"],
+                                       help="forward: FKPD (BC loss on the offline data); reverse: DPOK-style "
+                                            "KL on the policy's own samples; none: Diffusion-DPO only")
+            beta = st.number_input("β (DPO temperature)", min_value=0.001, value=float(AlignConfig.beta))
+            lam = st.number_input("λ (regulariser weight)", min_value=0.0, value=float(AlignConfig.lam))
+            steps = st.number_input("Steps", min_value=1, max_value=100_000, value=int(AlignConfig.steps), step=50)
+        if st.form_submit_button("Run alignment round", type="primary"):
+            try:
+                job = enqueue_round(s.store, s.project, {"regularizer": regularizer, "beta": float(beta),
+                                                         "lam": float(lam), "steps": int(steps)})
+                st.success(f"Queued alignment round (job {job.id}).")
+            except StudioError as exc:
+                st.error(str(exc))
+
+
+@st.fragment(run_every=1.5)
+def live() -> None:
+    job = active_training_job(s.store, s.project)
+    if job is not None:
+        st.progress(job.progress, text=job_summary(job))
+        return
+    last = latest_training_job(s.store, s.project)
+    if last is None:
+        st.caption("No round has run yet.")
+    elif last.status == "failed":
+        st.error(f"{job_summary(last)}: {error_headline(last)}", icon=":material/error:")
+        with st.expander("Error details"):
+            st.code(last.error or "", language="text")
+        st.caption("Labelling continues on the current policy. Fix the cause and run the round again.")
+    else:
+        st.caption(job_summary(last))
+    if st.session_state.get("_last_seen_job") not in (None, last.id if last else None):
+        st.rerun(scope="app")  # a round finished: refresh the table and plots
+    st.session_state["_last_seen_job"] = last.id if last else None
+
+
+st.subheader("Progress")
+live()
+
+st.subheader("History")
+hist = rounds_history(s.store, s.project)
+if hist.empty:
+    st.caption("No policy version yet: the bootstrap (data, behaviour cloning, first batch) is still running.")
+else:
+    st.dataframe(hist, hide_index=True, width="stretch", column_config={
+        "success_rate": st.column_config.NumberColumn("success rate", format="percent"),
+        "implicit_acc": st.column_config.NumberColumn("implicit acc.", format="percent"),
+        "implicit_acc_before": st.column_config.NumberColumn("implicit acc. before", format="percent"),
+        "labels_used": st.column_config.NumberColumn("labels used"),
+        "mean_return": st.column_config.NumberColumn("mean return", format="%.1f"),
+        "reward_margin": st.column_config.NumberColumn("reward margin", format="%.3f"),
+    })
+    plot = hist.set_index("round")[["success_rate", "implicit_acc"]].astype(float)
+    left, right = st.columns(2)
+    with left:
+        st.caption("Success rate over rounds")
+        st.line_chart(plot[["success_rate"]], y_label="success rate", x_label="round")
+    with right:
+        st.caption("Implicit accuracy of each round's policy on its training comparisons")
+        st.line_chart(plot[["implicit_acc"]], y_label="implicit accuracy", x_label="round")

@@ -1,0 +1,200 @@
+"""The side-by-side clip player of the Label page (a Streamlit components-v2 element).
+
+It runs in the page itself (no iframe), so keyboard shortcuts work wherever the focus
+is, except in text fields: ← Left, → Right, ↓ Equal, ``s`` Skip, ``r`` Replay.
+
+Data in (from Python): ``{"pairs": [pair, next pair], "version": ...}``, each pair
+``{"id", "round", "version", "left": {"clip", "b64"}, "right": {...}}`` with the MP4s as
+base64 (the files are read server-side by clip id; the browser never names a path).
+State out: ``answers``, the list of every answer given in this page session,
+``{"pair", "outcome", "shown_ms"}``; Python stores each one once (the store is
+idempotent per pair and annotator, so a repeat after a rerun is harmless).
+
+The next pair is prefetched: its videos are decoded into blob URLs and loaded into
+hidden video elements while the current pair plays, and an answer swaps to it at once,
+before the server has even stored the answer. Both clips start together (each waits for
+the other to be ready), loop, are muted, and have the same size.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import streamlit as st
+
+CSS = """
+.fkpd-player { font-family: var(--st-font, sans-serif); }
+.fkpd-videos { display: grid; grid-template-columns: 1fr 1fr; gap: 16px;
+                max-width: calc(2 * min(46vh, 480px) + 16px); margin: 0 auto; }
+.fkpd-side { display: flex; flex-direction: column; align-items: stretch; }
+.fkpd-side .fkpd-label { font-weight: 600; margin: 0 0 4px 2px; }
+.fkpd-box { position: relative; width: 100%; aspect-ratio: 1 / 1; background: #111; border-radius: 8px;
+            overflow: hidden; }
+.fkpd-box video { width: 100%; height: 100%; object-fit: contain; display: block; }
+.fkpd-box .fkpd-missing { position: absolute; inset: 0; display: none; align-items: center; justify-content: center;
+                          color: #eee; text-align: center; padding: 16px; font-size: 15px; }
+.fkpd-box.missing .fkpd-missing { display: flex; }
+.fkpd-buttons { max-width: calc(2 * min(46vh, 480px) + 16px); margin: 12px auto 0; display: grid; grid-template-columns: repeat(5, 1fr); gap: 8px; }
+.fkpd-buttons button { font-size: 16px; padding: 10px 6px; border-radius: 8px; border: 1px solid #bbb;
+                       background: #fff; cursor: pointer; }
+.fkpd-buttons button:hover { border-color: var(--st-primary-color, #ff4b4b); }
+.fkpd-buttons button.primary { background: var(--st-primary-color, #ff4b4b); color: #fff; border-color: transparent; }
+.fkpd-status { text-align: center; margin-top: 8px; color: #555; font-size: 14px; min-height: 1.4em; }
+.fkpd-prefetch { display: none; }
+.fkpd-waiting { padding: 24px; text-align: center; color: #444; }
+"""
+
+HTML = """
+<div class="fkpd-player" data-pair-id="">
+  <div class="fkpd-videos">
+    <div class="fkpd-side"><div class="fkpd-label">Left</div>
+      <div class="fkpd-box"><video class="fkpd-left" muted playsinline loop preload="auto"></video>
+        <div class="fkpd-missing">This video could not be played.<br>Answer Skip; the pair will be looked at.</div>
+      </div></div>
+    <div class="fkpd-side"><div class="fkpd-label">Right</div>
+      <div class="fkpd-box"><video class="fkpd-right" muted playsinline loop preload="auto"></video>
+        <div class="fkpd-missing">This video could not be played.<br>Answer Skip; the pair will be looked at.</div>
+      </div></div>
+  </div>
+  <div class="fkpd-buttons">
+    <button class="primary" data-outcome="left" title="Left arrow">← Left</button>
+    <button data-outcome="equal" title="Down arrow">↓ Equal</button>
+    <button data-outcome="skip" title="S">Skip (S)</button>
+    <button class="primary" data-outcome="right" title="Right arrow">Right →</button>
+    <button data-action="replay" title="R">⟲ Replay (R)</button>
+  </div>
+  <div class="fkpd-status"></div>
+  <div class="fkpd-prefetch"><video class="fkpd-pre-left" muted preload="auto"></video>
+    <video class="fkpd-pre-right" muted preload="auto"></video></div>
+</div>
+"""
+
+JS = """
+const KEYS = {ArrowLeft: "left", ArrowRight: "right", ArrowDown: "equal", s: "skip", S: "skip"};
+
+function blobUrl(st, clip) {
+  let url = st.blobs.get(clip.clip);
+  if (!url) {
+    const bin = atob(clip.b64);
+    const bytes = new Uint8Array(bin.length);
+    for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+    url = URL.createObjectURL(new Blob([bytes], {type: "video/mp4"}));
+    st.blobs.set(clip.clip, url);
+  }
+  return url;
+}
+
+function ready(v) {
+  return new Promise((resolve) => {
+    if (v.readyState >= 3) return resolve();
+    const done = () => { v.removeEventListener("canplay", done); v.removeEventListener("error", done); resolve(); };
+    v.addEventListener("canplay", done);
+    v.addEventListener("error", done);
+  });
+}
+
+async function startTogether(st) {
+  const token = ++st.startToken;
+  const [l, r] = [st.el.left, st.el.right];
+  l.pause(); r.pause();
+  await Promise.all([ready(l), ready(r)]);
+  if (token !== st.startToken) return;
+  l.currentTime = 0; r.currentTime = 0;
+  await Promise.allSettled([l.play(), r.play()]);
+  if (!st.shownMs) st.shownMs = Date.now();
+}
+
+function setSrc(video, url) {
+  video.parentElement.classList.remove("missing");
+  if (video.getAttribute("src") !== url) { video.setAttribute("src", url); video.load(); }
+}
+
+function nextPending(st) {
+  return (st.pairs || []).filter((p) => !st.answered.has(p.id));
+}
+
+function show(st) {
+  const todo = nextPending(st);
+  const cur = todo[0];
+  const root = st.el.root;
+  if (!cur) {
+    root.dataset.pairId = "";
+    st.el.left.removeAttribute("src"); st.el.right.removeAttribute("src");
+    st.el.status.textContent = "Loading the next pair…";
+    return;
+  }
+  if (root.dataset.pairId !== String(cur.id)) {
+    root.dataset.pairId = String(cur.id);
+    root.dataset.version = String(cur.version);
+    st.shownMs = 0;
+    setSrc(st.el.left, blobUrl(st, cur.left));
+    setSrc(st.el.right, blobUrl(st, cur.right));
+    startTogether(st);
+  }
+  st.el.status.textContent = `Pair ${cur.id} · round ${cur.round} · policy v${cur.version}` +
+    (todo[1] ? " · next pair loaded" : "");
+  const nxt = todo[1];
+  if (nxt) {  // prefetch: decode into blob URLs and let hidden videos buffer them
+    setSrc(st.el.preLeft, blobUrl(st, nxt.left));
+    setSrc(st.el.preRight, blobUrl(st, nxt.right));
+  }
+}
+
+function answer(st, outcome) {
+  const cur = nextPending(st)[0];
+  if (!cur) return;
+  st.answered.add(cur.id);
+  st.answers.push({pair: cur.id, outcome: outcome, shown_ms: st.shownMs || Date.now()});
+  st.setStateValue("answers", st.answers.slice());
+  show(st);
+}
+
+export default function (component) {
+  const { data, setStateValue, parentElement } = component;
+  const host = parentElement;
+  let st = host.__fkpd;
+  if (!st) {
+    const root = host.querySelector(".fkpd-player");
+    st = host.__fkpd = {
+      answers: [], answered: new Set(), blobs: new Map(), shownMs: 0, startToken: 0, pairs: [],
+      el: {
+        root, status: root.querySelector(".fkpd-status"),
+        left: root.querySelector("video.fkpd-left"), right: root.querySelector("video.fkpd-right"),
+        preLeft: root.querySelector("video.fkpd-pre-left"), preRight: root.querySelector("video.fkpd-pre-right"),
+      },
+    };
+    for (const v of [st.el.left, st.el.right]) {
+      v.addEventListener("error", () => { if (v.getAttribute("src")) v.parentElement.classList.add("missing"); });
+    }
+    root.querySelectorAll("button[data-outcome]").forEach((b) => {
+      b.addEventListener("click", () => answer(st, b.dataset.outcome));
+    });
+    root.querySelector("button[data-action=replay]").addEventListener("click", () => startTogether(st));
+  }
+  st.setStateValue = setStateValue;
+  st.pairs = (data && data.pairs) || [];
+  show(st);
+
+  const onKey = (e) => {
+    if (e.defaultPrevented || e.altKey || e.ctrlKey || e.metaKey || e.repeat) return;
+    const t = e.composedPath ? e.composedPath()[0] : e.target;
+    if (t && (t.isContentEditable || ["INPUT", "TEXTAREA", "SELECT"].includes(t.tagName))) return;
+    if (e.key === "r" || e.key === "R") { e.preventDefault(); startTogether(st); return; }
+    const outcome = KEYS[e.key];
+    if (!outcome) return;
+    e.preventDefault();
+    answer(st, outcome);
+  };
+  document.addEventListener("keydown", onKey);
+  return () => document.removeEventListener("keydown", onKey);
+}
+"""
+
+_player = st.components.v2.component("fkpd_pair_player", html=HTML, css=CSS, js=JS)
+
+
+def pair_player(pairs: list[dict[str, Any]], on_answers: Callable[[], None], key: str = "pair_player") -> Any:
+    """Mount the player with up to two pairs (current, next); ``on_answers`` runs
+    (before the page script, as a Streamlit callback) whenever the browser adds an
+    answer. The answers are in ``st.session_state[key]["answers"]``."""
+    return _player(key=key, data={"pairs": pairs}, default={"answers": []}, on_answers_change=on_answers)
