@@ -71,7 +71,7 @@ def is_admin() -> bool:
 
 
 def sidebar(s: Studio) -> None:
-    """Project, annotator, worker status and the admin sign-in."""
+    """Project, annotator, worker status and admin state."""
     with st.sidebar:
         st.markdown(f"**Project** `{s.project.name}`  \n**Task** `{s.project.task_id}`")
         name = st.session_state.get("annotator")
@@ -84,21 +84,27 @@ def sidebar(s: Studio) -> None:
         if s.worker is not None and s.worker.poll() is not None:
             st.warning(f"The local worker exited (code {s.worker.returncode}); rounds will not run. "
                        "See labels/worker.log and restart `make run`.")
-        with st.expander("Admin", expanded=False):
-            if is_admin():
-                st.success("Signed in as admin.")
-                if st.button("Sign out", key="admin_out"):
-                    st.session_state["is_admin"] = False
-                    st.rerun()
-            else:
-                with st.form("admin_form", clear_on_submit=True, border=False):
-                    pw = st.text_input("Admin password", type="password", key="admin_pw")
-                    if st.form_submit_button("Sign in"):
-                        if s.auth.check(pw):
-                            st.session_state["is_admin"] = True
-                            st.rerun()
-                        else:
-                            st.error("Wrong password.")
+        if is_admin():
+            st.markdown("**Admin** signed in")
+            if st.button("Sign out", key="admin_out"):
+                st.session_state["is_admin"] = False
+                st.rerun()
+
+
+def admin_sign_in(s: Studio) -> bool:
+    """A sign-in form for pages with admin actions; True when this tab is signed in."""
+    if is_admin():
+        return True
+    with st.form("admin_form", clear_on_submit=True):
+        st.markdown("**Admin sign-in** — needed to start rounds or change settings.")
+        pw = st.text_input("Admin password", type="password", key="admin_pw")
+        if st.form_submit_button("Sign in"):
+            if s.auth.check(pw):
+                st.session_state["is_admin"] = True
+                st.rerun()
+            st.error("Wrong password. The admin password is set by FKPD_ADMIN_PASSWORD, by admin_password in "
+                     ".streamlit/secrets.toml, or else is the token in labels/admin_token.")
+    return False
 
 
 def annotator_gate(s: Studio) -> AnnotatorInfo:

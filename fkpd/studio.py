@@ -47,6 +47,7 @@ from fkpd.store import (
     ClipView,
     JobContext,
     JobView,
+    NotFoundError,
     PairUnavailableError,
     PairView,
     ProjectInfo,
@@ -426,9 +427,7 @@ def record_answers(store: Store, annotator: AnnotatorInfo, answers: Iterable[Map
                     if isinstance(shown, (int, float)) and shown > 0 else None)
         try:
             store.answer(pair_id, annotator.id, outcome, shown_at=shown_at)
-        except PairUnavailableError as exc:
-            problems.append(f"your answer to pair {pair_id} was not stored: {exc}")
-        except StoreInputError as exc:
+        except (PairUnavailableError, NotFoundError, StoreInputError) as exc:
             problems.append(f"your answer to pair {pair_id} was not stored: {exc}")
         recorded.add(pair_id)
     return problems
@@ -560,7 +559,7 @@ def enqueue_compare(store: Store, project: ProjectInfo, version_a: int, version_
 def compare(ctx: JobContext) -> dict[str, Any]:
     """Job handler: roll out the same reset seeds with two policy versions and save videos.
 
-    Each version plays full episodes (the project's horizon) from reset seeds
+    Each version plays full episodes (the horizon the project was bootstrapped with) from reset seeds
     ``seed .. seed + episodes - 1`` with its own sampling noise; videos are written
     atomically to ``projects/<id>/compare/job<j>/``.
 
@@ -582,16 +581,17 @@ def compare(ctx: JobContext) -> dict[str, Any]:
     params = CompareParams(**ctx.params)
     project = store.get_project(ctx.job.project_id)
     spec = get_task(project.task_id)
+    horizon = _project_horizon(store, project)
     seeds = list(range(params.seed, params.seed + params.episodes))
     out: dict[str, Any] = {"version_a": params.version_a, "version_b": params.version_b,
                            "episodes": [{"seed": s} for s in seeds]}
-    envs = [make_env(project.task_id, render_size=(params.render_size, params.render_size))
+    envs = [make_env(project.task_id, max_episode_steps=horizon, render_size=(params.render_size, params.render_size))
             for _ in range(min(8, params.episodes))]
     try:
         for side_i, (side, vid) in enumerate((("a", params.version_a), ("b", params.version_b))):
             version = store.get_policy_version(vid)
             policy = DiffusionPolicy.load(_checkpoint_dir(store, version), task_id=project.task_id)
-            requests = [ClipRequest(s, 1000 + s, max_steps=spec.max_episode_steps, render_from=0) for s in seeds]
+            requests = [ClipRequest(s, 1000 + s, max_steps=horizon, render_from=0) for s in seeds]
             for b0 in range(0, len(requests), len(envs)):
                 episodes = rollout_clips(policy, envs, requests[b0:b0 + len(envs)])
                 for k, ep in enumerate(episodes, start=b0):
@@ -607,6 +607,15 @@ def compare(ctx: JobContext) -> dict[str, Any]:
         for env in envs:
             env.close()
     return out
+
+
+def _project_horizon(store: Store, project: ProjectInfo) -> int:
+    """The episode length the project was bootstrapped with (its version 0's settings)."""
+    from fkpd.rounds import BatchSettings, _BATCH_FIELDS
+
+    versions = store.list_policy_versions(project.id)
+    recorded = ((versions[0].metrics.get("bootstrap") or {}).get("settings") or {}) if versions else {}
+    return BatchSettings(**{k: v for k, v in recorded.items() if k in _BATCH_FIELDS}).horizon(project.task_id)
 
 
 def compare_videos(store: Store, job: JobView) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ from fkpd.studio import (
     latest_training_job,
     rounds_history,
 )
-from studio_ui import is_admin, studio
+from studio_ui import admin_sign_in, studio
 
 s = studio()
 st.title("Alignment rounds")
@@ -28,8 +28,8 @@ c3.metric("Comparisons to train on", n_labels)
 c4.metric("Latest batch", f"{answered}/{total}")
 
 st.subheader("Run an alignment round")
-if not is_admin():
-    st.info("Only an admin can start a round. Sign in under **Admin** in the sidebar.", icon=":material/lock:")
+if not admin_sign_in(s):
+    st.info("Only an admin can start a round.", icon=":material/lock:")
 else:
     with st.form("round_form"):
         st.write("FKPD trains the current policy on every comparison so far, evaluates it, and renders the "
@@ -66,9 +66,10 @@ def live() -> None:
         st.caption("Labelling continues on the current policy. Fix the cause and run the round again.")
     else:
         st.caption(job_summary(last))
-    if st.session_state.get("_last_seen_job") not in (None, last.id if last else None):
+    seen, now = st.session_state.get("_last_seen_job"), (last.id if last else None)
+    st.session_state["_last_seen_job"] = now
+    if seen is not None and seen != now:
         st.rerun(scope="app")  # a round finished: refresh the table and plots
-    st.session_state["_last_seen_job"] = last.id if last else None
 
 
 st.subheader("Progress")

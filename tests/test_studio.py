@@ -1,0 +1,184 @@
+"""fkpd.studio: the logic behind the app pages, against a real (SQLite) store."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from conftest_app import ADMIN_PASSWORD, PAIRS, PROJECT, TINY_BOOTSTRAP, bootstrapped_project, project_dir, \
+    project_store, studio_env  # noqa: F401  (fixtures are used by name)
+from fkpd.errors import UnknownTaskError
+from fkpd.store import Store, run_worker
+from fkpd.studio import (
+    AdminAuth,
+    CompareParams,
+    StudioConfig,
+    StudioError,
+    clean_annotator_name,
+    compare_videos,
+    enqueue_compare,
+    enqueue_round,
+    export_bytes,
+    lease_for_display,
+    open_project,
+    record_answers,
+    retry_bootstrap,
+    rounds_history,
+)
+
+
+def test_config_from_env_defaults_and_errors():
+    cfg = StudioConfig.from_env({})
+    assert (cfg.project, cfg.task, cfg.start_worker, cfg.bootstrap) == ("door-open", "metaworld/door-open-v3",
+                                                                        True, {})
+    cfg = StudioConfig.from_env({"FKPD_TASK": "metaworld/button-press-v3", "FKPD_START_WORKER": "0",
+                                 "FKPD_BOOTSTRAP": '{"bc_steps": 10}'})
+    assert (cfg.project, cfg.start_worker, cfg.bootstrap) == ("button-press", False, {"bc_steps": 10})
+    with pytest.raises(StudioError, match="FKPD_BOOTSTRAP is not valid JSON"):
+        StudioConfig.from_env({"FKPD_BOOTSTRAP": "{bc_steps: 10"})
+    with pytest.raises(StudioError, match="must be a JSON object"):
+        StudioConfig.from_env({"FKPD_BOOTSTRAP": "[1]"})
+
+
+def test_open_project_creates_once_and_queues_one_bootstrap(tmp_path):
+    cfg = StudioConfig.from_env(studio_env(tmp_path))
+    with cfg.open_store() as store:
+        project, job = open_project(store, cfg)
+        assert job.kind == "bootstrap" and job.params == TINY_BOOTSTRAP
+        again, job2 = open_project(store, cfg)
+        assert again.id == project.id and job2 is None, "a second start resumes, it queues nothing"
+        assert [j.kind for j in store.jobs.list(project.id)] == ["bootstrap"]
+        with pytest.raises(StudioError, match="training job is already queued"):
+            retry_bootstrap(store, project, {})
+
+
+def test_open_project_rejects_a_bad_task_or_bootstrap(tmp_path):
+    with StudioConfig.from_env(studio_env(tmp_path)).open_store() as store:
+        with pytest.raises(UnknownTaskError):
+            open_project(store, StudioConfig.from_env(studio_env(tmp_path, FKPD_TASK="metaworld/nope-v3")))
+        with pytest.raises(Exception, match="unknown bootstrap parameter"):
+            open_project(store, StudioConfig.from_env(studio_env(tmp_path, FKPD_BOOTSTRAP='{"bogus": 1}')))
+        assert store.list_projects() == [], "nothing is created from a bad configuration"
+
+
+def test_admin_auth_sources(tmp_path, monkeypatch):
+    monkeypatch.delenv("FKPD_ADMIN_PASSWORD", raising=False)
+    assert AdminAuth("s3cret").check("s3cret") and not AdminAuth("s3cret").check("wrong")
+    assert not AdminAuth("s3cret").check("") and not AdminAuth("s3cret").check(None)
+    monkeypatch.setenv("FKPD_ADMIN_PASSWORD", "from-env")
+    auth = AdminAuth(token_dir=tmp_path)
+    assert auth.source == "FKPD_ADMIN_PASSWORD" and auth.check("from-env")
+    monkeypatch.delenv("FKPD_ADMIN_PASSWORD")
+    auth = AdminAuth(token_dir=tmp_path)
+    token_file = tmp_path / AdminAuth.TOKEN_FILE
+    token = token_file.read_text().strip()
+    assert len(token) >= 20 and auth.check(token) and not auth.check("from-env")
+    assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600, "only the owner may read the token"
+    assert AdminAuth(token_dir=tmp_path).check(token), "the token is kept across restarts"
+
+
+@pytest.mark.parametrize("bad, msg", [("", "enter your name"), ("   ", "enter your name"),
+                                      ("x" * 65, "longer than 64"), ("a\tb", "control characters")])
+def test_annotator_name_is_checked(bad, msg):
+    with pytest.raises(StudioError, match=msg):
+        clean_annotator_name(bad)
+    assert clean_annotator_name("  ada ") == "ada"
+
+
+def test_lease_for_display_prefetches_and_answers_are_stored_once(project_store):
+    store = project_store
+    project = store.get_project(PROJECT)
+    ada = store.get_or_create_annotator("ada")
+    pairs, notices = lease_for_display(store, project, ada)
+    assert len(pairs) == 2 and notices == []
+    assert pairs[0].left_b64 and pairs[0].right_b64 != pairs[0].left_b64
+    first, second = pairs[0].id, pairs[1].id
+    recorded: set[int] = set()
+    answers = [{"pair": first, "outcome": "left", "shown_ms": 1.7e12}]
+    assert record_answers(store, ada, answers, recorded) == []
+    # The browser sends the whole list again with every new answer; each is stored once.
+    answers.append({"pair": second, "outcome": "equal", "shown_ms": 1.7e12})
+    assert record_answers(store, ada, answers, recorded) == []
+    assert record_answers(store, ada, answers, set()) == [], "a fresh session repeating them is harmless too"
+    frame = store.comparisons_frame(project.id)
+    assert frame[["pair_id", "outcome"]].values.tolist() == [[first, "left"], [second, "equal"]]
+    assert frame["shown_at"].notna().all()
+    assert [p.id for p in lease_for_display(store, project, ada)[0]][0] not in (first, second)
+    problems = record_answers(store, ada, [{"pair": "x"}, {"pair": 10**6, "outcome": "left"},
+                                           {"pair": first + 99, "outcome": "sideways"}], set())
+    assert len(problems) == 3 and "malformed" in problems[0] and "sideways" in problems[2]
+
+
+def test_a_missing_video_sets_the_pair_aside_and_the_next_one_shows(project_store):
+    store = project_store
+    project = store.get_project(PROJECT)
+    ada = store.get_or_create_annotator("ada")
+    first = store.next_pair(project.id, ada)
+    store.release(first.id, ada)
+    first.left.video_file.unlink()
+    pairs, notices = lease_for_display(store, project, ada)
+    assert first.id not in [p.id for p in pairs] and len(pairs) == 2
+    assert len(notices) == 1 and f"Pair {first.id}" in notices[0] and "missing" in notices[0]
+    assert store.batch_progress(project.id) == (0, PAIRS - 1), "the retired pair left the batch"
+    # A corrupted file (checksum mismatch) is set aside the same way.
+    victim = pairs[0]
+    clip = store.next_pair(project.id, ada).right
+    clip.video_file.write_bytes(b"not a video")
+    store.release(victim.id, ada)
+    pairs, notices = lease_for_display(store, project, ada)
+    assert victim.id not in [p.id for p in pairs] and "checksum" in notices[0]
+
+
+def test_enqueue_round_checks_parameters_and_state(project_store):
+    store = project_store
+    project = store.get_project(PROJECT)
+    with pytest.raises(StudioError, match="unknown round parameter"):
+        enqueue_round(store, project, {"checkpoint": "/etc/passwd"})
+    with pytest.raises(StudioError, match="regularizer"):
+        enqueue_round(store, project, {"regularizer": "sideways"})
+    with pytest.raises(StudioError, match="no comparison to train on"):
+        enqueue_round(store, project, {"steps": 5})
+    ada = store.get_or_create_annotator("ada")
+    store.answer(store.next_pair(project.id, ada).id, ada, "skip")
+    with pytest.raises(StudioError, match="no comparison to train on"):
+        enqueue_round(store, project, {"steps": 5})
+    store.answer(store.next_pair(project.id, ada).id, ada, "right")
+    job = enqueue_round(store, project, {"steps": 5, "regularizer": "forward", "beta": 100.0})
+    assert job.kind == "alignment_round" and job.params["beta"] == 100.0
+    with pytest.raises(StudioError, match="wait for it to finish"):
+        enqueue_round(store, project, {"steps": 5})
+
+
+def test_history_export_and_compare_job(project_store, tmp_path):
+    store = project_store
+    project = store.get_project(PROJECT)
+    hist = rounds_history(store, project)
+    assert hist["round"].tolist() == [0] and 0.0 <= hist.loc[0, "success_rate"] <= 1.0
+    ada = store.get_or_create_annotator("ada")
+    store.answer(store.next_pair(project.id, ada).id, ada, "left")
+    blob = export_bytes(store, project, "parquet")
+    import io
+
+    import pandas as pd
+
+    assert len(pd.read_parquet(io.BytesIO(blob))) == 1
+    with pytest.raises(StudioError, match="unknown export format"):
+        export_bytes(store, project, "csv")
+    v0 = store.latest_policy_version(project.id)
+    with pytest.raises(StudioError, match="not a version of project"):
+        enqueue_compare(store, project, v0.id, v0.id + 100)
+    with pytest.raises(StudioError, match="between 1 and 16"):
+        CompareParams(v0.id, v0.id, episodes=0)
+    job = enqueue_compare(store, project, v0.id, v0.id, episodes=2, render_size=48)
+    assert run_worker(store, once=True, handler_modules=["fkpd.studio"], stale_after_s=None) == 1
+    job = store.jobs.get(job.id)
+    assert job.status == "succeeded", job.error
+    rows = compare_videos(store, job)
+    assert [r["seed"] for r in rows] == [10_000, 10_001]
+    for row in rows:
+        for side in ("a", "b"):
+            assert row[side]["path"].stat().st_size > 0 and isinstance(row[side]["success"], bool)
+        # the same version on the same seed with the same noise seed: the same episode
+        assert row["a"]["return"] == pytest.approx(row["b"]["return"])
