@@ -5,19 +5,31 @@ STAMP  := $(VENV)/.installed
 TASK   ?= metaworld/door-open-v3
 export MUJOCO_GL ?= egl
 
-.PHONY: venv run test bench clean-runs
+PORT   ?= 8501
+
+.PHONY: venv run pipeline test bench bench-ui clean-runs
 
 # torch is installed first and pinned, so nothing later pulls a CUDA build.
+# d4rl (D4RL's dataset names and reference scores, fkpd/d4rl.py) is installed last with
+# --no-deps: its metadata requires mujoco-py, pybullet and dm-control, which FKPD never
+# uses and which do not install here; requirements.txt has the gym<0.25 it imports.
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps d4rl==1.1
 	touch $(STAMP)
 
 venv: $(STAMP)
 
+# The app on http://localhost:$(PORT): on first start it creates the project for $(TASK)
+# (SQLite under labels/), queues its bootstrap and starts a local worker.
 run: venv
+	FKPD_TASK=$(TASK) $(VENV)/bin/streamlit run app/streamlit_app.py --server.port $(PORT)
+
+# The headless behaviour-cloning pipeline (data, BC, evaluation, clips), no app.
+pipeline: venv
 	$(VENV)/bin/fkpd pipeline --task $(TASK)
 
 test: venv
@@ -25,6 +37,9 @@ test: venv
 
 bench: venv
 	$(PY) bench/bench_policy.py
+
+bench-ui: venv
+	$(PY) bench/bench_ui.py
 
 clean-runs:
 	rm -rf runs

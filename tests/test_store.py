@@ -352,6 +352,14 @@ def test_lease_pairs_prefetches_the_next_pair_in_a_stable_order(store):
         store.lease_pairs("proj", a, 0)
 
 
+def test_a_new_batch_takes_over_from_held_pairs_of_the_previous_round(store):
+    _, old = make_project(store, 3, round=1)
+    a = store.get_or_create_annotator("a")
+    assert [p.id for p in store.lease_pairs("proj", a, 2)] == old[:2]
+    _, new = make_project(store, 2, round=2)
+    assert [p.id for p in store.lease_pairs("proj", a, 2)] == new, "the new batch comes first, at once"
+
+
 def test_retire_pair_sets_an_unshowable_pair_aside(store):
     _, pairs = make_project(store, 2)
     a = store.get_or_create_annotator("a")

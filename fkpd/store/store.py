@@ -823,9 +823,9 @@ class Store:
     def next_pair(self, project: Any, annotator: Any) -> PairView | None:
         """Lease the next pair to label to ``annotator``, or return None if none is free.
 
-        Returns the pair the annotator already holds (extending its lease) if there is
-        one; otherwise leases the oldest eligible pair of the latest round with open
-        pairs (see the module docstring for the rules) for the project's
+        Returns the pair of the latest round with open pairs that the annotator already
+        holds (extending its lease) if there is one; otherwise leases the oldest eligible
+        pair of that round (see the module docstring for the rules) for the project's
         ``lease_seconds``. Same as ``lease_pairs(project, annotator, 1)``.
 
         Raises:
@@ -858,9 +858,11 @@ class Store:
             ann = self._annotator(s, annotator)
             settings = validate_settings(proj.settings)
             expires = now + timedelta(seconds=settings["lease_seconds"])
-            pairs = self._renew_held_leases(s, proj.id, ann.id, now, expires, count)
-            round_ = self._latest_round(s, proj.id, open_only=True) if len(pairs) < count else None
-            while round_ is not None and len(pairs) < count:
+            round_ = self._latest_round(s, proj.id, open_only=True)
+            if round_ is None:
+                return []
+            pairs = self._renew_held_leases(s, proj.id, ann.id, now, expires, count, round_)
+            while len(pairs) < count:
                 pair = self._lease_new(s, ann.id, proj.id, round_, settings["labels_per_pair"], now, expires,
                                        exclude=[p.id for p in pairs])
                 if pair is None:
@@ -909,8 +911,12 @@ class Store:
             return pair
 
     def _renew_held_leases(
-        self, s: Session, project_id: int, annotator_id: int, now: datetime, expires: datetime, limit: int
+        self, s: Session, project_id: int, annotator_id: int, now: datetime, expires: datetime, limit: int,
+        round_: int,
     ) -> list[m.Pair]:
+        """Renew (and return, oldest first) up to ``limit`` live leases of the annotator on
+        open pairs of ``round_``; leases on older rounds are left to expire, so a new batch
+        takes over from the previous one at once."""
         leases = m.Lease.__table__
         held = s.scalars(
             select(leases.c.pair_id)
@@ -922,7 +928,7 @@ class Store:
             if len(renewed_pairs) >= limit:
                 break
             pair = self._lock_pair(s, pair_id)
-            if pair is None or pair.project_id != project_id or pair.status != "open":
+            if pair is None or pair.project_id != project_id or pair.status != "open" or pair.round != round_:
                 continue
             # Under the pair lock, a fresh statement: renew only a lease that is still live.
             renewed = s.execute(
