@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from conftest_app import ADMIN_PASSWORD, PROJECT, bootstrapped_project, project_dir, studio_env  # noqa: F401
 from fkpd.store import Store
+from fkpd.studio import launch_app, stop_app
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("FKPD_TEST_ARTIFACTS", REPO / "test-artifacts"))
@@ -53,44 +50,10 @@ def browser_path() -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_app(project_root: Path, log: Path, **env_extra: str) -> tuple[subprocess.Popen, str]:
-    """``streamlit run`` on a free port with a local worker; returns (process, base URL)."""
-    port = free_port()
-    env = {**os.environ, **studio_env(project_root, FKPD_START_WORKER="1", FKPD_WORKER_THREADS="1", **env_extra)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(REPO / "app" / "streamlit_app.py"),
-         "--server.port", str(port), "--server.headless", "true"],
-        cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"streamlit exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, url
-        except OSError:
-            time.sleep(0.3)
-    stop_app(proc)
-    raise RuntimeError(f"streamlit did not answer within 60 s:\n{log.read_text()}")
-
-
-def stop_app(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+def start_app(project_root: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    """``streamlit run`` on a free port with its own local worker; returns (process, base URL)."""
+    env = {**os.environ, **studio_env(project_root, FKPD_START_WORKER="1", FKPD_WORKER_THREADS="1")}
+    return launch_app(env, log)
 
 
 def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2):

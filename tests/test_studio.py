@@ -7,10 +7,10 @@ import stat
 
 import pytest
 
-from conftest_app import ADMIN_PASSWORD, PAIRS, PROJECT, TINY_BOOTSTRAP, bootstrapped_project, project_dir, \
+from conftest_app import PAIRS, PROJECT, TINY_BOOTSTRAP, bootstrapped_project, project_dir, \
     project_store, studio_env  # noqa: F401  (fixtures are used by name)
 from fkpd.errors import UnknownTaskError
-from fkpd.store import Store, run_worker
+from fkpd.store import run_worker
 from fkpd.studio import (
     AdminAuth,
     CompareParams,

@@ -34,7 +34,7 @@ st.dataframe(stats, width="stretch", column_config={
     "median_seconds": st.column_config.NumberColumn("median seconds per answer", format="%.1f"),
 })
 st.bar_chart(stats[["n_left", "n_right", "n_equal", "n_skip"]], horizontal=True, stack=True,
-             x_label="answers", y_label="annotator")
+             x_label="annotator", y_label="answers")
 
 st.subheader("Agreement")
 agreement = s.store.pairwise_agreement(s.project.id)
