@@ -4,7 +4,8 @@ Subcommands::
 
     fkpd tasks                                   list task ids
     fkpd data generate --task T --episodes N --out FILE [--clean]
-    fkpd data info FILE
+    fkpd data info FILE|D4RL_NAME|minari:ID
+    fkpd data import minari:ID --out FILE [--task T]
     fkpd train-bc --task T --dataset FILE [config flags]
     fkpd eval CHECKPOINT --episodes N [--videos DIR]
     fkpd pipeline [--task T]                     data -> BC -> eval -> clips
@@ -71,6 +72,21 @@ def _cmd_data_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_import(args: argparse.Namespace) -> int:
+    from fkpd.data import dataset_info, load_dataset
+    from fkpd.errors import DatasetError
+    from fkpd.minari_io import import_minari
+
+    if not args.source.startswith("minari:"):
+        raise DatasetError(f"cannot import {args.source!r}: pass minari:DATASET_ID (D4RL files and dataset names "
+                           "are read directly by --dataset)")
+    out = import_minari(args.source[len("minari:"):], args.out, task_id=args.task, obs_key=args.obs_key)
+    info = dataset_info(load_dataset(out, args.task))
+    print(f"wrote {out}: {info['episodes']} episodes, {info['steps']} steps, Do/Da {info['obs_dim']}/"
+          f"{info['action_dim']}")
+    return 0
+
+
 def _cmd_train_bc(args: argparse.Namespace) -> int:
     from fkpd.policy import PolicyConfig
     from fkpd.train_bc import BCConfig, train_bc
@@ -99,7 +115,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     """Generate data (if missing), train BC (resuming), evaluate, write clips."""
+    from fkpd.d4rl import is_locomotion
     from fkpd.data import DataRecipe, generate_dataset
+    from fkpd.envs import get_task
     from fkpd.policy import PolicyConfig
     from fkpd.rollout import evaluate
     from fkpd.train_bc import BCConfig, train_bc
@@ -107,8 +125,12 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     t0 = time.time()
     root = Path(args.out) / args.task.replace("/", "_")
     data = root / "data.hdf5"
+    if is_locomotion(args.task):  # no generator: the task's D4RL dataset, from D4RL's cache directory
+        data = get_task(args.task).d4rl_name
     cfg = dataclass_from_args(BCConfig, args, task=args.task, dataset=str(data), out_dir=str(root / "bc"))
-    if not data.exists():
+    if is_locomotion(args.task):
+        print(f"[1/3] using the D4RL dataset {data}")
+    elif not data.exists():
         print(f"[1/3] generating {args.episodes} episodes of offline data -> {data}")
         generate_dataset(args.task, args.episodes, data, recipe=DataRecipe.for_task(args.task), seed=cfg.seed)
     else:
@@ -222,10 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--clean", action="store_true", help="unperturbed scripted policy (no noise)")
     s.set_defaults(fn=_cmd_data_generate)
     s = data.add_parser("info", help="summarise a dataset")
-    s.add_argument("file")
+    s.add_argument("file", help="HDF5 file, D4RL dataset name (D4RL's cache directory) or minari:DATASET_ID")
     s.add_argument("--task", default=None, help="also check dimensions against this task")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_data_info)
+    s = data.add_parser("import", help="write a locally present Minari dataset as a D4RL-layout HDF5 file")
+    s.add_argument("source", help="minari:DATASET_ID")
+    s.add_argument("--out", required=True)
+    s.add_argument("--task", default=None, help="check dimensions against this task and record it")
+    s.add_argument("--obs-key", default=None, help="entry of dict observations to use (default: observation)")
+    s.set_defaults(fn=_cmd_data_import)
 
     s = sub.add_parser("train-bc", help="behaviour cloning of a diffusion policy")
     add_dataclass_args(s, BCConfig)
@@ -242,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", default=None, help="write the summary here")
     s.add_argument("--render-size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"),
                    help="clip frame size in pixels")
-    s.add_argument("--camera", default=None, help="MetaWorld camera (corner, corner2, corner3, corner4, topview, ...)")
+    s.add_argument("--camera", default=None, help="MetaWorld camera (corner, corner2, corner3, corner4, topview, ...); "
+                                                  "maze2d: top-down unless 'free'; locomotion: a MuJoCo camera name")
     s.set_defaults(fn=_cmd_eval)
 
     s = sub.add_parser("pipeline", help="data -> BC -> evaluation -> clips on one task")

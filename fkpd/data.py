@@ -21,6 +21,13 @@ Root attributes of generated files: ``task_id``, ``recipe`` (JSON of :class:`Dat
 ``behaviours`` (JSON list of behaviour names). An episode ends where ``terminals`` or
 ``timeouts`` is set.
 
+Real D4RL files load with the same code (:func:`load_dataset`): ``rewards`` and
+``terminals`` of shape (N, 1) are flattened as ``d4rl``'s ``get_dataset`` does, extra
+``infos/*`` arrays (``qpos``, ``qvel``, ``goal``, ...) are kept, and other groups
+(``metadata/*``) are ignored. ``--dataset`` also takes a D4RL dataset name, looked up in
+D4RL's cache directory (:func:`fkpd.d4rl.resolve_dataset`), or ``minari:DATASET_ID`` for a
+locally present Minari dataset (:func:`fkpd.minari_io.load_minari`).
+
 Generated data follows the noisy-oracle recipe of the MetaWorld preference benchmarks FKPD
 was evaluated on: MetaWorld's own scripted policy, run under a per-episode mix of
 perturbations so that the data spans good and poor behaviour (see :class:`DataRecipe`).
@@ -29,6 +36,7 @@ perturbations so that the data spans good and poor behaviour (see :class:`DataRe
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -60,7 +68,8 @@ class DataRecipe:
     * ``miscalibrated``: the scripted policy sees the object displaced by a fixed
       horizontal offset of ``miscal_radius`` (min, max) metres in a random direction,
       so it acts confidently at the wrong place (and usually fails), plus
-      ``expert_noise`` noise.
+      ``expert_noise`` noise. On ``d4rl/maze2d-*`` tasks the planner instead believes
+      the goal is in another, random cell (``miscal_radius`` is unused there).
 
     Fractions are normalised to sum to one. ``clean()`` is the unperturbed recipe.
     Why this mix: MetaWorld's scripted policies are closed-loop and shrug off even
@@ -111,23 +120,44 @@ TASK_RECIPES: dict[str, dict] = {
 }
 
 
+def _displace_object(oracle, env, recipe: DataRecipe, rng: np.random.Generator):
+    """MetaWorld's miscalibration: the oracle sees the object displaced by a fixed
+    horizontal offset of ``recipe.miscal_radius`` metres in a random direction."""
+    offset = np.zeros(3)
+    ang = rng.uniform(0, 2 * np.pi)
+    offset[:2] = rng.uniform(*recipe.miscal_radius) * np.array([np.cos(ang), np.sin(ang)])
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        seen = obs.copy()
+        seen[4:7] += offset  # object position, current and previous frame
+        seen[22:25] += offset
+        return oracle(seen)
+
+    return act
+
+
+def _miscalibration(task_id: str):
+    """``(oracle, env, recipe, rng) -> act`` that makes the task's miscalibrated policy."""
+    if task_id.startswith("d4rl/maze2d-"):
+        from fkpd.maze import wrong_goal
+
+        return wrong_goal
+    return _displace_object
+
+
 def _perturbed_episode(env, oracle, recipe: DataRecipe, seed: int, rng: np.random.Generator,
-                       behaviour: int) -> dict[str, np.ndarray]:
+                       behaviour: int, miscalibrate=_displace_object) -> dict[str, np.ndarray]:
     obs, _ = env.reset(seed=seed)
     da = env.action_space.shape[0]
-    offset = np.zeros(3)
+    policy = oracle
     if BEHAVIOURS[behaviour] == "miscalibrated":
-        ang = rng.uniform(0, 2 * np.pi)
-        offset[:2] = rng.uniform(*recipe.miscal_radius) * np.array([np.cos(ang), np.sin(ang)])
+        policy = miscalibrate(oracle, env, recipe, rng)
     noise = recipe.noisy_noise if BEHAVIOURS[behaviour] == "noisy" else recipe.expert_noise
     stretch_left = 0
     rows: dict[str, list] = {k: [] for k in ("obs", "act", "rew", "next", "succ")}
     done = False
     while not done:
-        seen = obs.copy()
-        seen[4:7] += offset  # object position, current and previous frame
-        seen[22:25] += offset
-        action = oracle(seen)
+        action = policy(obs.copy())
         if BEHAVIOURS[behaviour] == "noisy":
             if stretch_left == 0 and rng.random() < recipe.stretch_prob:
                 stretch_left = int(rng.integers(5, recipe.stretch_max_len + 1))
@@ -159,6 +189,33 @@ def _perturbed_episode(env, oracle, recipe: DataRecipe, seed: int, rng: np.rando
     )
 
 
+def write_dataset(out: Path | str, arrays: dict[str, np.ndarray], infos: dict[str, np.ndarray] | None = None,
+                  attrs: dict[str, object] | None = None) -> Path:
+    """Write a D4RL-layout HDF5 file atomically (temporary name, then rename).
+
+    Args:
+        out: the ``.hdf5`` path.
+        arrays: top-level keys (``observations``, ``actions``, ``rewards``,
+            ``terminals``, ``timeouts``, optionally ``next_observations``), each with N
+            rows; they are gzip-compressed.
+        infos: per-step extras, written as ``infos/<key>`` (N rows each).
+        attrs: root attributes (strings or numbers).
+
+    Returns:
+        ``out``.
+    """
+    out = Path(out)
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+        for k in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts"):
+            if k in arrays:
+                f.create_dataset(k, data=arrays[k], compression="gzip", compression_opts=4)
+        for k, v in (infos or {}).items():
+            f.create_dataset(f"infos/{k}", data=v)
+        for k, v in (attrs or {}).items():
+            f.attrs[k] = v
+    return out
+
+
 def generate_dataset(task_id: str, episodes: int, out: Path | str, recipe: DataRecipe | None = None,
                      seed: int = 0, max_episode_steps: int | None = None,
                      progress: bool = True) -> Path:
@@ -166,10 +223,12 @@ def generate_dataset(task_id: str, episodes: int, out: Path | str, recipe: DataR
 
     Episode ``i`` uses reset seed ``seed * 1_000_003 + i`` and one behaviour drawn from
     ``recipe``. The file is written to a temporary name and renamed, so a crash never
-    leaves a half-written dataset under ``out``.
+    leaves a half-written dataset under ``out``. MetaWorld tasks use MetaWorld's scripted
+    policies; ``d4rl/maze2d-*`` tasks use the waypoint planner and PD controller of
+    :mod:`fkpd.maze` (a miscalibrated episode believes the goal is in another cell).
 
     Args:
-        task_id: registry id, e.g. ``metaworld/door-open-v3``.
+        task_id: registry id, e.g. ``metaworld/door-open-v3`` or ``d4rl/maze2d-umaze``.
         episodes: number of episodes (>= 1).
         out: output ``.hdf5`` path.
         recipe: perturbation mix; default ``DataRecipe.for_task(task_id)``.
@@ -182,14 +241,22 @@ def generate_dataset(task_id: str, episodes: int, out: Path | str, recipe: DataR
 
     Raises:
         UnknownTaskError: for an unknown task id.
-        DatasetError: if ``episodes < 1``.
+        DatasetError: if ``episodes < 1``, or the task has no data generator (D4RL
+            locomotion: its data is a D4RL or Minari dataset).
     """
     if episodes < 1:
         raise DatasetError(f"--episodes must be at least 1, got {episodes}")
     get_task(task_id)
+    if task_id.startswith("d4rl/") and not task_id.startswith("d4rl/maze2d-"):
+        name = task_id.split("/", 1)[1]
+        raise DatasetError(
+            f"task {task_id} has no data generator: its data is the D4RL dataset {name!r}. Put the file in "
+            f"D4RL's cache directory and pass --dataset {name}, pass --dataset FILE, or convert a Minari "
+            "dataset with `fkpd data import minari:DATASET_ID --out FILE`.")
     recipe = recipe or DataRecipe.for_task(task_id)
     env = make_env(task_id, max_episode_steps=max_episode_steps)
     oracle = scripted_policy(task_id)
+    miscalibrate = _miscalibration(task_id)
     rng = np.random.default_rng(seed)
     behaviours = rng.choice(len(BEHAVIOURS), size=episodes, p=recipe.probs)
     chunks = []
@@ -197,7 +264,7 @@ def generate_dataset(task_id: str, episodes: int, out: Path | str, recipe: DataR
     n_success = 0
     for i in bar:
         reset_seed = seed * 1_000_003 + i
-        ep = _perturbed_episode(env, oracle, recipe, reset_seed, rng, int(behaviours[i]))
+        ep = _perturbed_episode(env, oracle, recipe, reset_seed, rng, int(behaviours[i]), miscalibrate)
         ep["reset_seed"] = np.full(len(ep["actions"]), reset_seed, np.int64)
         ep["behaviour"] = np.full(len(ep["actions"]), behaviours[i], np.int8)
         chunks.append(ep)
@@ -205,18 +272,10 @@ def generate_dataset(task_id: str, episodes: int, out: Path | str, recipe: DataR
         bar.set_postfix(success=f"{n_success / (i + 1):.0%}")
     env.close()
     data = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-    out = Path(out)
-    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
-        for k in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts"):
-            f.create_dataset(k, data=data[k], compression="gzip", compression_opts=4)
-        f.create_dataset("infos/success", data=data["success"])
-        f.create_dataset("infos/reset_seed", data=data["reset_seed"])
-        f.create_dataset("infos/behaviour", data=data["behaviour"])
-        f.attrs["task_id"] = task_id
-        f.attrs["recipe"] = json.dumps(to_json_dict(recipe))
-        f.attrs["behaviours"] = json.dumps(list(BEHAVIOURS))
-        f.attrs["seed"] = seed
-    return out
+    return write_dataset(
+        out, data, infos={k: data[k] for k in ("success", "reset_seed", "behaviour")},
+        attrs={"task_id": task_id, "recipe": json.dumps(to_json_dict(recipe)),
+               "behaviours": json.dumps(list(BEHAVIOURS)), "seed": seed})
 
 
 @dataclass
@@ -261,34 +320,68 @@ class OfflineDataset:
         return np.array([bool(self.infos["success"][s].any()) for s in self.episodes()])
 
 
+def _unreadable(path: Path, exc: Exception) -> str:
+    """The message for an HDF5 file h5py cannot open; names the byte counts of a
+    truncated file (HDF5 reports ``eof = A ... stored_eof = B``)."""
+    m = re.search(r"eof = (\d+).*stored_eof = (\d+)", str(exc))
+    if m:
+        return (f"dataset {str(path)!r} is truncated: the file has {int(m.group(1))} bytes but its HDF5 header "
+                f"says {int(m.group(2))}. The copy or download was cut short; regenerate or re-download it.")
+    return (f"cannot read {str(path)!r} as HDF5 ({exc}). The file is truncated or not an HDF5 "
+            "file; regenerate or re-download it.")
+
+
+def _read_key(f: h5py.File, key: str, path: Path) -> np.ndarray:
+    try:
+        return f[key][()]
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        raise DatasetError(
+            f"dataset {str(path)!r}: key `{key}` could not be read ({exc}); the file is probably truncated. "
+            "Regenerate or re-download it.") from exc
+
+
 def load_dataset(path: Path | str, task_id: str | None = None) -> OfflineDataset:
-    """Read and validate a D4RL-layout HDF5 file.
+    """Read and validate a D4RL-layout dataset (the layout ``d4rl``'s ``get_dataset`` returns).
 
     Args:
-        path: the ``.hdf5`` file.
-        task_id: when given, observation and action sizes must match this task.
+        path: the ``.hdf5`` file; or, when no such file exists, a D4RL dataset name
+            (``hopper-medium-v2``) looked up in D4RL's cache directory
+            (:func:`fkpd.d4rl.resolve_dataset`); or ``minari:DATASET_ID``, a locally
+            present Minari dataset (:func:`fkpd.minari_io.load_minari`).
+        task_id: when given, observation and action sizes must match this task. For a
+            ``d4rl/maze2d-*`` task, a file that FKPD Studio did not write (no maze2d
+            ``task_id`` attribute, not from Minari) is an original D4RL maze2d file and
+            is mapped to PointMaze's frame (:func:`fkpd.maze.convert_d4rl_dataset`).
 
     Returns:
         The :class:`OfflineDataset`.
 
     Raises:
-        DatasetError: missing or unreadable file, a missing key, mismatched lengths,
-            wrong observation/action size for the task, NaN/inf values, or no episode
-            boundary. The message names the key or dimension at fault and the fix.
+        DatasetError: missing or unreadable file (a truncated file says so, with its
+            byte counts), a missing key, a key that cannot be read, mismatched lengths,
+            wrong observation/action size for the task, NaN/inf values, or no steps.
+            Every message names the key or dimension at fault and the fix.
     """
+    source = str(path)
+    if source.startswith("minari:"):
+        from fkpd.minari_io import load_minari
+
+        return load_minari(source[len("minari:"):], task_id=task_id)
     path = Path(path)
     if not path.exists():
-        raise DatasetError(
-            f"dataset file {str(path)!r} does not exist. Generate one with "
-            f"`fkpd data generate --task TASK --episodes N --out {path}` or pass the right path."
-        )
+        from fkpd.d4rl import resolve_dataset
+
+        resolved = resolve_dataset(source)
+        if resolved is None:
+            raise DatasetError(
+                f"dataset file {str(path)!r} does not exist. Generate one with "
+                f"`fkpd data generate --task TASK --episodes N --out {path}` or pass the right path."
+            )
+        path = resolved
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
-        raise DatasetError(
-            f"cannot read {str(path)!r} as HDF5 ({exc}). The file is truncated or not an HDF5 "
-            "file; regenerate or re-download it."
-        ) from exc
+        raise DatasetError(_unreadable(path, exc)) from exc
     with f:
         missing = [k for k in REQUIRED_KEYS if k not in f]
         if missing:
@@ -296,66 +389,110 @@ def load_dataset(path: Path | str, task_id: str | None = None) -> OfflineDataset
                 f"dataset {str(path)!r} is missing key(s) {missing}; the D4RL layout needs "
                 f"{list(REQUIRED_KEYS)}. Re-export the dataset with these keys."
             )
-        try:
-            arrays = {k: f[k][()] for k in REQUIRED_KEYS}
-            infos = {}
-            if "infos" in f:
-                for k, v in f["infos"].items():
-                    if isinstance(v, h5py.Dataset):
-                        infos[k] = v[()]
-        except (OSError, KeyError) as exc:
-            raise DatasetError(
-                f"dataset {str(path)!r} could not be read completely ({exc}); the file is "
-                "probably truncated. Regenerate or re-download it."
-            ) from exc
+        keys = list(REQUIRED_KEYS) + (["next_observations"] if "next_observations" in f else [])
+        for k in keys:
+            if not isinstance(f[k], h5py.Dataset):
+                raise DatasetError(
+                    f"dataset {str(path)!r}: key `{k}` is a group, not an array; the D4RL layout stores one "
+                    "array per key (a Minari dataset is read with --dataset minari:DATASET_ID).")
+        arrays = {k: _read_key(f, k, path) for k in keys}
+        infos = {}
+        if "infos" in f and isinstance(f["infos"], h5py.Group):
+            for k, v in f["infos"].items():
+                if isinstance(v, h5py.Dataset):
+                    infos[k] = _read_key(f, f"infos/{k}", path)
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    ds = validate_arrays(arrays, infos, attrs, where=f"dataset {str(path)!r}", task_id=task_id, path=path)
+    written_here = str(attrs.get("task_id", "")).startswith("d4rl/maze2d-") or attrs.get("source") == "minari"
+    if task_id is not None and task_id.startswith("d4rl/maze2d-") and not written_here:
+        # An original D4RL maze2d file: D4RL's frame, not PointMaze's (see fkpd.maze).
+        from fkpd.maze import convert_d4rl_dataset
+
+        ds = convert_d4rl_dataset(ds, task_id[len("d4rl/maze2d-"):])
+    return ds
+
+
+def validate_arrays(arrays: dict[str, np.ndarray], infos: dict[str, np.ndarray], attrs: dict[str, object],
+                    where: str, task_id: str | None = None, path: Path | None = None) -> OfflineDataset:
+    """Check arrays in the D4RL layout and build the :class:`OfflineDataset`.
+
+    Args:
+        arrays: ``observations`` (N, Do), ``actions`` (N, Da), ``rewards``,
+            ``terminals``, ``timeouts`` (N,) or (N, 1), optional ``next_observations``
+            (N, Do).
+        infos: per-step extras, N rows each.
+        attrs: metadata kept on the dataset.
+        where: how messages name the source, e.g. ``dataset 'x.hdf5'``.
+        task_id: when given, Do and Da must be the task's.
+        path: recorded on the result.
+
+    Raises:
+        DatasetError: see :func:`load_dataset`.
+    """
     obs = np.asarray(arrays["observations"], np.float32)
     act = np.asarray(arrays["actions"], np.float32)
     if obs.ndim != 2 or act.ndim != 2:
         raise DatasetError(
-            f"dataset {str(path)!r}: `observations` and `actions` must be 2-D (N, Do) and (N, Da), "
+            f"{where}: `observations` and `actions` must be 2-D (N, Do) and (N, Da), "
             f"got shapes {obs.shape} and {act.shape}."
         )
     n = len(obs)
+    flat = {}
+    for k in ("rewards", "terminals", "timeouts"):
+        v = np.asarray(arrays[k])
+        if v.ndim == 2 and v.shape[1] == 1:  # as d4rl's get_dataset
+            v = v[:, 0]
+        if v.ndim != 1:
+            raise DatasetError(f"{where}: key `{k}` must hold one value per step, shape (N,), got shape {v.shape}.")
+        flat[k] = v
     for k in ("actions", "rewards", "terminals", "timeouts"):
-        if len(arrays[k]) != n:
+        rows = len(act) if k == "actions" else len(flat[k])
+        if rows != n:
             raise DatasetError(
-                f"dataset {str(path)!r}: key `{k}` has {len(arrays[k])} rows but `observations` has "
+                f"{where}: key `{k}` has {rows} rows but `observations` has "
                 f"{n}; every key must have one row per step."
             )
+    nxt = arrays.get("next_observations")
+    if nxt is not None and np.shape(nxt) != obs.shape:
+        raise DatasetError(
+            f"{where}: key `next_observations` has shape {np.shape(nxt)} but `observations` has {obs.shape}; "
+            "they must match row for row.")
     for k, v in infos.items():
         if len(v) != n:
             raise DatasetError(
-                f"dataset {str(path)!r}: key `infos/{k}` has {len(v)} rows but `observations` has {n}."
+                f"{where}: key `infos/{k}` has {len(v)} rows but `observations` has {n}."
             )
     if task_id is not None:
         spec = get_task(task_id)
         if obs.shape[1] != spec.obs_dim:
             raise DatasetError(
-                f"dataset {str(path)!r}: observation dimension is {obs.shape[1]} but task "
+                f"{where}: observation dimension is {obs.shape[1]} but task "
                 f"{task_id} has Do={spec.obs_dim}. Use a dataset recorded on {task_id} or pass "
                 "the task it was recorded on."
             )
         if act.shape[1] != spec.action_dim:
             raise DatasetError(
-                f"dataset {str(path)!r}: action dimension is {act.shape[1]} but task {task_id} "
+                f"{where}: action dimension is {act.shape[1]} but task {task_id} "
                 f"has Da={spec.action_dim}. Use a dataset recorded on {task_id}."
             )
-    for k, v in (("observations", obs), ("actions", act), ("rewards", arrays["rewards"])):
+    checks = [("observations", obs), ("actions", act), ("rewards", flat["rewards"])]
+    if nxt is not None:
+        checks.append(("next_observations", np.asarray(nxt)))
+    for k, v in checks:
         bad = ~np.isfinite(v)
         if bad.any():
             row = int(np.argwhere(bad)[0][0])
             raise DatasetError(
-                f"dataset {str(path)!r}: key `{k}` holds {int(bad.sum())} NaN/inf value(s), the first "
+                f"{where}: key `{k}` holds {int(bad.sum())} NaN/inf value(s), the first "
                 f"at row {row}. Drop or repair those steps before training."
             )
-    ends_mask = np.asarray(arrays["terminals"], bool) | np.asarray(arrays["timeouts"], bool)
+    ends_mask = np.asarray(flat["terminals"], bool) | np.asarray(flat["timeouts"], bool)
     if n == 0:
-        raise DatasetError(f"dataset {str(path)!r} has no steps.")
+        raise DatasetError(f"{where} has no steps.")
     ends_mask[-1] = True  # a trailing partial episode still counts
     episode_ends = np.flatnonzero(ends_mask).astype(np.int64) + 1
     return OfflineDataset(
-        observations=obs, actions=act, rewards=np.asarray(arrays["rewards"], np.float32),
+        observations=obs, actions=act, rewards=np.asarray(flat["rewards"], np.float32),
         episode_ends=episode_ends, infos=infos, attrs=attrs, path=path,
     )
 

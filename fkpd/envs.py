@@ -2,7 +2,11 @@
 
 Task ids look like ``metaworld/door-open-v3``. Every MetaWorld v3 MT1 task is
 registered; each comes with MetaWorld's own scripted (oracle) policy, which
-:mod:`fkpd.data` perturbs to generate offline datasets.
+:mod:`fkpd.data` perturbs to generate offline datasets. D4RL tasks are registered too
+(:mod:`fkpd.d4rl`): ``d4rl/maze2d-umaze|medium|large`` on Gymnasium-Robotics' PointMaze,
+with a waypoint-planner oracle (:mod:`fkpd.maze`), and ``d4rl/<env>-<dataset>-v2`` for the
+D4RL v2 locomotion datasets of hopper, walker2d and halfcheetah, in Gymnasium's MuJoCo v5
+environments (no oracle: their data is the D4RL dataset).
 
 Environments follow the Gymnasium API (``reset(seed=...)`` and ``step``) with three
 guarantees the rest of FKPD Studio relies on:
@@ -10,7 +14,8 @@ guarantees the rest of FKPD Studio relies on:
 * ``reset(seed=s)`` always reproduces the same initial state (object and goal
   positions) for the same ``s``, so a pair of clips rolled out from one reset seed
   starts from one state (DESIGN.md §3, "Pairs");
-* ``info["success"]`` is MetaWorld's success flag as a ``bool``;
+* ``info["success"]`` is the task's success flag as a ``bool`` (MetaWorld's; on maze2d,
+  being within D4RL's 0.5 m of the goal; always False on locomotion);
 * ``render()`` returns an upright ``(H, W, 3) uint8`` frame rendered headless through
   MuJoCo (``MUJOCO_GL=egl`` is set when no backend was chosen).
 """
@@ -27,7 +32,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fkpd.errors import UnknownTaskError  # noqa: E402
+from fkpd.errors import ConfigError, UnknownTaskError  # noqa: E402
 
 DEFAULT_TASK = "metaworld/door-open-v3"
 #: Default episode length in environment steps (MetaWorld's own limit is 500).
@@ -49,6 +54,8 @@ class TaskSpec:
         max_episode_steps: default evaluation horizon in env steps.
         fps: playback rate for clips (MetaWorld steps at 80 Hz of control with
             frame skip 5; clips play at 30 fps so motion is easy to follow).
+        d4rl_name: for ``d4rl/`` tasks, the D4RL dataset name whose reference returns
+            normalise scores (e.g. ``hopper-medium-v2``, ``maze2d-umaze-v1``); else ''.
     """
 
     task_id: str
@@ -56,6 +63,7 @@ class TaskSpec:
     action_dim: int
     max_episode_steps: int = DEFAULT_MAX_EPISODE_STEPS
     fps: int = 30
+    d4rl_name: str = ""
 
     @property
     def family(self) -> str:
@@ -73,9 +81,20 @@ def _metaworld_names() -> tuple[str, ...]:
     return tuple(sorted(ALL_V3_ENVIRONMENTS))
 
 
-def list_tasks() -> list[str]:
-    """All registered task ids, sorted."""
-    return [f"metaworld/{n}" for n in _metaworld_names()]
+def list_tasks(family: str | None = None) -> list[str]:
+    """Registered task ids: MetaWorld's sorted, then D4RL's (:func:`fkpd.d4rl.list_task_ids`).
+
+    Args:
+        family: only this family (``metaworld`` or ``d4rl``); None for all.
+    """
+    tasks = []
+    if family in (None, "metaworld"):
+        tasks += [f"metaworld/{n}" for n in _metaworld_names()]
+    if family in (None, "d4rl"):
+        from fkpd.d4rl import list_task_ids
+
+        tasks += list_task_ids()
+    return tasks
 
 
 def get_task(task_id: str) -> TaskSpec:
@@ -88,6 +107,12 @@ def get_task(task_id: str) -> TaskSpec:
     family, _, name = str(task_id).partition("/")
     if family == "metaworld" and name in _metaworld_names():
         return TaskSpec(task_id=task_id, obs_dim=39, action_dim=4)
+    if family == "d4rl":
+        from fkpd.d4rl import task_spec
+
+        spec = task_spec(name)
+        if spec is not None:
+            return spec
     known = ", ".join(list_tasks())
     raise UnknownTaskError(
         f"unknown task id {task_id!r}. Known task ids: {known}. "
@@ -204,7 +229,8 @@ def make_env(
         task_id: registry id (see :func:`list_tasks`).
         max_episode_steps: horizon; defaults to the task's ``max_episode_steps``.
         render_size: ``(height, width)`` of frames from ``render()``.
-        camera: camera name; defaults to ``corner``.
+        camera: camera name; defaults to ``corner`` on MetaWorld, the top-down view on
+            maze2d and the tracking camera on locomotion.
         shadows: render shadows and reflections (slow in software rendering).
 
     Raises:
@@ -212,6 +238,16 @@ def make_env(
     """
     spec = get_task(task_id)
     horizon = spec.max_episode_steps if max_episode_steps is None else max_episode_steps
+    if spec.family == "d4rl":
+        if spec.name.startswith("maze2d-"):
+            from fkpd.maze import MazeEnv
+
+            return MazeEnv(spec.name[len("maze2d-"):], max_episode_steps=horizon, render_size=render_size,
+                           camera=camera, shadows=shadows)
+        from fkpd.d4rl import LocomotionEnv
+
+        return LocomotionEnv(spec.name.split("-", 1)[0], max_episode_steps=horizon, render_size=render_size,
+                             camera=camera, shadows=shadows)
     return MetaWorldEnv(
         spec.name, max_episode_steps=horizon, render_size=render_size,
         camera=camera or DEFAULT_CAMERA, shadows=shadows,
@@ -219,12 +255,20 @@ def make_env(
 
 
 def scripted_policy(task_id: str) -> Callable[[np.ndarray], np.ndarray]:
-    """MetaWorld's scripted (oracle) policy for the task: ``obs (Do,) -> action (Da,)``.
+    """The task's scripted (oracle) policy: ``obs (Do,) -> action (Da,)``. MetaWorld's own
+    policies; on maze2d the waypoint planner with PD control of :mod:`fkpd.maze`.
 
     Raises:
         UnknownTaskError: for an unregistered id.
+        ConfigError: a D4RL locomotion task (it has no scripted policy).
     """
     spec = get_task(task_id)
+    if spec.family == "d4rl":
+        if spec.name.startswith("maze2d-"):
+            from fkpd.maze import MazeOracle
+
+            return MazeOracle.for_maze(spec.name[len("maze2d-"):])
+        raise ConfigError(f"task {task_id} has no scripted policy; its data is the D4RL dataset {spec.d4rl_name!r}")
     from metaworld.policies import ENV_POLICY_MAP
 
     policy = ENV_POLICY_MAP[spec.name]()

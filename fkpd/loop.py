@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from fkpd.align import AlignConfig, PairWindows, align, evaluate_pairs, pairs_from_labels
 from fkpd.config import save_json, to_json_dict
+from fkpd.d4rl import is_d4rl_name, is_locomotion
 from fkpd.data import OfflineDataset, generate_dataset, load_dataset
 from fkpd.envs import DEFAULT_TASK, get_task, make_env
 from fkpd.errors import CheckpointError, ConfigError
@@ -67,7 +68,9 @@ class LoopConfig:
     segment_length: int = field(default=64, metadata={"help": "L, steps per segment"})
     segment_start: int = field(default=0, metadata={"help": "first step of every segment (-1: random per pair)"})
     out_dir: str = field(default="", metadata={"help": "output directory (default runs/loop/<task>_<teacher>_<reg>)"})
-    dataset: str = field(default="", metadata={"help": "reuse this offline dataset (default: generate OUT/data.hdf5)"})
+    dataset: str = field(default="", metadata={"help": "reuse this offline dataset: a file, a D4RL dataset name or "
+                                                       "minari:DATASET_ID (default: generate OUT/data.hdf5; D4RL "
+                                                       "locomotion tasks use their own D4RL dataset)"})
     bc_checkpoint: str = field(default="", metadata={"help": "reuse this BC checkpoint (default: train OUT/bc)"})
     bc_episodes: int = field(default=100, metadata={"help": "episodes of generated data"})
     bc_steps: int = field(default=4000, metadata={"help": "BC gradient steps"})
@@ -130,13 +133,17 @@ def evaluate_policy(policy: DiffusionPolicy, envs: Sequence, episodes: int, teac
         ``success_rate``, ``success_ci95``, ``mean_return``, ``intent_score`` (the
         teacher's :meth:`~fkpd.teachers.ScriptedTeacher.intent_score` averaged over
         whole episodes), ``smoothness`` (mean squared action change), ``ood_action_dist``
-        (:class:`ActionOOD`) and ``eval_s``.
+        (:class:`ActionOOD`) and ``eval_s``; on ``d4rl/`` tasks also
+        ``d4rl_normalized_score`` (and its ``_std``, 0-100 scale) and ``d4rl_dataset``.
     """
+    from fkpd.d4rl import score_summary
+
     t0 = time.time()
     res, eps = evaluate_in_process(policy, envs, episodes, seed=seed)
     segs = [Segment(e.observations, e.actions, e.rewards, e.success, reset_seed=e.reset_seed) for e in eps]
     smooth = [float(np.square(np.diff(e.actions, axis=0)).sum(1).mean()) for e in eps]
     return {"success_rate": res.success_rate, "success_ci95": list(res.success_ci), "mean_return": res.mean_return,
+            **score_summary(res.task_id, res.returns),
             "intent_score": float(np.mean([teacher.intent_score(s) for s in segs])),
             "smoothness": float(np.mean(smooth)), "ood_action_dist": ood(eps), "eval_s": time.time() - t0}
 
@@ -223,13 +230,19 @@ def run_loop(cfg: LoopConfig, align_cfg: AlignConfig | None = None, policy_cfg: 
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
 
-    dataset = Path(cfg.dataset) if cfg.dataset else out / "data.hdf5"
-    if not dataset.exists():
-        if cfg.dataset:
+    if cfg.dataset:
+        # A file, a D4RL dataset name (D4RL's cache directory) or minari:DATASET_ID.
+        dataset: Path | str = cfg.dataset
+        if not Path(cfg.dataset).exists() and not cfg.dataset.startswith("minari:") and not is_d4rl_name(cfg.dataset):
             raise ConfigError(f"--dataset {cfg.dataset!r} does not exist; drop the flag to generate one")
-        log(f"[data] generating {cfg.bc_episodes} episodes -> {dataset}")
-        generate_dataset(cfg.task, cfg.bc_episodes, dataset, seed=cfg.seed, max_episode_steps=horizon,
-                         progress=progress)
+    elif is_locomotion(cfg.task):
+        dataset = spec.d4rl_name  # no generator: the task's own D4RL dataset, from D4RL's cache directory
+    else:
+        dataset = out / "data.hdf5"
+        if not dataset.exists():
+            log(f"[data] generating {cfg.bc_episodes} episodes -> {dataset}")
+            generate_dataset(cfg.task, cfg.bc_episodes, dataset, seed=cfg.seed, max_episode_steps=horizon,
+                             progress=progress)
     ds = load_dataset(dataset, task_id=cfg.task)
     if cfg.bc_checkpoint:
         bc = Path(cfg.bc_checkpoint)
@@ -338,6 +351,7 @@ def _format_row(row: dict[str, Any]) -> str:
     lo, hi = row["success_ci95"]
     parts = [f"round {row['round']}: success {row['success_rate']:.0%} ({lo:.0%}-{hi:.0%})",
              f"return {row['mean_return']:.1f}", f"intent {row['intent_score']:.4g}",
+             *([f"D4RL score {row['d4rl_normalized_score']:.1f}"] if "d4rl_normalized_score" in row else []),
              f"ood {row['ood_action_dist']:.3f}"]
     if row["round"] > 0:
         parts += [f"acc new {row['implicit_acc_new']:.2f}", f"acc all {row['implicit_acc']:.2f}",

@@ -153,8 +153,10 @@ class EvalResult:
         return float(np.mean(self.returns)) if self.returns else float("nan")
 
     def summary(self) -> dict[str, object]:
+        """Success rate with its CI, return statistics, clips; for ``d4rl/`` tasks also the
+        D4RL normalised score (:func:`fkpd.d4rl.score_summary`, 0-100 scale)."""
         lo, hi = self.success_ci
-        return {
+        out = {
             "task_id": self.task_id,
             "episodes": len(self.successes),
             "success_rate": self.success_rate,
@@ -163,12 +165,23 @@ class EvalResult:
             "std_return": float(np.std(self.returns)) if self.returns else float("nan"),
             "videos": list(self.videos),
         }
+        if self.task_id.startswith("d4rl/"):
+            from fkpd.d4rl import score_summary
+
+            out.update(score_summary(self.task_id, self.returns))
+        return out
 
     def format(self) -> str:
         lo, hi = self.success_ci
-        return (f"{self.task_id}: success rate {self.success_rate:.1%} "
+        text = (f"{self.task_id}: success rate {self.success_rate:.1%} "
                 f"(95% CI {lo:.1%}-{hi:.1%}, n={len(self.successes)}), "
                 f"mean return {self.mean_return:.1f}")
+        if self.task_id.startswith("d4rl/") and self.returns:
+            from fkpd.d4rl import score_summary
+
+            s = score_summary(self.task_id, self.returns)
+            text += f", D4RL normalised score {s['d4rl_normalized_score']:.1f} ({s['d4rl_dataset']})"
+        return text
 
 
 _WORKER: dict = {}

@@ -15,6 +15,7 @@ Output directory layout::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from fkpd.config import from_json_dict, save_json, to_json_dict
+from fkpd.d4rl import is_locomotion
 from fkpd.data import WindowSampler, load_dataset
 from fkpd.envs import get_task
 from fkpd.errors import CheckpointError, ConfigError, FKPDError
@@ -44,7 +46,9 @@ class BCConfig:
     """Behaviour-cloning run. Every field is also a ``fkpd train-bc`` flag."""
 
     task: str = field(default="metaworld/door-open-v3", metadata={"help": "task id"})
-    dataset: str = field(default="", metadata={"help": "D4RL-layout HDF5 dataset"})
+    dataset: str = field(default="", metadata={"help": "D4RL-layout HDF5 file, D4RL dataset name (looked up in "
+                                                       "D4RL's cache directory) or minari:DATASET_ID; D4RL "
+                                                       "locomotion tasks default to their own dataset"})
     out_dir: str = field(default="", metadata={"help": "output directory (default runs/bc/<task>)"})
     steps: int = field(default=4000, metadata={"help": "gradient steps"})
     batch_size: int = field(default=256, metadata={"help": "windows per batch"})
@@ -171,6 +175,8 @@ def train_bc(cfg: BCConfig, policy_cfg: PolicyConfig | None = None, progress: bo
         TrainingError: NaN/inf loss; the previous checkpoint stays as it was.
     """
     spec = get_task(cfg.task)
+    if not cfg.dataset and is_locomotion(cfg.task):
+        cfg = dataclasses.replace(cfg, dataset=spec.d4rl_name)  # the task's D4RL dataset, from D4RL's cache
     if not cfg.dataset:
         raise ConfigError("no dataset given: pass --dataset FILE (make one with `fkpd data generate`)")
     ds = load_dataset(cfg.dataset, task_id=cfg.task)

@@ -8,7 +8,7 @@ from fkpd.errors import UnknownTaskError
 def test_registry_has_every_metaworld_v3_task():
     from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
-    tasks = list_tasks()
+    tasks = list_tasks("metaworld")  # list_tasks() also lists the d4rl/ tasks (tests/test_d4rl.py)
     assert len(tasks) == len(ALL_V3_ENVIRONMENTS) >= 50
     assert DEFAULT_TASK in tasks and "metaworld/button-press-v3" in tasks
     spec = get_task(DEFAULT_TASK)
