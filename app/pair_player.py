@@ -41,7 +41,7 @@ CSS = """
 .fkpd-buttons button.primary { background: var(--st-primary-color, #ff4b4b); color: #fff; border-color: transparent; }
 .fkpd-status { text-align: center; margin-top: 8px; color: #555; font-size: 14px; min-height: 1.4em; }
 .fkpd-prefetch { display: none; }
-.fkpd-waiting { padding: 24px; text-align: center; color: #444; }
+.fkpd-player.empty .fkpd-videos, .fkpd-player.empty .fkpd-buttons { visibility: hidden; }
 """
 
 HTML = """
@@ -117,6 +117,7 @@ function show(st) {
   const todo = nextPending(st);
   const cur = todo[0];
   const root = st.el.root;
+  root.classList.toggle("empty", !cur);
   if (!cur) {
     root.dataset.pairId = "";
     st.el.left.removeAttribute("src"); st.el.right.removeAttribute("src");

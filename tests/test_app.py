@@ -6,6 +6,7 @@ covered by tests/test_app_browser.py. Here: what Python renders and stores.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,10 @@ APP = str(Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py")
 def app(project_dir, monkeypatch):
     for k, v in studio_env(project_dir).items():
         monkeypatch.setenv(k, v)
+    # Streamlit's script runner installs the app script as sys.modules["__main__"]; left
+    # there, every later multiprocessing "spawn" child of this pytest process would run
+    # the app script on start-up (and the evaluation pools of other tests would hang).
+    monkeypatch.setitem(sys.modules, "__main__", sys.modules["__main__"])
     st.cache_resource.clear()  # the store is cached per server process; each test has its own
     yield lambda: AppTest.from_file(APP, default_timeout=60)
     st.cache_resource.clear()

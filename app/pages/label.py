@@ -34,7 +34,7 @@ if pairs:
     pair_player([p.as_json() for p in pairs], on_answers=_store_answers, key=KEY)
     st.caption("Keys: ← left · → right · ↓ equal · S skip · R replay. The next pair is already loaded.")
 else:
-    pair_player([], on_answers=_store_answers, key=KEY)  # keep the player (and its answers) mounted
+    # No player while nothing is open: its answers were stored by the callback already.
 
     @st.fragment(run_every=2)
     def waiting() -> None:
