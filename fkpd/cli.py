@@ -10,6 +10,7 @@ Subcommands::
     fkpd eval CHECKPOINT --episodes N [--videos DIR]
     fkpd pipeline [--task T]                     data -> BC -> eval -> clips
     fkpd worker [--once]                         run queued jobs (bootstrap, alignment rounds, compare)
+    fkpd labels import LABELS --dataset D --project P [--segment-length L]   PT / Uni-RLHF human labels
     fkpd align --checkpoint REF --prefs FILE [--regularizer forward|reverse|none] [config flags]
     fkpd loop --task T --teacher NAME --rounds K --pairs-per-round M [config flags]
 
@@ -224,6 +225,23 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_labels_import(args: argparse.Namespace) -> int:
+    """Import Preference Transformer / Uni-RLHF labels into a project of the preference store."""
+    from fkpd.store import Store
+    from fkpd.store.export import import_pt_labels
+
+    with Store(args.database_url, args.artifact_dir) as store:
+        summary = import_pt_labels(
+            store, args.project, args.dataset, args.labels, indices_file=args.indices_file,
+            indices_2_file=args.indices_2_file, segment_length=args.segment_length, annotator=args.annotator,
+            round=args.round, check_episode_bounds=not args.no_check_episode_bounds, index_space=args.index_space)
+    print(f"imported {summary.n_comparisons} comparisons ({summary.n_clips} segments of {summary.segment_length} "
+          f"steps from {summary.dataset}, indices as {summary.index_space} rows) into project {args.project!r} "
+          f"as annotator {summary.annotator!r}; {summary.n_skipped_identical} queries compared a segment with itself "
+          "and were skipped")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fkpd.policy import PolicyConfig
     from fkpd.train_bc import BCConfig
@@ -300,6 +318,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--parent-pid", type=int, default=0,
                    help="stop (after the current job) when this process exits; the app passes its own pid")
     s.set_defaults(fn=_cmd_worker)
+
+    labels = sub.add_parser("labels", help="preference labels").add_subparsers(dest="labels_cmd", required=True)
+    s = labels.add_parser("import", help="import Preference Transformer / Uni-RLHF human labels over a D4RL dataset")
+    s.add_argument("labels", help="labels file, or the published folder (PT: human_label/<dataset>/; Uni-RLHF: "
+                                  "<dataset>_human_labels/)")
+    s.add_argument("--dataset", required=True, help="the D4RL dataset the indices refer to: a file, a D4RL dataset "
+                                                    "name (D4RL's cache directory) or minari:DATASET_ID")
+    s.add_argument("--project", required=True, help="project name in the preference store")
+    s.add_argument("--segment-length", type=int, default=None,
+                   help="L (default: from the file names, _q<L> or _len_<L>; PT's D4RL labels: 100)")
+    s.add_argument("--indices-file", default=None, help="first segments' start indices (labels-only file)")
+    s.add_argument("--indices-2-file", default=None, help="second segments' start indices (labels-only file)")
+    s.add_argument("--index-space", choices=("qlearning", "rows"), default="qlearning",
+                   help="qlearning: rows of d4rl.qlearning_dataset, as PT and Uni-RLHF index; rows: file rows")
+    s.add_argument("--annotator", default=None, help="default: imported:<labels file>")
+    s.add_argument("--round", type=int, default=0)
+    s.add_argument("--no-check-episode-bounds", action="store_true",
+                   help="import segments that run across an episode end")
+    s.add_argument("--database-url", default=None, help="default: $FKPD_DATABASE_URL or labels/fkpd.sqlite")
+    s.add_argument("--artifact-dir", default=None, help="default: $FKPD_ARTIFACT_DIR or labels/artifacts")
+    s.set_defaults(fn=_cmd_labels_import)
     return p
 
 

@@ -289,6 +289,11 @@ class OfflineDataset:
         episode_ends: (E,) int64, exclusive end index of each episode.
         infos: extra per-step arrays (``success``, ``reset_seed``, ...), each (N, ...).
         attrs: root attributes of the file.
+        path: the file it was read from (None for Minari data or data built in memory).
+        timeouts: (N,) bool, the ``timeouts`` flags as stored (None for data built in
+            memory). They tell which rows ``d4rl.qlearning_dataset`` keeps (all but the
+            ``timeouts`` rows and the last row): the rows that Preference Transformer's
+            and Uni-RLHF's label indices count (:func:`fkpd.store.export.d4rl_qlearning_rows`).
     """
 
     observations: np.ndarray
@@ -298,6 +303,7 @@ class OfflineDataset:
     infos: dict[str, np.ndarray]
     attrs: dict[str, object]
     path: Path | None = None
+    timeouts: np.ndarray | None = None
 
     @property
     def episode_starts(self) -> np.ndarray:
@@ -494,6 +500,7 @@ def validate_arrays(arrays: dict[str, np.ndarray], infos: dict[str, np.ndarray],
     return OfflineDataset(
         observations=obs, actions=act, rewards=np.asarray(flat["rewards"], np.float32),
         episode_ends=episode_ends, infos=infos, attrs=attrs, path=path,
+        timeouts=np.asarray(flat["timeouts"], bool),
     )
 
 

@@ -8,8 +8,11 @@ Run them with a worker (``fkpd worker`` calls
 
 **bootstrap** (DESIGN.md §1, step 1, then the first batch of step 2):
 
-1. generate the offline dataset into ``projects/<id>/bootstrap-<key>/dataset.hdf5``
-   (skipped when a complete file is there);
+1. the offline dataset: generated into ``projects/<id>/bootstrap-<key>/dataset.hdf5``
+   (skipped when a complete file is there) for MetaWorld and maze2d tasks; or, read where
+   it is, the dataset named by the ``dataset`` parameter (a file, a D4RL dataset name or
+   ``minari:ID``), which D4RL locomotion tasks default to their own D4RL dataset
+   (:meth:`BootstrapParams.dataset_source`, :func:`resolve_bootstrap_dataset`);
 2. behaviour cloning into ``.../bc/`` with ``resume=True`` (a finished run is reused, an
    interrupted one resumes from its last saved training state);
 3. a short evaluation of the BC checkpoint;
@@ -18,9 +21,9 @@ Run them with a worker (``fkpd worker`` calls
    pairs, for round 1.
 
 ``<key>`` is a hash of everything that changes the data or the trained weights (task,
-episodes, horizon, seed, BC and policy settings), so a re-run with the same parameters
-reuses the finished dataset and checkpoint, and one with other parameters never mixes
-with them.
+episodes, horizon, seed, BC and policy settings; or the named dataset instead of the
+generation settings), so a re-run with the same parameters reuses the finished dataset
+and checkpoint, and one with other parameters never mixes with them.
 
 **alignment_round** (DESIGN.md §1, steps 3-4), for the latest version π_{r−1} (round r−1):
 
@@ -202,7 +205,19 @@ class BootstrapParams:
 
     Attributes:
         task: task id; default the project's (must equal it when given).
-        dataset_episodes: episodes of generated offline data.
+        dataset: the offline data, instead of generating it: a D4RL-layout HDF5 file
+            (absolute, or relative to the worker's working directory), a D4RL dataset
+            name looked up in D4RL's cache directory (``hopper-medium-v2``,
+            ``maze2d-umaze-v1``; ``$D4RL_DATASET_DIR``, else ``~/.d4rl/datasets``), or
+            ``minari:DATASET_ID`` (a locally present Minari dataset). Read where it is,
+            never copied; an original D4RL maze2d file is mapped to PointMaze's frame on
+            load. Default ``""``: generate ``dataset_episodes`` episodes (MetaWorld,
+            maze2d), or, for D4RL locomotion tasks, which have no generator, the task's
+            own D4RL dataset (``d4rl/hopper-medium-v2`` reads ``hopper-medium-v2``).
+            It comes from ``FKPD_BOOTSTRAP``, set by whoever runs the server; no page
+            takes it from the browser.
+        dataset_episodes: episodes of generated offline data (unused with a named or
+            D4RL locomotion dataset).
         bc_steps: behaviour-cloning gradient steps.
         bc: other :class:`fkpd.train_bc.BCConfig` fields (``batch_size``, ``lr``,
             ``warmup_steps``, ``device``, ...); ``eval_every`` defaults to 0 (the job
@@ -214,6 +229,7 @@ class BootstrapParams:
     """
 
     task: str = ""
+    dataset: str = ""
     dataset_episodes: int = 100
     bc_steps: int = 4000
     bc: dict[str, Any] = field(default_factory=dict)
@@ -225,6 +241,9 @@ class BootstrapParams:
         _check_int("bootstrap", "bc_steps", self.bc_steps, 1)
         if not isinstance(self.task, str):
             raise RoundError(f"bootstrap parameter 'task' must be a task id string, got {self.task!r}")
+        if not isinstance(self.dataset, str) or (self.dataset and not self.dataset.strip()):
+            raise RoundError(f"bootstrap parameter 'dataset' must be a file path, a D4RL dataset name or "
+                             f"minari:DATASET_ID, got {self.dataset!r}")
         for name, allowed in (("bc", _bc_fields()), ("policy", _policy_fields())):
             value = getattr(self, name)
             if not isinstance(value, dict):
@@ -273,19 +292,39 @@ class BootstrapParams:
 
         return PolicyConfig(**self.policy)
 
+    def dataset_source(self, task: str) -> str:
+        """The dataset this bootstrap reads, as named (not resolved): the ``dataset``
+        parameter; else, for a D4RL locomotion task, its D4RL dataset name; else ``""``
+        (the data is generated)."""
+        if self.dataset:
+            return self.dataset
+        from fkpd.d4rl import is_locomotion
+
+        if is_locomotion(task):
+            from fkpd.envs import get_task
+
+            return str(get_task(task).d4rl_name)
+        return ""
+
     def key(self, task: str) -> str:
         """12 hex digits identifying the dataset and BC weights these parameters produce.
 
         Settings that do not change them (logging, saving, device, threads, batch size,
         segment length, rendering) are left out, so changing them reuses the finished
-        dataset and checkpoint.
+        dataset and checkpoint. Generated data enters through its settings (episodes,
+        horizon, seed); a named dataset (:meth:`dataset_source`) through its name as
+        given, not its content: replacing the file under the same name keeps the key.
         """
         cfg = to_json_dict(self.bc_config(task, Path("-"), Path("-")))
         for name in ("dataset", "out_dir", "resume", "threads", "device", "log_every", "save_every",
                      "eval_every", "eval_episodes"):
             cfg.pop(name, None)
-        blob = {"task": task, "episodes": self.dataset_episodes, "horizon": self.batch.horizon(task),
-                "data_seed": self.batch.seed, "bc": cfg, "policy": to_json_dict(self.policy_config())}
+        source = self.dataset_source(task)
+        if source:
+            blob = {"task": task, "dataset": source, "bc": cfg, "policy": to_json_dict(self.policy_config())}
+        else:  # unchanged since before named datasets, so existing projects keep their key
+            blob = {"task": task, "episodes": self.dataset_episodes, "horizon": self.batch.horizon(task),
+                    "data_seed": self.batch.seed, "bc": cfg, "policy": to_json_dict(self.policy_config())}
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -536,7 +575,9 @@ def evaluate_version(policy, envs: Sequence, episodes: int, seed: int = 0,
 
     Returns:
         ``success_rate`` (0..1), ``success_ci95`` ([lo, hi], Wilson), ``mean_return``
-        (sum of rewards per episode, averaged), ``std_return``, ``episodes``.
+        (sum of rewards per episode, averaged), ``std_return``, ``episodes``; on
+        ``d4rl/`` tasks also ``d4rl_normalized_score`` and ``d4rl_normalized_score_std``
+        (0-100 scale, :func:`fkpd.d4rl.score_summary`).
     """
     from fkpd.segments import evaluate_in_process
 
@@ -546,7 +587,9 @@ def evaluate_version(policy, envs: Sequence, episodes: int, seed: int = 0,
 
     res, _ = evaluate_in_process(policy, envs, episodes, seed=seed, progress=tick)
     summary = res.summary()
-    return {k: summary[k] for k in ("success_rate", "success_ci95", "mean_return", "std_return", "episodes")}
+    keys = ("success_rate", "success_ci95", "mean_return", "std_return", "episodes", "d4rl_normalized_score",
+            "d4rl_normalized_score_std")
+    return {k: summary[k] for k in keys if k in summary}
 
 
 def render_batch(store: Store, project: ProjectInfo, version: PolicyVersionInfo, settings: BatchSettings,
@@ -675,6 +718,61 @@ def _saved_bc_step(out: Path) -> int | None:
         return None
 
 
+def resolve_bootstrap_dataset(source: str, task: str, named: bool = True) -> str:
+    """What :func:`fkpd.data.load_dataset`, BC and alignment read for a bootstrap's
+    named dataset (:meth:`BootstrapParams.dataset_source`), checked to be there.
+
+    Looked up in this order, as :func:`fkpd.data.load_dataset` does: ``minari:ID``; an
+    existing file (a relative path from the worker's working directory); a D4RL dataset
+    name, in D4RL's cache directory (:func:`fkpd.d4rl.dataset_file`).
+
+    Args:
+        source: the dataset as named (not empty).
+        task: the project's task, for messages.
+        named: True when ``source`` is the ``dataset`` parameter, False when it is a
+            locomotion task's own D4RL dataset (for messages).
+
+    Returns:
+        An existing file's absolute path; a D4RL dataset name whose file is in D4RL's
+        cache directory (kept as a name, so that later rounds look it up the same way);
+        or ``minari:DATASET_ID`` unchanged (:func:`fkpd.minari_io.open_minari` says
+        where it looked when it is missing).
+
+    Raises:
+        RoundError: no such file and not a D4RL dataset name or ``minari:`` id, or a
+            D4RL dataset that is not in D4RL's cache directory; the message gives the
+            path looked for and what to do (nothing is downloaded).
+    """
+    import os
+
+    if source.startswith("minari:"):
+        return source
+    path = Path(source).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    from fkpd.d4rl import dataset_file, dataset_urls, is_d4rl_name
+
+    if named:
+        what, fix = "named by bootstrap parameter 'dataset'", "or change 'dataset' in FKPD_BOOTSTRAP"
+    else:
+        what = f"task {task}'s own D4RL dataset; D4RL locomotion data is not generated"
+        fix = "or name another dataset in FKPD_BOOTSTRAP, e.g. '{\"dataset\": \"/data/hopper_medium-v2.hdf5\"}'"
+    if is_d4rl_name(source):
+        file = dataset_file(source)
+        if file.is_file():
+            return source
+        folder = ("$D4RL_DATASET_DIR" if os.environ.get("D4RL_DATASET_DIR")
+                  else "~/.d4rl/datasets, since $D4RL_DATASET_DIR is not set")
+        raise RoundError(
+            f"bootstrap dataset {source!r} ({what}) is not in D4RL's cache directory on the worker's machine: "
+            f"looked for {str(file)!r} (the directory is {folder}). FKPD Studio never downloads: fetch "
+            f"{dataset_urls()[source]} into that directory or set $D4RL_DATASET_DIR for the worker, {fix}.")
+    raise RoundError(
+        f"bootstrap dataset {source!r} ({what}) was not found: there is no file {str(path.absolute())!r} (a "
+        f"relative path is read from the worker's working directory, {os.getcwd()}), and it is neither a D4RL "
+        f"dataset name (e.g. hopper-medium-v2, maze2d-umaze-v1) nor minari:DATASET_ID. Put the file there, {fix}.")
+
+
 @register_handler(BOOTSTRAP)
 def bootstrap(ctx: JobContext) -> dict[str, Any]:
     """Job handler: offline data → BC → version 0 → first labelling batch (round 1).
@@ -685,16 +783,21 @@ def bootstrap(ctx: JobContext) -> dict[str, Any]:
     made with the same parameters is reused, and the batch is rendered only if round 1
     has no pairs.
 
+    Policy versions without a checkpoint (labels imported with
+    :func:`fkpd.store.export.import_pt_labels`) are not policies and are ignored here.
+
     Returns:
         JSON result: ``policy_version_id``, ``round`` (0), ``success_rate`` (0..1),
-        ``mean_return``, ``dataset`` (``generated``/``reused``), ``bc``
+        ``mean_return`` (and ``d4rl_normalized_score`` on ``d4rl/`` tasks), ``dataset``
+        (``generated``/``reused``, or ``named`` for a dataset read where it is), ``bc``
         (``trained``/``resumed``/``reused``), ``next_round`` (1) and ``pair_ids`` (the
         pairs this run added; empty when the batch existed).
 
     Raises:
-        RoundError: bad parameters, a task other than the project's, another training
-            job running for the project, or a project already bootstrapped with other
-            parameters or already aligned.
+        RoundError: bad parameters, a named dataset that is missing (the message says
+            where it was looked for) or does not fit the task, a task other than the
+            project's, another training job running for the project, or a project
+            already bootstrapped with other parameters or already aligned.
         FKPDError: from data generation, BC (TrainingError on a NaN loss) or
             checkpoint loading.
     """
@@ -714,7 +817,7 @@ def bootstrap(ctx: JobContext) -> dict[str, Any]:
     _apply_threads(settings.threads)
     _ensure_sole_training_job(ctx)
     key = params.key(task)
-    versions = store.list_policy_versions(project.id)
+    versions = [v for v in store.list_policy_versions(project.id) if v.checkpoint_path is not None]
     outcome = {"dataset": "reused", "bc": "reused"}
     if versions:
         version = versions[0]
@@ -728,17 +831,34 @@ def bootstrap(ctx: JobContext) -> dict[str, Any]:
             raise RoundError(f"project {project.name!r} is already bootstrapped and has {len(versions) - 1} "
                              "later version(s); enqueue alignment_round jobs instead")
         ctx.progress(0.8, f"version 0 (id {version.id}) exists; reusing it")
-        evaluation = {k: version.metrics.get(k) for k in ("success_rate", "mean_return")}
+        evaluation = {k: version.metrics[k] for k in ("success_rate", "mean_return", "d4rl_normalized_score")
+                      if k in version.metrics}
     else:
         root = f"projects/{project.id}/bootstrap-{key}"
-        dataset = store.resolve(f"{root}/dataset.hdf5")
-        try:
-            load_dataset(dataset, task_id=task)
-        except DatasetError:  # missing (a crash leaves only a .part file) or unreadable
-            outcome["dataset"] = "generated"
-            ctx.progress(0.0, f"generating dataset: {params.dataset_episodes} episodes")
-            _run_watched(ctx, lambda: generate_dataset(task, params.dataset_episodes, dataset, seed=settings.seed,
-                                                       max_episode_steps=settings.horizon(task), progress=False))
+        source = params.dataset_source(task)
+        recorded_data: dict[str, Any]
+        if source:  # a named dataset (or a locomotion task's own), read where it is
+            dataset: Path | str = resolve_bootstrap_dataset(source, task, named=bool(params.dataset))
+            outcome["dataset"] = "named"
+            ctx.progress(0.0, f"reading dataset {source}")
+            try:
+                ds = load_dataset(dataset, task_id=task)
+            except DatasetError as exc:
+                raise RoundError(f"bootstrap dataset {source!r} cannot be used for {task}: {exc}") from exc
+            recorded_data = {"dataset_source": str(dataset), "dataset_episodes": ds.num_episodes,
+                             "dataset_steps": int(len(ds.actions))}
+            del ds
+        else:
+            dataset = store.resolve(f"{root}/dataset.hdf5")
+            try:
+                load_dataset(dataset, task_id=task)
+            except DatasetError:  # missing (a crash leaves only a .part file) or unreadable
+                outcome["dataset"] = "generated"
+                ctx.progress(0.0, f"generating dataset: {params.dataset_episodes} episodes")
+                _run_watched(ctx, lambda: generate_dataset(task, params.dataset_episodes, dataset,
+                                                           seed=settings.seed,
+                                                           max_episode_steps=settings.horizon(task), progress=False))
+            recorded_data = {"dataset": f"{root}/dataset.hdf5", "dataset_episodes": params.dataset_episodes}
         bc_cfg = params.bc_config(task, dataset, store.resolve(f"{root}/bc"))
         out = Path(bc_cfg.out_dir)
         saved = _saved_bc_step(out)
@@ -764,8 +884,7 @@ def bootstrap(ctx: JobContext) -> dict[str, Any]:
             metrics=_json_safe({
                 "kind": BOOTSTRAP, "job_id": ctx.job_id, **evaluation, "train": meta.get("metrics", {}),
                 "bc_steps": meta.get("step"),
-                "bootstrap": {"key": key, "dataset": f"{root}/dataset.hdf5",
-                              "dataset_episodes": params.dataset_episodes, "settings": to_json_dict(settings)}}))
+                "bootstrap": {"key": key, **recorded_data, "settings": to_json_dict(settings)}}))
         log.info("job %s registered policy version %s (round 0) of project %s", ctx.job_id, version.id, project.name)
     pair_ids = _render_if_missing(ctx, project, version, settings, 0.8)
     return _json_safe({"policy_version_id": version.id, "round": version.round, **evaluation, **outcome,
@@ -851,11 +970,13 @@ def _train_and_register(ctx: JobContext, project: ProjectInfo, params: RoundPara
             f"yet (skips are never trained on; latest batch: {answered}/{total} answers). Label some pairs, "
             f"then enqueue the round again. Version {previous.id} stays the served policy.")
     ref_dir, init_dir = _checkpoint_dir(store, reference), _checkpoint_dir(store, previous)
-    dataset_rel = (reference.metrics.get("bootstrap") or {}).get("dataset")
+    boot = reference.metrics.get("bootstrap") or {}
+    # generated data lives in the artifact directory; a named dataset is read where it is
+    dataset = str(store.resolve(boot["dataset"])) if boot.get("dataset") else str(boot.get("dataset_source") or "")
     out = store.resolve(f"projects/{project.id}/rounds/round{round_:03d}-job{ctx.job_id}-a{ctx.job.attempts}-"
                         f"{uuid.uuid4().hex[:8]}")
     cfg = params.align_config(round_, settings, checkpoint=str(ref_dir), init=str(init_dir), out_dir=str(out),
-                              dataset=str(store.resolve(dataset_rel)) if dataset_rel else "")
+                              dataset=dataset)
     stage = _Stage(ctx, 0.05, 0.75)
     stage(0.0, f"aligning: step 0/{cfg.steps} ({len(pairs)} pairs from {n_labels} comparisons)")
     t0 = time.time()

@@ -74,6 +74,26 @@ DEFAULT_INSTRUCTIONS = (
     "that makes more progress on the task ({task}) in a way you would want a robot to act. "
     "Equal if you cannot tell them apart or like them equally; Skip if neither clip can be judged."
 )
+_TIE_SKIP = "Equal if you cannot tell them apart or like them equally; Skip if neither clip can be judged."
+_LOCOMOTION_BODIES = {"hopper": "one-legged hopper", "walker2d": "two-legged walker",
+                      "halfcheetah": "half-cheetah"}
+
+
+def default_instructions(task_id: str) -> str:
+    """The instructions a new project of ``task_id`` starts with: what the clips show and
+    what to prefer (MetaWorld: the arm's progress on the task; ``d4rl/maze2d-*``: the ball
+    heading for the red goal disc; D4RL locomotion: the gait moving the robot forward)."""
+    name = task_id.split("/")[-1]
+    if task_id.startswith("d4rl/maze2d-"):
+        return ("Watch both clips of the ball rolling through the maze, seen from above. Choose the clip whose "
+                "behaviour you prefer: the one that heads for the red goal disc more directly, moving the way "
+                f"you would want it to. {_TIE_SKIP}")
+    if task_id.startswith("d4rl/"):
+        body = _LOCOMOTION_BODIES.get(name.split("-", 1)[0], "robot")
+        return (f"Watch both clips of the {body} robot ({name}). Choose the clip whose movement you prefer: the "
+                "one that moves forward better (faster, steadier, without falling) in a way you would want a "
+                f"robot to move. {_TIE_SKIP}")
+    return DEFAULT_INSTRUCTIONS.format(task=name)
 
 
 class StudioError(FKPDError, ValueError):
@@ -174,11 +194,23 @@ def open_project(store: Store, cfg: StudioConfig) -> tuple[ProjectInfo, JobView 
 
     try:
         project = store.create_project(cfg.project, cfg.task,
-                                       instructions=DEFAULT_INSTRUCTIONS.format(task=cfg.task.split("/")[-1]))
+                                       instructions=default_instructions(cfg.task))
     except AlreadyExistsError:  # another app process created it a moment ago
         return store.get_project(cfg.project), None
     job = store.jobs.enqueue(project.id, "bootstrap", cfg.bootstrap)
     return project, job
+
+
+def served_versions(store: Store, project: ProjectInfo) -> list:
+    """The project's policy versions that have a checkpoint (can be rolled out), oldest
+    first; versions that only hold imported labels are left out."""
+    return [v for v in store.list_policy_versions(project.id) if v.checkpoint_path is not None]
+
+
+def current_version(store: Store, project: ProjectInfo):
+    """The served policy: the newest version with a checkpoint, or None before bootstrap."""
+    versions = served_versions(store, project)
+    return versions[-1] if versions else None
 
 
 def retry_bootstrap(store: Store, project: ProjectInfo, params: Mapping[str, Any]) -> JobView:
@@ -188,7 +220,7 @@ def retry_bootstrap(store: Store, project: ProjectInfo, params: Mapping[str, Any
         StudioError: the project already has a policy version, or a training job is
             queued or running.
     """
-    if store.latest_policy_version(project.id) is not None:
+    if current_version(store, project) is not None:
         raise StudioError(f"project {project.name!r} is already bootstrapped")
     if active_training_job(store, project) is not None:
         raise StudioError("a training job is already queued or running")
@@ -507,7 +539,10 @@ def rounds_history(store: Store, project: ProjectInfo):
 
     Returns:
         A pandas DataFrame (empty with the columns when there is no version yet);
-        ``success_rate`` and ``implicit_acc`` are fractions in [0, 1].
+        ``success_rate`` and ``implicit_acc`` are fractions in [0, 1]. When a version
+        has a D4RL normalised score (``d4rl/`` tasks, 0-100 scale) the frame has a
+        ``d4rl_score`` column after ``mean_return``. A version that holds imported labels
+        (no checkpoint) shows ``— (imported labels)`` as its regulariser.
     """
     import pandas as pd
 
@@ -516,13 +551,17 @@ def rounds_history(store: Store, project: ProjectInfo):
     rows = []
     for v in store.list_policy_versions(project.id):
         m = v.metrics
+        kind = "— (imported labels)" if m.get("source") == "import" else "— (BC)" if v.round == 0 else None
         rows.append({"round": v.round, "version": v.id, "created": v.created_at,
                      "labels_used": m.get("labels_used", 0), "success_rate": m.get("success_rate"),
-                     "mean_return": m.get("mean_return"), "implicit_acc": m.get("implicit_acc"),
+                     "mean_return": m.get("mean_return"), "d4rl_score": m.get("d4rl_normalized_score"),
+                     "implicit_acc": m.get("implicit_acc"),
                      "implicit_acc_before": m.get("implicit_acc_before"), "reward_margin": m.get("reward_margin"),
-                     "regularizer": m.get("regularizer", "— (BC)" if v.round == 0 else None),
+                     "regularizer": m.get("regularizer", kind),
                      "beta": m.get("beta"), "lam": m.get("lam"), "steps": m.get("steps", m.get("bc_steps")),
                      "eval_episodes": m.get("episodes")})
+    if any(r["d4rl_score"] is not None for r in rows):
+        cols.insert(cols.index("mean_return") + 1, "d4rl_score")
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -545,7 +584,7 @@ def enqueue_round(store: Store, project: ProjectInfo, params: Mapping[str, Any])
         RoundParams.from_params(dict(params))
     except FKPDError as exc:
         raise StudioError(str(exc)) from exc
-    if store.latest_policy_version(project.id) is None:
+    if current_version(store, project) is None:
         raise StudioError("the project has no policy yet: wait for the bootstrap to finish")
     job = active_training_job(store, project)
     if job is not None:
@@ -611,13 +650,17 @@ def enqueue_compare(store: Store, project: ProjectInfo, version_a: int, version_
     """Queue a comparison of two policy versions of the project.
 
     Raises:
-        StudioError: bad parameters, or a version of another project.
+        StudioError: bad parameters, a version of another project, or one without a
+            checkpoint (imported labels, which cannot be rolled out).
     """
     params = CompareParams(int(version_a), int(version_b), int(episodes), render_size=int(render_size))
-    ids = {v.id for v in store.list_policy_versions(project.id)}
+    versions = {v.id: v for v in store.list_policy_versions(project.id)}
     for vid in (params.version_a, params.version_b):
-        if vid not in ids:
+        if vid not in versions:
             raise StudioError(f"policy version {vid} is not a version of project {project.name!r}")
+        if versions[vid].checkpoint_path is None:
+            raise StudioError(f"policy version {vid} holds imported labels, not a policy, so it cannot be rolled "
+                              "out; pick a version with a checkpoint")
     return store.jobs.enqueue(project.id, COMPARE, dict(params.__dict__))
 
 
@@ -705,9 +748,15 @@ def compare_videos(store: Store, job: JobView) -> list[dict[str, Any]]:
 
 
 def version_label(v) -> str:
-    """``v3 · round 2 · 40% success`` for a PolicyVersionInfo."""
+    """``v3 · round 2 · 40% success`` for a PolicyVersionInfo; on D4RL tasks the D4RL
+    normalised score follows (``v3 · round 2 · 0% success · D4RL score 41.5``), and a
+    version of imported labels reads ``v4 · imported labels``."""
+    if v.metrics.get("source") == "import":
+        return f"v{v.id} · imported labels"
     sr = v.metrics.get("success_rate")
     tail = f" · {100 * sr:.0f}% success" if isinstance(sr, (int, float)) else ""
+    score = v.metrics.get("d4rl_normalized_score")
+    tail += f" · D4RL score {score:.1f}" if isinstance(score, (int, float)) else ""
     name = "BC" if v.round == 0 else f"round {v.round}"
     return f"v{v.id} · {name}{tail}"
 
@@ -718,8 +767,10 @@ def sha_ok(path: Path, sha256: str | None) -> bool:
 
 
 __all__: Sequence[str] = (
-    "AdminAuth", "CompareParams", "DisplayPair", "StudioConfig", "StudioError", "active_training_job",
-    "clean_annotator_name", "clip_video_b64", "compare", "compare_videos", "enqueue_compare", "enqueue_round",
+    "AdminAuth", "CompareParams", "DisplayPair", "StudioConfig", "StudioError", "active_training_job", "current_version",
+    "served_versions",
+    "clean_annotator_name", "clip_video_b64", "compare", "compare_videos", "default_instructions", "enqueue_compare",
+    "enqueue_round",
     "error_headline", "export_bytes", "job_summary", "latest_training_job", "launch_app", "lease_for_display",
     "open_project", "stop_app",
     "record_answers", "retry_bootstrap", "rounds_history", "start_local_worker", "version_label",

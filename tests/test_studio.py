@@ -182,3 +182,17 @@ def test_history_export_and_compare_job(project_store, tmp_path):
             assert row[side]["path"].stat().st_size > 0 and isinstance(row[side]["success"], bool)
         # the same version on the same seed with the same noise seed: the same episode
         assert row["a"]["return"] == pytest.approx(row["b"]["return"])
+
+
+def test_current_version_skips_versions_that_only_hold_imported_labels(project_store):
+    from fkpd.studio import current_version, served_versions
+
+    store = project_store
+    project = store.get_project(PROJECT)
+    v0 = store.latest_policy_version(project.id)
+    imported = store.add_policy_version(project.id, None, round=0, metrics={"kind": "imported"})
+    assert store.latest_policy_version(project.id).id == imported.id
+    assert current_version(store, project).id == v0.id
+    assert [v.id for v in served_versions(store, project)] == [v0.id]
+    with pytest.raises(StudioError, match="cannot be rolled out"):
+        enqueue_compare(store, project, v0.id, imported.id)

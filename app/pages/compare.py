@@ -3,12 +3,12 @@
 import streamlit as st
 
 from fkpd.studio import COMPARE, StudioError, compare_videos, enqueue_compare, error_headline, job_summary, \
-    version_label
+    served_versions, version_label
 from studio_ui import studio
 
 s = studio()
 st.title("Compare policy versions")
-versions = s.store.list_policy_versions(s.project.id)
+versions = served_versions(s.store, s.project)
 if not versions:
     st.info("No policy version yet: the bootstrap is still running (see the Label page).")
     st.stop()

@@ -6,6 +6,7 @@ from fkpd.align import AlignConfig
 from fkpd.studio import (
     StudioError,
     active_training_job,
+    current_version,
     enqueue_round,
     error_headline,
     job_summary,
@@ -17,7 +18,7 @@ from studio_ui import admin_sign_in, studio
 s = studio()
 st.title("Alignment rounds")
 
-latest = s.store.latest_policy_version(s.project.id)
+latest = current_version(s.store, s.project)
 n_labels = len(s.store.training_pairs(s.project.id))
 answered, total = s.store.batch_progress(s.project.id)
 c1, c2, c3, c4 = st.columns(4)
