@@ -577,19 +577,23 @@ def evaluate_version(policy, envs: Sequence, episodes: int, seed: int = 0,
         ``success_rate`` (0..1), ``success_ci95`` ([lo, hi], Wilson), ``mean_return``
         (sum of rewards per episode, averaged), ``std_return``, ``episodes``; on
         ``d4rl/`` tasks also ``d4rl_normalized_score`` and ``d4rl_normalized_score_std``
-        (0-100 scale, :func:`fkpd.d4rl.score_summary`).
+        (0-100 scale, :func:`fkpd.d4rl.score_summary`); and the intent teachers' scores
+        over the episodes (``intent_smooth``, ``intent_high_gripper`` on MetaWorld;
+        :func:`fkpd.teachers.intent_scores`).
     """
-    from fkpd.segments import evaluate_in_process
+    from fkpd.segments import Segment, evaluate_in_process
+    from fkpd.teachers import intent_scores
 
     def tick(done: int) -> None:
         if progress is not None:
             progress(done / episodes, f"evaluating: episode {done}/{episodes}")
 
-    res, _ = evaluate_in_process(policy, envs, episodes, seed=seed, progress=tick)
+    res, eps = evaluate_in_process(policy, envs, episodes, seed=seed, progress=tick)
     summary = res.summary()
     keys = ("success_rate", "success_ci95", "mean_return", "std_return", "episodes", "d4rl_normalized_score",
             "d4rl_normalized_score_std")
-    return {k: summary[k] for k in keys if k in summary}
+    segments = [Segment(e.observations, e.actions, e.rewards, e.success, reset_seed=e.reset_seed) for e in eps]
+    return {**{k: summary[k] for k in keys if k in summary}, **intent_scores(segments, res.task_id)}
 
 
 def render_batch(store: Store, project: ProjectInfo, version: PolicyVersionInfo, settings: BatchSettings,

@@ -541,7 +541,10 @@ def rounds_history(store: Store, project: ProjectInfo):
         A pandas DataFrame (empty with the columns when there is no version yet);
         ``success_rate`` and ``implicit_acc`` are fractions in [0, 1]. When a version
         has a D4RL normalised score (``d4rl/`` tasks, 0-100 scale) the frame has a
-        ``d4rl_score`` column after ``mean_return``. A version that holds imported labels
+        ``d4rl_score`` column after ``mean_return``; the intent teachers' scores recorded
+        by the evaluation (``intent_smooth``, ``intent_high_gripper``; higher is closer
+        to the intent, :func:`fkpd.teachers.intent_scores`) come before
+        ``implicit_acc``. A version that holds imported labels
         (no checkpoint) shows ``— (imported labels)`` as its regulariser.
     """
     import pandas as pd
@@ -559,9 +562,13 @@ def rounds_history(store: Store, project: ProjectInfo):
                      "implicit_acc_before": m.get("implicit_acc_before"), "reward_margin": m.get("reward_margin"),
                      "regularizer": m.get("regularizer", kind),
                      "beta": m.get("beta"), "lam": m.get("lam"), "steps": m.get("steps", m.get("bc_steps")),
-                     "eval_episodes": m.get("episodes")})
+                     "eval_episodes": m.get("episodes"),
+                     **{k: m[k] for k in m if k.startswith("intent_")}})
     if any(r["d4rl_score"] is not None for r in rows):
         cols.insert(cols.index("mean_return") + 1, "d4rl_score")
+    intents = sorted({k for r in rows for k in r if k.startswith("intent_")})
+    at = cols.index("implicit_acc")
+    cols[at:at] = intents
     return pd.DataFrame(rows, columns=cols)
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import TypeVar
+from typing import Sequence, TypeVar
 
 import numpy as np
 
@@ -44,7 +44,7 @@ from fkpd.segments import Segment, check_p_left
 from fkpd.store.outcomes import OUTCOME_VALUES, outcome_to_p_left
 
 __all__ = ["Teacher", "ScriptedTeacher", "ReturnTeacher", "SmoothTeacher", "HighGripperTeacher",
-           "TEACHERS", "make_teacher", "outcome_to_p_left", "to_winner_first", "OUTCOME_VALUES"]
+           "TEACHERS", "INTENT_TEACHERS", "intent_scores", "make_teacher", "outcome_to_p_left", "to_winner_first", "OUTCOME_VALUES"]
 
 S = TypeVar("S")
 
@@ -229,6 +229,34 @@ TEACHERS: dict[str, tuple[type[ScriptedTeacher], dict]] = {
     "smooth": (SmoothTeacher, {}),
     "high-gripper": (HighGripperTeacher, {}),
 }
+
+
+#: Intent teachers whose scores every evaluation of the app records, with the task
+#: families they mean something on (the hand height is MetaWorld's ``obs[2]``).
+INTENT_TEACHERS: dict[str, tuple[str, ...]] = {"smooth": ("metaworld", "d4rl"), "high-gripper": ("metaworld",)}
+
+
+def intent_scores(segments: Sequence[Segment], task_id: str) -> dict[str, float]:
+    """Mean intent score of every applicable intent teacher over whole episodes.
+
+    Args:
+        segments: episodes (or segments) of one policy, as :class:`Segment`.
+        task_id: their task; decides which intent teachers apply (:data:`INTENT_TEACHERS`).
+
+    Returns:
+        ``{"intent_smooth": ..., "intent_high_gripper": ...}`` (keys with ``-`` turned
+        into ``_``); units as in each teacher's :meth:`ScriptedTeacher.intent_score`;
+        empty without segments.
+    """
+    family = task_id.split("/", 1)[0]
+    out: dict[str, float] = {}
+    if not segments:
+        return out
+    for name, families in INTENT_TEACHERS.items():
+        if family in families:
+            teacher = make_teacher(name)
+            out[f"intent_{name.replace('-', '_')}"] = float(np.mean([teacher.intent_score(s) for s in segments]))
+    return out
 
 
 def make_teacher(name: str, seed: int = 0, score_scale: float = 1.0, **overrides) -> ScriptedTeacher:

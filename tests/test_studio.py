@@ -196,3 +196,14 @@ def test_current_version_skips_versions_that_only_hold_imported_labels(project_s
     assert [v.id for v in served_versions(store, project)] == [v0.id]
     with pytest.raises(StudioError, match="cannot be rolled out"):
         enqueue_compare(store, project, v0.id, imported.id)
+
+
+def test_versions_record_intent_scores_shown_in_the_history(project_store):
+    store = project_store
+    project = store.get_project(PROJECT)
+    v0 = store.latest_policy_version(project.id)
+    assert {"intent_smooth", "intent_high_gripper"} <= set(v0.metrics), "the bootstrap evaluation records them"
+    assert v0.metrics["intent_smooth"] <= 0.0 and v0.metrics["intent_high_gripper"] <= 0.0
+    hist = rounds_history(store, project)
+    assert hist.loc[0, "intent_smooth"] == pytest.approx(v0.metrics["intent_smooth"])
+    assert list(hist.columns).index("intent_smooth") < list(hist.columns).index("implicit_acc")

@@ -139,3 +139,17 @@ def test_make_teacher_presets_and_errors():
         ReturnTeacher(eps=1.5)
     with pytest.raises(ConfigError, match="gamma"):
         ReturnTeacher(gamma=0.0)
+
+
+def test_intent_scores_per_task_family():
+    from fkpd.segments import Segment
+    from fkpd.teachers import intent_scores
+
+    still = Segment(np.zeros((5, 39)), np.zeros((5, 4)), np.zeros(5), np.zeros(5, bool))
+    jerky = Segment(np.zeros((5, 39)), np.tile([[1.0, 0, 0, 0], [-1.0, 0, 0, 0]], (3, 1))[:5], np.zeros(5),
+                    np.zeros(5, bool))
+    mw = intent_scores([still], "metaworld/door-open-v3")
+    assert mw == {"intent_smooth": 0.0, "intent_high_gripper": pytest.approx(-0.2)}
+    assert intent_scores([jerky], "metaworld/door-open-v3")["intent_smooth"] == pytest.approx(-4.0)
+    assert set(intent_scores([still], "d4rl/maze2d-umaze")) == {"intent_smooth"}, "hand height is MetaWorld's"
+    assert intent_scores([], "metaworld/door-open-v3") == {}

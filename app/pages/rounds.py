@@ -89,11 +89,16 @@ else:
         "mean_return": st.column_config.NumberColumn("mean return", format="%.1f"),
         "reward_margin": st.column_config.NumberColumn("reward margin", format="%.3f"),
     })
-    plot = hist.set_index("round")[["success_rate", "implicit_acc"]].astype(float)
-    left, right = st.columns(2)
+    intents = [c for c in hist.columns if c.startswith("intent_")]
+    plot = hist.set_index("round")[["success_rate", "implicit_acc", *intents]].astype(float)
+    left, mid, right = st.columns(3)
     with left:
         st.caption("Success rate over rounds")
         st.line_chart(plot[["success_rate"]], y_label="success rate", x_label="round")
-    with right:
+    with mid:
         st.caption("Implicit accuracy of each round's policy on its training comparisons")
         st.line_chart(plot[["implicit_acc"]], y_label="implicit accuracy", x_label="round")
+    with right:
+        st.caption("Intent scores of the evaluation episodes (higher: closer to the intent)")
+        if intents:
+            st.line_chart(plot[intents], y_label="intent score", x_label="round")
