@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest_app import ADMIN_PASSWORD, PROJECT, bootstrapped_project, project_dir, studio_env  # noqa: F401
+from conftest_store import wait_for
 from fkpd.store import Store
 from fkpd.studio import launch_app, stop_app
 
@@ -54,16 +55,6 @@ def start_app(project_root: Path, log: Path) -> tuple[subprocess.Popen, str]:
     """``streamlit run`` on a free port with its own local worker; returns (process, base URL)."""
     env = {**os.environ, **studio_env(project_root, FKPD_START_WORKER="1", FKPD_WORKER_THREADS="1")}
     return launch_app(env, log)
-
-
-def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 def video_state(page, side: str) -> dict:
@@ -105,9 +96,9 @@ def test_label_round_and_next_batch_in_a_real_browser(live_app):
 
         # Both videos play: same size, muted, looping, ready and advancing.
         player = page.locator(".fkpd-player")
-        wait_for(lambda: player.get_attribute("data-pair-id"), 60, "the first pair")
+        wait_for(lambda: player.get_attribute("data-pair-id"), 60, what="the first pair")
         for side in ("left", "right"):
-            wait_for(lambda: video_state(page, side)["ready"] >= 3, 30, f"the {side} video to be ready")
+            wait_for(lambda: video_state(page, side)["ready"] >= 3, 30, what=f"the {side} video to be ready")
         first = {side: video_state(page, side) for side in ("left", "right")}
         time.sleep(0.6)
         later = {side: video_state(page, side) for side in ("left", "right")}
@@ -122,12 +113,12 @@ def test_label_round_and_next_batch_in_a_real_browser(live_app):
         # One key press: exactly one comparison, and the next pair shows.
         shown = int(player.get_attribute("data-pair-id"))
         page.keyboard.press("ArrowLeft")
-        wait_for(lambda: player.get_attribute("data-pair-id") not in ("", str(shown)), 10, "the next pair")
-        wait_for(lambda: len(store.comparisons_frame(PROJECT)) > 0, 10, "the comparison")
+        wait_for(lambda: player.get_attribute("data-pair-id") not in ("", str(shown)), 10, what="the next pair")
+        wait_for(lambda: len(store.comparisons_frame(PROJECT)) > 0, 10, what="the comparison")
         time.sleep(1.5)  # a rerun or a repeated state update must not store it twice
         frame = store.comparisons_frame(PROJECT)
         assert frame[["pair_id", "annotator", "outcome"]].values.tolist() == [[shown, "ada", "left"]]
-        wait_for(lambda: video_state(page, "left")["ready"] >= 3, 30, "the next pair's video")
+        wait_for(lambda: video_state(page, "left")["ready"] >= 3, 30, what="the next pair's video")
 
         # An alignment round from the Rounds page completes.
         page.get_by_role("link", name="Rounds").click()
@@ -144,7 +135,7 @@ def test_label_round_and_next_batch_in_a_real_browser(live_app):
         expect(page.get_by_text("Queued alignment round")).to_be_visible()
         job = store.jobs.list(PROJECT, status=("queued", "running", "succeeded", "failed"))[0]
         assert job.kind == "alignment_round" and job.params["steps"] == 5
-        done = wait_for(lambda: (j := store.jobs.get(job.id)).done and j, 240, "the alignment round")
+        done = wait_for(lambda: (j := store.jobs.get(job.id)).done and j, 240, what="the alignment round")
         assert done.status == "succeeded", done.error
         expect(page.get_by_text(f"Alignment round (job {job.id}): succeeded")).to_be_visible(timeout=30_000)
         v1 = store.latest_policy_version(PROJECT)
@@ -153,8 +144,8 @@ def test_label_round_and_next_batch_in_a_real_browser(live_app):
 
         # The next batch comes from the new version.
         page.get_by_role("link", name="Label").click()
-        wait_for(lambda: player.get_attribute("data-version") == str(v1.id), 60, "a pair from the new version")
-        wait_for(lambda: video_state(page, "left")["ready"] >= 3, 30, "the new batch's video")
+        wait_for(lambda: player.get_attribute("data-version") == str(v1.id), 60, what="a pair from the new version")
+        wait_for(lambda: video_state(page, "left")["ready"] >= 3, 30, what="the new batch's video")
         pair = store.lease_pairs(PROJECT, "ada", 1)[0]
         assert pair.policy_version_id == v1.id and pair.round == 2
         page.screenshot(path=ARTIFACTS / "label-next-batch.png")
