@@ -45,7 +45,7 @@ from fkpd.errors import CheckpointError, ConfigError
 from fkpd.io import atomic_path
 from fkpd.policy import DiffusionPolicy, PolicyConfig, read_checkpoint_meta
 from fkpd.rollout import Episode
-from fkpd.segments import Segment, collect_pairs, evaluate_in_process, save_preferences
+from fkpd.segments import Segment, collect_pairs, cut_segment, evaluate_in_process, save_preferences
 from fkpd.teachers import ScriptedTeacher, make_teacher, outcome_to_p_left
 
 
@@ -140,7 +140,7 @@ def evaluate_policy(policy: DiffusionPolicy, envs: Sequence, episodes: int, teac
 
     t0 = time.time()
     res, eps = evaluate_in_process(policy, envs, episodes, seed=seed)
-    segs = [Segment(e.observations, e.actions, e.rewards, e.success, reset_seed=e.reset_seed) for e in eps]
+    segs = [cut_segment(e, 0, len(e)) for e in eps]
     smooth = [float(np.square(np.diff(e.actions, axis=0)).sum(1).mean()) for e in eps]
     return {"success_rate": res.success_rate, "success_ci95": list(res.success_ci), "mean_return": res.mean_return,
             **score_summary(res.task_id, res.returns),

@@ -34,8 +34,30 @@ def eval_noise_seed(policy_seed: int, reset_seed: int) -> int:
     return int(policy_seed) * 7919 + int(reset_seed)
 
 
+class StepRecord:
+    """What every record of consecutive steps (:class:`Episode`, :class:`fkpd.segments.Segment`)
+    derives from its per-step ``actions`` (T, Da), ``rewards`` (T,) and ``success`` (T,)."""
+
+    actions: np.ndarray
+    rewards: np.ndarray
+    success: np.ndarray
+
+    @property
+    def ret(self) -> float:
+        """Ground-truth return: the sum of rewards over the steps."""
+        return float(self.rewards.sum())
+
+    @property
+    def succeeded(self) -> bool:
+        """Whether the task was solved at some step."""
+        return bool(self.success.any())
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+
 @dataclass
-class Episode:
+class Episode(StepRecord):
     """One rollout.
 
     Attributes:
@@ -53,17 +75,6 @@ class Episode:
     rewards: np.ndarray
     success: np.ndarray
     frames: np.ndarray | None = None
-
-    @property
-    def ret(self) -> float:
-        return float(self.rewards.sum())
-
-    @property
-    def succeeded(self) -> bool:
-        return bool(self.success.any())
-
-    def __len__(self) -> int:
-        return len(self.actions)
 
 
 def rollout(env, act: Callable[[np.ndarray], np.ndarray], reset_seed: int, render: bool = False,

@@ -581,7 +581,7 @@ def evaluate_version(policy, envs: Sequence, episodes: int, seed: int = 0,
         over the episodes (``intent_smooth``, ``intent_high_gripper`` on MetaWorld;
         :func:`fkpd.teachers.intent_scores`).
     """
-    from fkpd.segments import Segment, evaluate_in_process
+    from fkpd.segments import cut_segment, evaluate_in_process
     from fkpd.teachers import intent_scores
 
     def tick(done: int) -> None:
@@ -592,7 +592,7 @@ def evaluate_version(policy, envs: Sequence, episodes: int, seed: int = 0,
     summary = res.summary()
     keys = ("success_rate", "success_ci95", "mean_return", "std_return", "episodes", "d4rl_normalized_score",
             "d4rl_normalized_score_std")
-    segments = [Segment(e.observations, e.actions, e.rewards, e.success, reset_seed=e.reset_seed) for e in eps]
+    segments = [cut_segment(e, 0, len(e)) for e in eps]
     return {**{k: summary[k] for k in keys if k in summary}, **intent_scores(segments, res.task_id)}
 
 

@@ -55,7 +55,7 @@ import torch
 
 from fkpd.errors import FKPDError
 from fkpd.io import atomic_path
-from fkpd.rollout import EVAL_SEED_BASE, Episode, EvalResult, eval_noise_seed, write_video
+from fkpd.rollout import EVAL_SEED_BASE, Episode, EvalResult, StepRecord, eval_noise_seed, write_video
 
 PREFS_FORMAT = "fkpd-prefs/1"
 #: Default segment length L in environment steps (DESIGN.md §2 reference points).
@@ -70,7 +70,7 @@ class PreferenceError(FKPDError, ValueError):
 
 
 @dataclass
-class Segment:
+class Segment(StepRecord):
     """L consecutive steps of one clip.
 
     Attributes:
@@ -116,19 +116,6 @@ class Segment:
         for name in ("observations", "actions", "rewards"):
             if not np.isfinite(getattr(self, name)).all():
                 raise PreferenceError(f"segment{where}: `{name}` holds NaN/inf values; drop or re-record the clip")
-
-    def __len__(self) -> int:
-        return len(self.actions)
-
-    @property
-    def ret(self) -> float:
-        """Ground-truth return: the sum of rewards over the segment."""
-        return float(self.rewards.sum())
-
-    @property
-    def succeeded(self) -> bool:
-        """Whether the task was solved at some step of the segment."""
-        return bool(self.success.any())
 
     def save(self, path: Path | str) -> Path:
         """Write the segment as ``.npz`` (no pickles) atomically; returns the path.
