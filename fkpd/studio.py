@@ -44,6 +44,7 @@ from fkpd.envs import DEFAULT_TASK
 from fkpd.errors import FKPDError
 from fkpd.store import (
     AnnotatorInfo,
+    ArtifactPathError,
     ClipView,
     JobContext,
     JobView,
@@ -55,7 +56,6 @@ from fkpd.store import (
     StoreInputError,
     register_handler,
 )
-from fkpd.store.artifacts import sha256_file
 from fkpd.store.db import labels_dir
 
 log = logging.getLogger(__name__)
@@ -726,12 +726,13 @@ def compare(ctx: JobContext) -> dict[str, Any]:
 
 
 def _project_horizon(store: Store, project: ProjectInfo) -> int:
-    """The episode length the project was bootstrapped with (its version 0's settings)."""
-    from fkpd.rounds import BatchSettings, _BATCH_FIELDS
+    """The episode length the project was bootstrapped with: the batch settings recorded
+    with its first version that has a checkpoint, as alignment rounds read them."""
+    from fkpd.rounds import RoundParams
 
-    versions = store.list_policy_versions(project.id)
-    recorded = ((versions[0].metrics.get("bootstrap") or {}).get("settings") or {}) if versions else {}
-    return BatchSettings(**{k: v for k, v in recorded.items() if k in _BATCH_FIELDS}).horizon(project.task_id)
+    versions = served_versions(store, project)
+    recorded = (versions[0].metrics.get("bootstrap") or {}).get("settings") if versions else None
+    return RoundParams().settings(recorded).horizon(project.task_id)
 
 
 def compare_videos(store: Store, job: JobView) -> list[dict[str, Any]]:
@@ -746,7 +747,7 @@ def compare_videos(store: Store, job: JobView) -> list[dict[str, Any]]:
                 try:
                     p = store.resolve(info["video"])
                     path = p if p.exists() else None
-                except Exception:  # noqa: BLE001 - a bad stored path shows as a missing video
+                except ArtifactPathError:  # a bad stored path shows as a missing video
                     path = None
             info["path"] = path
             row[side] = info
@@ -766,11 +767,6 @@ def version_label(v) -> str:
     tail += f" · D4RL score {score:.1f}" if isinstance(score, (int, float)) else ""
     name = "BC" if v.round == 0 else f"round {v.round}"
     return f"v{v.id} · {name}{tail}"
-
-
-def sha_ok(path: Path, sha256: str | None) -> bool:
-    """Whether ``path`` exists and matches ``sha256`` (None: existence only)."""
-    return path.exists() and (sha256 is None or sha256_file(path) == sha256)
 
 
 __all__: Sequence[str] = (
