@@ -27,18 +27,13 @@ from fkpd.segments import Segment
 from fkpd.store import Store, run_worker, sha256_file
 from fkpd.store import models as m
 from fkpd.studio import StudioConfig, StudioError, enqueue_compare, open_project, rounds_history, version_label
+import test_rounds
 from test_d4rl import _hopper_episodes, write_d4rl_file
 
 PAIRS = 2
-L = 8
-TINY = {
-    "dataset_episodes": 4, "max_episode_steps": 60, "bc_steps": 30,
-    "bc": {"batch_size": 32, "warmup_steps": 5, "save_every": 10},
-    "policy": {"hidden_dim": 64, "n_blocks": 1},
-    "pairs_per_batch": PAIRS, "segment_length": L, "render_size": 64, "n_envs": 2, "eval_episodes": 2,
-    "threads": 1,
-}  # fmt: skip
-ALIGN = {"steps": 10, "batch_pairs": 4, "bc_batch_size": 32, "warmup_steps": 2}
+TINY = {**test_rounds.TINY, "pairs_per_batch": PAIRS}  # the MetaWorld round tests' tiny settings, 2 pairs
+ALIGN = test_rounds.ALIGN
+L = test_rounds.L
 HOPPER = "d4rl/hopper-medium-v2"
 
 
