@@ -372,14 +372,38 @@ class AdminAuth:
             self.source = "FKPD_ADMIN_PASSWORD" if secret else ""
         if not secret:
             path = (token_dir or labels_dir()) / self.TOKEN_FILE
-            if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "w") as fh:
-                    fh.write(secrets.token_urlsafe(18) + "\n")
-            secret = path.read_text().strip()
+            secret = self._token(path)
             self.source = str(path)
         self._secret = secret
+
+    @staticmethod
+    def _token(path: Path) -> str:
+        """The token in ``path``, created first if absent.
+
+        The token is written to a private temporary file and hard-linked into place, so
+        the file appears complete or not at all: two app processes starting at once on a
+        fresh checkout both end up with the one token that won the link.
+
+        Raises:
+            StudioError: the file exists but holds no token.
+        """
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(secrets.token_urlsafe(18) + "\n")
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process created it first: use theirs
+            finally:
+                tmp.unlink(missing_ok=True)
+        token = path.read_text().strip()
+        if not token:
+            raise StudioError(f"the admin token file {path} is empty; delete it and restart the app to get a new "
+                              "token, or set FKPD_ADMIN_PASSWORD")
+        return token
 
     def check(self, password: str | None) -> bool:
         """True if ``password`` is the admin secret."""

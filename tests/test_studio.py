@@ -79,6 +79,23 @@ def test_admin_auth_sources(tmp_path, monkeypatch):
     assert AdminAuth(token_dir=tmp_path).check(token), "the token is kept across restarts"
 
 
+def test_admin_token_created_once_by_concurrent_starts(tmp_path, monkeypatch):
+    """App processes starting together on a fresh checkout agree on one complete token."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.delenv("FKPD_ADMIN_PASSWORD", raising=False)
+    for trial in range(5):
+        d = tmp_path / f"t{trial}"
+        with ThreadPoolExecutor(8) as pool:
+            sources = list(pool.map(lambda _: AdminAuth(token_dir=d), range(16)))
+        token = (d / AdminAuth.TOKEN_FILE).read_text().strip()
+        assert len(token) >= 20 and all(a.check(token) for a in sources)
+        assert sorted(p.name for p in d.iterdir()) == [AdminAuth.TOKEN_FILE], "no temporary files are left"
+    (tmp_path / "t0" / AdminAuth.TOKEN_FILE).write_text("\n")
+    with pytest.raises(StudioError, match="admin token file .* is empty; delete it"):
+        AdminAuth(token_dir=tmp_path / "t0")
+
+
 @pytest.mark.parametrize("bad, msg", [("", "enter your name"), ("   ", "enter your name"),
                                       ("x" * 65, "longer than 64"), ("a\tb", "control characters")])
 def test_annotator_name_is_checked(bad, msg):
