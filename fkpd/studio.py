@@ -620,7 +620,7 @@ def enqueue_round(store: Store, project: ProjectInfo, params: Mapping[str, Any])
     job = active_training_job(store, project)
     if job is not None:
         raise StudioError(f"{job_summary(job)}; wait for it to finish before starting another round")
-    if not store.training_pairs(project.id):
+    if not store.count_training_pairs(project.id):
         raise StudioError("no comparison to train on yet: label some pairs Left, Right or Equal first "
                           "(skips are not trained on)")
     return store.jobs.enqueue(project.id, "alignment_round", dict(params))

@@ -596,7 +596,9 @@ def test_frame_stats_agreement_and_training_pairs(store):
     ]
 
     training = store.training_pairs("proj")
-    assert len(training) == 7
+    assert len(training) == 7 == store.count_training_pairs("proj")
+    assert store.count_training_pairs("proj", max_round=0) == 7  # every pair here is of round 0
+    assert store.count_training_pairs("proj", max_round=-1) == 0 == len(store.training_pairs("proj", max_round=-1))
     assert Counter(p for _, _, p in training) == {1.0: 3, 0.0: 2, 0.5: 2}
     left, right, _ = training[0]
     assert left.reset_seed == right.reset_seed and left.gt_return is not None
@@ -610,7 +612,7 @@ def test_empty_reports(store):
     assert store.comparisons_frame("proj").empty
     assert store.annotator_stats("proj").empty
     assert store.pairwise_agreement("proj").empty
-    assert store.training_pairs("proj") == []
+    assert store.training_pairs("proj") == [] and store.count_training_pairs("proj") == 0
     assert isinstance(store.comparisons_frame("proj"), pd.DataFrame)
 
 

@@ -19,7 +19,7 @@ s = studio()
 st.title("Alignment rounds")
 
 latest = current_version(s.store, s.project)
-n_labels = len(s.store.training_pairs(s.project.id))
+n_labels = s.store.count_training_pairs(s.project.id)
 answered, total = s.store.batch_progress(s.project.id)
 c1, c2, c3, c4 = st.columns(4)
 c1.metric("Current policy", "none yet" if latest is None else f"v{latest.id} (round {latest.round})")

@@ -1234,6 +1234,19 @@ class Store:
                 out.append(TrainingPair(ClipRecord.of(lclip), ClipRecord.of(rclip), p))
             return out
 
+    def count_training_pairs(self, project: Any, *, max_round: int | None = None) -> int:
+        """``len(training_pairs(project, max_round=...))`` as one COUNT query (no clip records loaded)."""
+        with self.session() as s:
+            proj = self._project(s, project)
+            query = (
+                select(func.count(m.Comparison.id))
+                .join(m.Pair, m.Pair.id == m.Comparison.pair_id)
+                .where(m.Pair.project_id == proj.id, m.Comparison.outcome != Outcome.SKIP.value)
+            )
+            if max_round is not None:
+                query = query.where(m.Pair.round <= max_round)
+            return int(s.execute(query).scalar_one())
+
     def annotator_stats(self, project: Any) -> "pd.DataFrame":
         """Per-annotator answer counts and rates for a project.
 
