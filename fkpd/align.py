@@ -30,7 +30,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -240,7 +240,7 @@ def _same(a: DiffusionPolicy, b: DiffusionPolicy) -> bool:
 
 
 def align(cfg: AlignConfig, pairs: Sequence[WinnerFirstPair] | None = None, progress: bool = True,
-          task_id: str | None = None) -> AlignResult:
+          task_id: str | None = None, on_step: Callable[[int, int], None] | None = None) -> AlignResult:
     """Run one alignment round and save the new policy version.
 
     Args:
@@ -249,6 +249,9 @@ def align(cfg: AlignConfig, pairs: Sequence[WinnerFirstPair] | None = None, prog
             ``cfg.prefs`` and converted with :func:`fkpd.teachers.to_winner_first`.
         progress: show a tqdm bar with loss and implicit accuracy.
         task_id: the preferences' task, checked against REF's when given.
+        on_step: called after every optimiser step with ``(steps done, cfg.steps)``. An
+            exception it raises stops the round and propagates; nothing is saved (the
+            checkpoint is written only at the end).
 
     Returns:
         :class:`AlignResult`.
@@ -358,6 +361,8 @@ def align(cfg: AlignConfig, pairs: Sequence[WinnerFirstPair] | None = None, prog
                 log.flush()
                 bar.set_postfix(loss=f"{last['loss']:.3f}", dpo=f"{last['dpo']:.3f}",
                                 acc=f"{last.get('implicit_acc', float('nan')):.2f}")
+            if on_step is not None:
+                on_step(done, cfg.steps)
     steps_per_s = cfg.steps / max(time.time() - t0, 1e-9)
     policy.eval()
     after = evaluate_pairs(policy, reference, windows, cfg.beta, seed=cfg.seed)

@@ -57,32 +57,30 @@ Why this order is crash-safe (a worker may be SIGKILLed at any instruction):
   by its own earlier attempt (``metrics["job_id"]``) skips to step 5; a batch is
   rendered only when its round has no pairs yet; ``bootstrap`` reuses version 0.
 
-Long work (data generation, BC, alignment) runs in a helper thread while the handler's
-thread turns the trainer's ``metrics.jsonl`` into ``ctx.progress(fraction, "training
-BC: step i/N")`` (the trainers themselves only have a tqdm bar; one ``train_bc`` call
-keeps its cosine learning-rate schedule, which calls in chunks of growing ``steps``
-would restart at every chunk). A cancelled or lost job stops the helper thread with an
-asynchronous exception between two Python bytecodes; its output is never registered.
-Cancellation is honoured until the new version is registered; the batch rendering that
-follows runs to the end.
+Long work (data generation, BC, alignment) runs in the job's thread: the trainers call
+back after every step (``on_step`` / ``on_episode``), and :class:`_Watch` turns that into
+``ctx.progress(fraction, "training BC: step i/N")`` and checks, at most every half
+second, whether the job was cancelled or taken away; :class:`fkpd.store.JobCancelled` /
+``JobLostError`` raised there stop the trainer between two steps, and its output is
+never registered (the worker's heartbeat runs in its own thread meanwhile). A cut-off BC
+resumes from its last saved state. Cancellation is honoured until the new version is
+registered; the batch rendering that follows runs to the end.
 
 Shapes follow DESIGN.md §3: L segment length, Do/Da observation/action dims.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import hashlib
 import json
 import logging
 import math
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -96,8 +94,6 @@ BOOTSTRAP = "bootstrap"
 ALIGNMENT_ROUND = "alignment_round"
 #: Job kinds that train or register policy versions; at most one runs per project.
 TRAINING_KINDS = (BOOTSTRAP, ALIGNMENT_ROUND)
-
-T = TypeVar("T")
 
 
 class RoundError(FKPDError, ValueError):
@@ -388,7 +384,7 @@ class RoundParams:
         return AlignConfig(round=round_, **values, **paths)
 
 
-# ------------------------------------------------------------------ progress and training threads
+# ------------------------------------------------------------------ progress
 
 
 class _Stage:
@@ -402,90 +398,31 @@ class _Stage:
         self.ctx.progress(self.lo + (self.hi - self.lo) * fraction, message)
 
 
-class _Interrupted(BaseException):
-    """Raised inside a training thread to stop it (a BaseException, so that no
-    ``except Exception`` in the trainer swallows it)."""
+class _Watch:
+    """The ``on_step`` / ``on_episode`` callback of a trainer running inside a job.
 
+    Every call reports ``"<what>: step i/N"`` through ``stage`` and checks for
+    cancellation, at most once every ``interval_s`` (and always at the last step), so a
+    fast trainer does not query the store at every step.
 
-def _interrupt(thread: threading.Thread) -> None:
-    """Raise :class:`_Interrupted` in ``thread`` at its next bytecode boundary."""
-    if thread.ident is not None and thread.is_alive():
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_Interrupted))
-
-
-def _run_watched(ctx: JobContext, work: Callable[[], T], poll: Callable[[], None] | None = None,
-                 interval_s: float = 0.5) -> T:
-    """Run ``work()`` in a helper thread; every ``interval_s`` call ``poll()`` (which
-    reports progress) and check whether the job was cancelled or taken away.
-
-    Returns:
-        What ``work`` returned.
-
-    Raises:
-        Whatever ``work`` raised; JobCancelled / JobLostError (from ``ctx``) when the
-        job was cancelled or taken away, after the helper thread was stopped.
+    Raises (from the call):
+        JobCancelled / JobLostError: the job was cancelled or taken away (from
+            :meth:`JobContext.check_cancelled`); the trainer stops there.
     """
-    box: dict[str, Any] = {}
 
-    def target() -> None:
-        try:
-            box["value"] = work()
-        except BaseException as exc:  # noqa: BLE001 - handed over to the job's thread
-            box["error"] = exc
+    def __init__(self, ctx: JobContext, stage: _Stage | None, what: str, unit: str = "step",
+                 interval_s: float = 0.5) -> None:
+        self.ctx, self.stage, self.what, self.unit, self.interval_s = ctx, stage, what, unit, interval_s
+        self._last = -math.inf
 
-    thread = threading.Thread(target=target, name=f"fkpd-job-{ctx.job_id}-train", daemon=True)
-    thread.start()
-    try:
-        while True:
-            thread.join(interval_s)
-            if poll is not None:
-                poll()  # once more after the thread ended, so the last step is reported
-            if not thread.is_alive():
-                break
-            ctx.check_cancelled()
-    except BaseException:
-        _interrupt(thread)
-        thread.join(60)
-        if thread.is_alive():
-            log.error("the training thread of job %s did not stop; it is left running", ctx.job_id)
-        raise
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
-def _last_logged_step(path: Path) -> int | None:
-    """The ``step`` of the last complete line of a trainer's ``metrics.jsonl``, or None."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            size = f.tell()
-            f.seek(max(0, size - 8192))
-            lines = f.read().decode("utf-8", "replace").splitlines()
-    except OSError:
-        return None
-    if size > 8192:
-        lines = lines[1:]  # the first line of the tail may be cut
-    for line in reversed(lines):
-        try:
-            step = json.loads(line).get("step")
-        except (json.JSONDecodeError, AttributeError):
-            continue  # a line being written
-        if isinstance(step, int):
-            return step
-    return None
-
-
-def _train_watched(ctx: JobContext, stage: _Stage, work: Callable[[], T], metrics: Path, total: int,
-                   what: str) -> T:
-    """:func:`_run_watched` reporting ``"<what>: step i/<total>"`` from ``metrics.jsonl``."""
-
-    def poll() -> None:
-        step = _last_logged_step(metrics)
-        if step is not None:
-            stage(step / total, f"{what}: step {step}/{total}")
-
-    return _run_watched(ctx, work, poll)
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self._last < self.interval_s:
+            return
+        self._last = now
+        if self.stage is not None:
+            self.stage(done / total, f"{self.what}: {self.unit} {done}/{total}")
+        self.ctx.check_cancelled()
 
 
 # ------------------------------------------------------------------ store helpers
@@ -859,9 +796,9 @@ def bootstrap(ctx: JobContext) -> dict[str, Any]:
             except DatasetError:  # missing (a crash leaves only a .part file) or unreadable
                 outcome["dataset"] = "generated"
                 ctx.progress(0.0, f"generating dataset: {params.dataset_episodes} episodes")
-                _run_watched(ctx, lambda: generate_dataset(task, params.dataset_episodes, dataset,
-                                                           seed=settings.seed,
-                                                           max_episode_steps=settings.horizon(task), progress=False))
+                generate_dataset(task, params.dataset_episodes, dataset, seed=settings.seed,
+                                 max_episode_steps=settings.horizon(task), progress=False,
+                                 on_episode=_Watch(ctx, _Stage(ctx, 0.0, 0.1), "generating dataset", "episode"))
             recorded_data = {"dataset": f"{root}/dataset.hdf5", "dataset_episodes": params.dataset_episodes}
         bc_cfg = params.bc_config(task, dataset, store.resolve(f"{root}/bc"))
         out = Path(bc_cfg.out_dir)
@@ -872,8 +809,7 @@ def bootstrap(ctx: JobContext) -> dict[str, Any]:
             outcome["bc"] = "resumed"
         stage = _Stage(ctx, 0.1, 0.7)
         stage((saved or 0) / bc_cfg.steps, f"training BC: step {saved or 0}/{bc_cfg.steps}")
-        ckpt = _train_watched(ctx, stage, lambda: train_bc(bc_cfg, params.policy_config(), progress=False),
-                              out / "metrics.jsonl", bc_cfg.steps, "training BC")
+        ckpt = train_bc(bc_cfg, params.policy_config(), progress=False, on_step=_Watch(ctx, stage, "training BC"))
         meta = read_checkpoint_meta(ckpt)
         policy = DiffusionPolicy.load(ckpt, task_id=task)
         envs = _make_envs(task, settings, settings.eval_episodes)
@@ -984,8 +920,7 @@ def _train_and_register(ctx: JobContext, project: ProjectInfo, params: RoundPara
     stage = _Stage(ctx, 0.05, 0.75)
     stage(0.0, f"aligning: step 0/{cfg.steps} ({len(pairs)} pairs from {n_labels} comparisons)")
     t0 = time.time()
-    result = _train_watched(ctx, stage, lambda: align(cfg, pairs, progress=False, task_id=project.task_id),
-                            out / "metrics.jsonl", cfg.steps, "aligning")
+    result = align(cfg, pairs, progress=False, task_id=project.task_id, on_step=_Watch(ctx, stage, "aligning"))
     align_s = time.time() - t0
     policy = DiffusionPolicy.load(result.checkpoint, task_id=project.task_id)
     envs = _make_envs(project.task_id, settings, settings.eval_episodes)

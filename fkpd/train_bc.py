@@ -20,7 +20,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -160,13 +160,18 @@ def _load_train_state(path: Path, net, ema: EMAModel, opt, sched, gen: torch.Gen
             "or from another configuration; delete that directory or pass --resume false.") from exc
 
 
-def train_bc(cfg: BCConfig, policy_cfg: PolicyConfig | None = None, progress: bool = True) -> Path:
+def train_bc(cfg: BCConfig, policy_cfg: PolicyConfig | None = None, progress: bool = True,
+             on_step: Callable[[int, int], None] | None = None) -> Path:
     """Train a diffusion policy by behaviour cloning; returns the checkpoint directory.
 
     Args:
         cfg: run config (dataset, steps, optimiser, output directory, ...).
         policy_cfg: architecture; ``obs_dim``/``action_dim`` are taken from the task.
         progress: show a tqdm bar with the loss.
+        on_step: called after every optimiser step with ``(steps done, cfg.steps)``. An
+            exception it raises stops training and propagates; the last saved
+            checkpoint and resume state (every ``save_every`` steps) stay as they were,
+            so a later call resumes from them.
 
     Raises:
         DatasetError: bad dataset (see :func:`fkpd.data.load_dataset`).
@@ -219,39 +224,40 @@ def train_bc(cfg: BCConfig, policy_cfg: PolicyConfig | None = None, progress: bo
             checkpoint(start, {})
         return ckpt_dir
     policy.train()
-    log = (out / "metrics.jsonl").open("a")
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train-bc", unit="step",
-               disable=not progress)
-    t0, running = time.time(), None
-    metrics: dict[str, Any] = {}
-    for step in bar:
-        obs, act = sampler.sample(cfg.batch_size, generator=gen)
-        obs, act = obs.to(device), act.to(device)
-        loss = policy.compute_loss(obs, act, generator=gen)
-        grad_norm = optimizer_step(
-            loss, policy.net, opt, sched, cfg.grad_clip, step, "BC",
-            f"The last good checkpoint in {str(ckpt_dir)!r} is untouched. Lower --lr or check the dataset.")
-        ema.step(policy.net.parameters())
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{running:.4f}")
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            metrics = {"step": done, "loss": running, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0],
-                       "steps_per_s": (done - start) / max(time.time() - t0, 1e-9)}
-            log.write(json.dumps(metrics) + "\n")
-            log.flush()
-        if done % cfg.save_every == 0 or done == cfg.steps:
-            checkpoint(done, metrics)
-        if cfg.eval_every and cfg.eval_episodes and done % cfg.eval_every == 0 and done != cfg.steps:
-            from fkpd.rollout import evaluate
-
-            if done % cfg.save_every != 0:
+    with (out / "metrics.jsonl").open("a") as log:
+        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train-bc", unit="step",
+                   disable=not progress)
+        t0, running = time.time(), None
+        metrics: dict[str, Any] = {}
+        for step in bar:
+            obs, act = sampler.sample(cfg.batch_size, generator=gen)
+            obs, act = obs.to(device), act.to(device)
+            loss = policy.compute_loss(obs, act, generator=gen)
+            grad_norm = optimizer_step(
+                loss, policy.net, opt, sched, cfg.grad_clip, step, "BC",
+                f"The last good checkpoint in {str(ckpt_dir)!r} is untouched. Lower --lr or check the dataset.")
+            ema.step(policy.net.parameters())
+            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            bar.set_postfix(loss=f"{running:.4f}")
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                metrics = {"step": done, "loss": running, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0],
+                           "steps_per_s": (done - start) / max(time.time() - t0, 1e-9)}
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+            if done % cfg.save_every == 0 or done == cfg.steps:
                 checkpoint(done, metrics)
-            res = evaluate(ckpt_dir, episodes=cfg.eval_episodes, progress=False)
-            ev = {"step": done, "eval/success_rate": res.success_rate, "eval/mean_return": res.mean_return}
-            log.write(json.dumps(ev) + "\n")
-            log.flush()
-            bar.write(f"step {done}: {res.format()}")
-            policy.train()
-    log.close()
+            if cfg.eval_every and cfg.eval_episodes and done % cfg.eval_every == 0 and done != cfg.steps:
+                from fkpd.rollout import evaluate
+
+                if done % cfg.save_every != 0:
+                    checkpoint(done, metrics)
+                res = evaluate(ckpt_dir, episodes=cfg.eval_episodes, progress=False)
+                ev = {"step": done, "eval/success_rate": res.success_rate, "eval/mean_return": res.mean_return}
+                log.write(json.dumps(ev) + "\n")
+                log.flush()
+                bar.write(f"step {done}: {res.format()}")
+                policy.train()
+            if on_step is not None:
+                on_step(done, cfg.steps)
     return ckpt_dir

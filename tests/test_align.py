@@ -158,6 +158,24 @@ def test_align_trains_and_records_lineage(synth, tmp_path):
     assert res2.before["implicit_acc"] == pytest.approx(res.after["implicit_acc"])
 
 
+class _Stop(Exception):
+    pass
+
+
+def test_on_step_reports_every_step_and_can_stop_the_round(synth, tmp_path):
+    seen = []
+    res = align(_cfg(synth, tmp_path, steps=6), progress=False, on_step=lambda i, n: seen.append((i, n)))
+    assert seen == [(i, 6) for i in range(1, 7)] and res.checkpoint.is_dir()
+
+    def stop_at_3(i, n):
+        if i == 3:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        align(_cfg(synth, tmp_path, out_dir=str(tmp_path / "stopped")), progress=False, on_step=stop_at_3)
+    assert not (tmp_path / "stopped" / "checkpoint").exists(), "a stopped round saves nothing"
+
+
 @pytest.mark.parametrize("reg", ["none", "reverse"])
 def test_align_other_regularizers(synth, tmp_path, reg):
     res = align(_cfg(synth, tmp_path, regularizer=reg, steps=10), progress=False)

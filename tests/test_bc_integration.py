@@ -20,6 +20,30 @@ def _probe(path):
     return out.stderr
 
 
+def test_train_bc_on_step_stops_and_resumes(tiny_dataset, tmp_path):
+    """An exception from on_step stops BC; the last saved state stays and the next call resumes from it."""
+    from fkpd.policy import PolicyConfig
+    from fkpd.train_bc import BCConfig, train_bc
+
+    cfg = BCConfig(task=TASK, dataset=str(tiny_dataset), out_dir=str(tmp_path / "bc"), steps=30, batch_size=32,
+                   eval_every=0, save_every=10, log_every=5, warmup_steps=5)
+    seen = []
+
+    def stop_at_25(i, n):
+        seen.append((i, n))
+        if i == 25:
+            raise InterruptedError("stop")
+
+    with pytest.raises(InterruptedError):
+        train_bc(cfg, PolicyConfig(hidden_dim=32, n_blocks=1), progress=False, on_step=stop_at_25)
+    assert seen == [(i, 30) for i in range(1, 26)]
+    assert read_checkpoint_meta(tmp_path / "bc" / "checkpoint")["step"] == 20
+    seen.clear()
+    ckpt = train_bc(cfg, PolicyConfig(hidden_dim=32, n_blocks=1), progress=False,
+                    on_step=lambda i, n: seen.append(i))
+    assert seen == list(range(21, 31)) and read_checkpoint_meta(ckpt)["step"] == 30
+
+
 @pytest.mark.slow
 def test_cli_end_to_end(tmp_path, capsys):
     data = tmp_path / "d.hdf5"

@@ -73,6 +73,20 @@ def _write(path, **overrides):
     return path
 
 
+def test_generation_reports_episodes_and_stops_without_writing(tmp_path):
+    seen = []
+    out = generate_dataset(TASK, 2, tmp_path / "d.hdf5", max_episode_steps=10, progress=False,
+                           on_episode=lambda i, n: seen.append((i, n)))
+    assert seen == [(1, 2), (2, 2)] and load_dataset(out).num_episodes == 2
+
+    def stop(i, n):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        generate_dataset(TASK, 3, tmp_path / "stopped.hdf5", max_episode_steps=10, progress=False, on_episode=stop)
+    assert list(tmp_path.iterdir()) == [out], "a stopped generation writes nothing"
+
+
 def test_missing_file_error(tmp_path):
     with pytest.raises(DatasetError, match="does not exist.*fkpd data generate"):
         load_dataset(tmp_path / "nope.hdf5", TASK)

@@ -286,7 +286,7 @@ def test_killing_the_worker_mid_round_loses_nothing(store, tmp_path):
     assert store.batch_progress(PROJECT, 1) == (2, PAIRS)
     assert len(assert_artifacts_intact(store)) == 2 * PAIRS, "the killed round registered no clip"
 
-    # a healthy worker retries the job; cancelling it stops the training thread, nothing is registered
+    # a healthy worker retries the job; cancelling it stops training between two steps, nothing is registered
     worker = Worker(store, heartbeat_s=0.2, stale_after_s=None)
     ended = {}
     thread = threading.Thread(target=lambda: ended.update(view=worker.run_one()))
@@ -297,8 +297,8 @@ def test_killing_the_worker_mid_round_loses_nothing(store, tmp_path):
     finally:
         store.jobs.cancel(job.id)
         thread.join(60)
+    assert not thread.is_alive(), "the worker returned from the cancelled job"
     assert ended["view"].status == "cancelled" and ended["view"].attempts == 2
-    assert not [t for t in threading.enumerate() if t.name.endswith("-train")], "the training thread stopped"
     assert store.list_policy_versions(PROJECT) == [v0]
 
     # the next round trains on every comparison made before the crash
