@@ -176,7 +176,7 @@ def test_write_artifact_atomic_bytes_callback_and_path(store):
     rel, sha = store.write_artifact_atomic("v/three.txt", lambda p: p.write_text("by path"), to_path=True)
     assert store.resolve(rel).read_text() == "by path"
     assert sha == hashlib.sha256(b"by path").hexdigest()
-    leftovers = [p for p in store.artifact_dir.rglob("*") if ".tmp" in p.name]
+    leftovers = [p for p in store.artifact_dir.rglob("*") if ".part" in p.name]
     assert leftovers == []
     assert store.resolve(rel).stat().st_mode & 0o777 == 0o644
 

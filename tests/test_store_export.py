@@ -55,7 +55,7 @@ def test_export_round_trip(store, tmp_path, fmt, suffix):
     _answer_all(store, ["left", "skip", "equal", "right"])
     expected = store.comparisons_frame("proj")
     out = export_comparisons(store, "proj", fmt, tmp_path / "exports" / f"labels{suffix}")
-    assert out.is_file() and not [p for p in out.parent.iterdir() if ".tmp" in p.name]
+    assert out.is_file() and not [p for p in out.parent.iterdir() if ".part" in p.name]
 
     back = load_export(out)
     _same_frame(back.frame, expected)

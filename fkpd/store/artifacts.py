@@ -16,13 +16,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import BinaryIO, Callable, Union
 
 import numpy as np
 
+from fkpd.io import atomic_path
 from fkpd.store.errors import ArtifactIntegrityError, ArtifactPathError
 
 #: What :meth:`ArtifactDir.write_atomic` accepts: the bytes, or a callable that writes
@@ -119,32 +119,18 @@ class ArtifactDir:
                 destination is left as it was.
         """
         dest = self.resolve(relpath)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(
-            dir=dest.parent, prefix=f".{dest.name}.", suffix=f".tmp{dest.suffix}"
-        )
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "r+b") as f:
-                if isinstance(data, (bytes, bytearray, memoryview)):
-                    f.write(data)
-                elif to_path:
-                    f.close()
-                    data(tmp)  # type: ignore[call-arg, arg-type]
-                else:
+        with atomic_path(dest) as tmp:
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                tmp.write_bytes(data)
+            elif to_path:
+                data(tmp)  # type: ignore[call-arg, arg-type]
+            else:
+                with open(tmp, "r+b") as f:
                     data(f)  # type: ignore[arg-type]
-                if not f.closed:
-                    f.flush()
-                    os.fsync(f.fileno())
-            if to_path:
-                with open(tmp, "rb+") as f:
-                    os.fsync(f.fileno())
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
             digest = sha256_file(tmp)
             os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; artifacts are shared files
-            os.replace(tmp, dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         _fsync_dir(dest.parent)
         return normalize_relpath(relpath), digest
 
