@@ -24,6 +24,18 @@ share the work, and ``--report-only`` rebuilds the table from what is on disk::
     python bench/bench_alignment.py --tasks metaworld/door-open-v3 --seeds 0 \\
         --teachers return --rounds 1 --pairs-per-round 32 --steps 60 --bc-steps 500 \\
         --bc-episodes 30 --eval-episodes 10                  # a smoke run
+
+On D4RL tasks the table adds the D4RL normalised score (0-100 scale, mean ± std over
+seeds). The maze2d-umaze benchmark labels whole episodes (maze2d's reward is sparse: 1 per
+step within 0.5 m of the goal, so the return of a 300-step segment is the time spent at
+the goal, the quantity the D4RL score normalises)::
+
+    python bench/bench_alignment.py --tasks d4rl/maze2d-umaze --teachers return \\
+        --methods forward reverse --segment-length 300 --eval-episodes 50 --jobs 2 \\
+        --out runs/bench_maze2d --json bench/results/bench_maze2d.json
+
+The "decided labels" column is the share of labels that were left/right rather than
+equal; pairs whose two clips tie (e.g. neither reaches the goal) carry no preference.
 """
 
 from __future__ import annotations
@@ -243,21 +255,29 @@ def main() -> None:
                 first.setdefault(r["seed"], r["rounds"][0])
             rows.append({"method": "BC", "per_seed": list(first.values())})
             for method in args.methods:
-                rows.append({"method": METHODS[method],
-                             "per_seed": [r["rounds"][-1] for r in sel if r["method"] == method]})
+                mine = [r for r in sel if r["method"] == method]
+                outcomes = [rd.get("outcomes", {}) for r in mine for rd in r["rounds"][1:]]
+                n = sum(sum(o.values()) for o in outcomes)
+                decided = sum(o.get("left", 0) + o.get("right", 0) for o in outcomes)
+                rows.append({"method": METHODS[method], "per_seed": [r["rounds"][-1] for r in mine],
+                             "decided_labels": decided / n if n else None})
             tables.append({"task": task, "teacher": teacher, "rows": rows})
             print()
             print(f"### {task}, teacher `{teacher}` ({len(first)} seed(s), {args.rounds} round(s) × "
                   f"{args.pairs_per_round} pairs, {args.eval_episodes} eval episodes)")
             print()
-            print("| method | success | mean return | intent score | OOD action dist | implicit acc |")
-            print("|---|---|---|---|---|---|")
+            d4rl = any(p.get("d4rl_normalized_score") is not None for row in rows for p in row["per_seed"])
+            print("| method | success | mean return |" + (" D4RL score |" if d4rl else "")
+                  + " intent score | OOD action dist | implicit acc | decided labels |")
+            print("|---|---|---|" + ("---|" if d4rl else "") + "---|---|---|---|")
             for row in rows:
                 ps = row["per_seed"]
                 col = lambda k: [p.get(k) for p in ps]  # noqa: E731
+                score = f" {_fmt(col('d4rl_normalized_score'))} |" if d4rl else ""
                 print(f"| {row['method']} | {_fmt(col('success_rate'), pct=True, digits=0)} | "
-                      f"{_fmt(col('mean_return'))} | {_fmt(col('intent_score'), digits=4)} | "
-                      f"{_fmt(col('ood_action_dist'), digits=3)} | {_fmt(col('implicit_acc'), digits=2)} |")
+                      f"{_fmt(col('mean_return'))} |{score} {_fmt(col('intent_score'), digits=4)} | "
+                      f"{_fmt(col('ood_action_dist'), digits=3)} | {_fmt(col('implicit_acc'), digits=2)} | "
+                      f"{_fmt([row.get('decided_labels')], pct=True, digits=0)} |")
     round_s = [rd["round_s"] for r in runs for rd in r["rounds"][1:]]
     sps = [rd["align_steps_per_s"] for r in runs for rd in r["rounds"][1:]]
     print()
