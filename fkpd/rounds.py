@@ -59,8 +59,8 @@ Why this order is crash-safe (a worker may be SIGKILLed at any instruction):
 
 Long work (data generation, BC, alignment) runs in the job's thread: the trainers call
 back after every step (``on_step`` / ``on_episode``), and :class:`_Watch` turns that into
-``ctx.progress(fraction, "training BC: step i/N")`` and checks, at most every half
-second, whether the job was cancelled or taken away; :class:`fkpd.store.JobCancelled` /
+``ctx.progress(fraction, "training BC: step i/N")`` and checks whether the job was
+cancelled or taken away; :class:`fkpd.store.JobCancelled` /
 ``JobLostError`` raised there stop the trainer between two steps, and its output is
 never registered (the worker's heartbeat runs in its own thread meanwhile). A cut-off BC
 resumes from its last saved state. Cancellation is honoured until the new version is
@@ -399,29 +399,20 @@ class _Stage:
 
 
 class _Watch:
-    """The ``on_step`` / ``on_episode`` callback of a trainer running inside a job.
-
-    Every call reports ``"<what>: step i/N"`` through ``stage`` and checks for
-    cancellation, at most once every ``interval_s`` (and always at the last step), so a
-    fast trainer does not query the store at every step.
+    """The ``on_step`` / ``on_episode`` callback of a trainer running inside a job: every
+    call reports ``"<what>: <unit> i/N"`` through ``stage`` (``JobContext.progress``
+    writes to the store at most every few seconds) and checks for cancellation.
 
     Raises (from the call):
         JobCancelled / JobLostError: the job was cancelled or taken away (from
             :meth:`JobContext.check_cancelled`); the trainer stops there.
     """
 
-    def __init__(self, ctx: JobContext, stage: _Stage | None, what: str, unit: str = "step",
-                 interval_s: float = 0.5) -> None:
-        self.ctx, self.stage, self.what, self.unit, self.interval_s = ctx, stage, what, unit, interval_s
-        self._last = -math.inf
+    def __init__(self, ctx: JobContext, stage: _Stage, what: str, unit: str = "step") -> None:
+        self.ctx, self.stage, self.what, self.unit = ctx, stage, what, unit
 
     def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if done < total and now - self._last < self.interval_s:
-            return
-        self._last = now
-        if self.stage is not None:
-            self.stage(done / total, f"{self.what}: {self.unit} {done}/{total}")
+        self.stage(done / total, f"{self.what}: {self.unit} {done}/{total}")
         self.ctx.check_cancelled()
 
 
