@@ -26,9 +26,9 @@ share the work, and ``--report-only`` rebuilds the table from what is on disk::
         --bc-episodes 30 --eval-episodes 10                  # a smoke run
 
 On D4RL tasks the table adds the D4RL normalised score (0-100 scale, mean ± std over
-seeds). The maze2d-umaze benchmark labels whole episodes (maze2d's reward is sparse: 1 per
-step within 0.5 m of the goal, so the return of a 300-step segment is the time spent at
-the goal, the quantity the D4RL score normalises)::
+seeds). The maze2d-umaze benchmark labels whole episodes, maze2d's default segment length
+(its reward is sparse: 1 per step within 0.5 m of the goal, so the return of a 300-step
+segment is the time spent at the goal, the quantity the D4RL score normalises)::
 
     python bench/bench_alignment.py --tasks d4rl/maze2d-umaze --teachers return \\
         --methods forward reverse --segment-length 300 --eval-episodes 50 --jobs 2 \\
@@ -200,7 +200,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--pairs-per-round", type=int, default=200)
-    ap.add_argument("--segment-length", type=int, default=64)
+    ap.add_argument("--segment-length", type=int, default=0,
+                    help="L, steps per labelled segment (0: the task's, 64; whole episodes on maze2d)")
     ap.add_argument("--steps", type=int, default=AlignConfig.steps, help="alignment steps per round")
     ap.add_argument("--beta", type=float, default=AlignConfig.beta)
     ap.add_argument("--lam", type=float, default=AlignConfig.lam, help="λ of both regularisers")
@@ -281,7 +282,8 @@ def main() -> None:
     round_s = [rd["round_s"] for r in runs for rd in r["rounds"][1:]]
     sps = [rd["align_steps_per_s"] for r in runs for rd in r["rounds"][1:]]
     print()
-    print(f"alignment steps/s: {_fmt(sps)} (batch {AlignConfig.batch_pairs} pairs × 2 × L={args.segment_length} "
+    print(f"alignment steps/s: {_fmt(sps)} (batch {AlignConfig.batch_pairs} pairs × 2 × "
+          f"L={args.segment_length or 'task default'} "
           f"windows, torch threads {args.threads}, {args.jobs} process(es)); seconds per round: {_fmt(round_s)}; "
           f"wall time of this invocation {time.time() - t0:.0f} s")
     if missing:

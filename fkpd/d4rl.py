@@ -134,7 +134,7 @@ def task_spec(name: str):
     if name.startswith("maze2d-") and name[len("maze2d-"):] in MAZES:
         m = MAZES[name[len("maze2d-"):]]
         return TaskSpec(task_id=f"d4rl/{name}", obs_dim=4, action_dim=2, max_episode_steps=m.horizon,
-                        fps=CLIP_FPS, d4rl_name=m.d4rl_name)
+                        fps=CLIP_FPS, d4rl_name=m.d4rl_name, segment_length=m.horizon)
     env = name.split("-", 1)[0]
     if env in LOCOMOTION_ENVS and name in locomotion_names():
         _, do, da = LOCOMOTION_ENVS[env]

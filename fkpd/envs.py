@@ -39,6 +39,8 @@ DEFAULT_TASK = "metaworld/door-open-v3"
 #: MetaWorld's scripted policies solve the tested tasks in 60 to 150 steps, so 200
 #: leaves room for recovery while keeping evaluation and clips short.
 DEFAULT_MAX_EPISODE_STEPS = 200
+#: Default segment length L in environment steps (DESIGN.md §2 reference points).
+DEFAULT_SEGMENT_LENGTH = 64
 DEFAULT_CAMERA = "corner"
 DEFAULT_RENDER_SIZE = (224, 224)  # (height, width) in pixels
 
@@ -56,6 +58,10 @@ class TaskSpec:
             frame skip 5; clips play at 30 fps so motion is easy to follow).
         d4rl_name: for ``d4rl/`` tasks, the D4RL dataset name whose reference returns
             normalise scores (e.g. ``hopper-medium-v2``, ``maze2d-umaze-v1``); else ''.
+        segment_length: default L, steps per labelled segment (clip), when ``fkpd loop``
+            or a project's batch settings do not set one. 64 except on maze2d, where it
+            is the whole episode: the reward is sparse (1 per step at the goal), so
+            shorter clips from the start rarely differ in return.
     """
 
     task_id: str
@@ -64,6 +70,7 @@ class TaskSpec:
     max_episode_steps: int = DEFAULT_MAX_EPISODE_STEPS
     fps: int = 30
     d4rl_name: str = ""
+    segment_length: int = DEFAULT_SEGMENT_LENGTH
 
     @property
     def family(self) -> str:

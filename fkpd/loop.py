@@ -65,7 +65,8 @@ class LoopConfig:
     teacher: str = field(default="return", metadata={"help": "scripted teacher (see fkpd.teachers.TEACHERS)"})
     rounds: int = field(default=2, metadata={"help": "K, alignment rounds"})
     pairs_per_round: int = field(default=200, metadata={"help": "M, pairs rolled out and labelled per round"})
-    segment_length: int = field(default=64, metadata={"help": "L, steps per segment"})
+    segment_length: int = field(default=0, metadata={"help": "L, steps per segment (0: the task's, 64; whole "
+                                                                 "episodes on maze2d)"})
     segment_start: int = field(default=0, metadata={"help": "first step of every segment (-1: random per pair)"})
     out_dir: str = field(default="", metadata={"help": "output directory (default runs/loop/<task>_<teacher>_<reg>)"})
     dataset: str = field(default="", metadata={"help": "reuse this offline dataset: a file, a D4RL dataset name or "
@@ -82,10 +83,11 @@ class LoopConfig:
     seed: int = field(default=0, metadata={"help": "seeds data, BC, pairs, teacher and alignment"})
 
     def __post_init__(self) -> None:
-        for name in ("rounds", "pairs_per_round", "segment_length", "bc_episodes", "bc_steps", "eval_episodes",
-                     "n_envs", "ood_k"):
+        for name in ("rounds", "pairs_per_round", "bc_episodes", "bc_steps", "eval_episodes", "n_envs", "ood_k"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"LoopConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.segment_length < 0:
+            raise ConfigError(f"--segment-length must be >= 0 (0: the task's), got {self.segment_length!r}")
         if self.max_episode_steps < 0:
             raise ConfigError(f"--max-episode-steps must be >= 0, got {self.max_episode_steps!r}")
 
@@ -223,8 +225,10 @@ def run_loop(cfg: LoopConfig, align_cfg: AlignConfig | None = None, policy_cfg: 
         # default thread pool makes it ~10x slower (measured: 113 s vs 12 s for 48 pairs).
         torch.set_num_threads(align_cfg.threads)
     spec = get_task(cfg.task)
-    teacher0 = make_teacher(cfg.teacher, seed=cfg.seed)
     horizon = cfg.max_episode_steps or spec.max_episode_steps
+    # L as used (the task's when 0, capped at the horizon), so loop.json records it
+    cfg = dataclasses.replace(cfg, segment_length=min(cfg.segment_length or spec.segment_length, horizon))
+    teacher0 = make_teacher(cfg.teacher, seed=cfg.seed)
     out = Path(cfg.out_dir or Path("runs") / "loop" /
                f"{cfg.task.replace('/', '_')}_{cfg.teacher}_{align_cfg.regularizer}")
     out.mkdir(parents=True, exist_ok=True)

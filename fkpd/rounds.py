@@ -124,7 +124,9 @@ class BatchSettings:
     Attributes:
         pairs_per_batch: pairs per labelling batch (2 clips each). Rendering costs
             ~40 ms per frame on a CPU, so a batch of 20 pairs of L = 64 takes ~2 minutes.
-        segment_length: L, environment steps per clip (capped at the horizon).
+        segment_length: L, environment steps per clip (capped at the horizon); 0: the
+            task's (:attr:`fkpd.envs.TaskSpec.segment_length`: 64, whole episodes on
+            maze2d).
         segment_start: first step of every clip; -1 draws a random start per pair. Step 0
             is the default, as in ``fkpd loop``: a later segment's return mostly
             reflects the state reached before it began, whose actions are not in it, and
@@ -140,7 +142,7 @@ class BatchSettings:
     """
 
     pairs_per_batch: int = 20
-    segment_length: int = 64
+    segment_length: int = 0
     segment_start: int = 0
     render_size: tuple[int, int] = (224, 224)
     n_envs: int = 8
@@ -150,7 +152,7 @@ class BatchSettings:
     threads: int = 0
 
     def __post_init__(self) -> None:
-        for name, minimum in (("pairs_per_batch", 1), ("segment_length", 1), ("n_envs", 1),
+        for name, minimum in (("pairs_per_batch", 1), ("segment_length", 0), ("n_envs", 1),
                               ("max_episode_steps", 0), ("eval_episodes", 1), ("seed", 0), ("threads", 0)):
             _check_int("batch", name, getattr(self, name), minimum)
         _check_int("batch", "segment_start", self.segment_start, -1)
@@ -167,6 +169,12 @@ class BatchSettings:
         from fkpd.envs import get_task
 
         return self.max_episode_steps or get_task(task_id).max_episode_steps
+
+    def length(self, task_id: str) -> int:
+        """L in steps: ``segment_length`` (or the task's when 0), capped at the horizon."""
+        from fkpd.envs import get_task
+
+        return min(self.segment_length or get_task(task_id).segment_length, self.horizon(task_id))
 
 
 _BATCH_FIELDS = _field_names(BatchSettings)
@@ -566,7 +574,7 @@ def render_batch(store: Store, project: ProjectInfo, version: PolicyVersionInfo,
     fps = get_task(task).fps
     n = settings.pairs_per_batch
     horizon = settings.horizon(task)
-    length = min(settings.segment_length, horizon)
+    length = settings.length(task)
     rng = np.random.default_rng(pair_seed(settings.seed, round_, 0))
     if settings.segment_start < 0:
         starts = rng.integers(0, horizon - length + 1, size=n)

@@ -53,13 +53,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from fkpd.envs import DEFAULT_SEGMENT_LENGTH
 from fkpd.errors import FKPDError
 from fkpd.io import atomic_path
 from fkpd.rollout import EVAL_SEED_BASE, Episode, EvalResult, StepRecord, eval_noise_seed, write_video
 
 PREFS_FORMAT = "fkpd-prefs/1"
-#: Default segment length L in environment steps (DESIGN.md §2 reference points).
-DEFAULT_SEGMENT_LENGTH = 64
 SEGMENT_KEYS = ("observations", "actions", "rewards")  # required on load
 VALID_P_LEFT = (1.0, 0.0, 0.5)
 

@@ -12,6 +12,7 @@ import pytest
 from fkpd.data import dataset_info, generate_dataset, load_dataset
 from fkpd.envs import get_task, make_env, scripted_policy
 from fkpd.maze import MAZES, MazeEnv, bfs_distances, cell_center, free_cells, from_d4rl_frame, maze_map
+from fkpd.segments import load_preferences
 
 UMAZE = "d4rl/maze2d-umaze"
 
@@ -170,6 +171,26 @@ def test_original_d4rl_maze_file_is_converted(tmp_path):
     np.testing.assert_array_equal(raw.observations, obs)
 
 
+def test_maze_segments_default_to_whole_episodes():
+    """Sparse reward: maze2d clips are whole episodes unless set; other tasks keep L = 64."""
+    from fkpd.errors import ConfigError
+    from fkpd.loop import LoopConfig
+    from fkpd.rounds import BatchSettings, RoundError
+
+    for size, m in MAZES.items():
+        assert get_task(f"d4rl/maze2d-{size}").segment_length == m.horizon
+    assert get_task("metaworld/door-open-v3").segment_length == 64
+    assert get_task("d4rl/hopper-medium-v2").segment_length == 64
+    assert BatchSettings().length(UMAZE) == 300
+    assert BatchSettings(max_episode_steps=120).length(UMAZE) == 120, "capped at the horizon"
+    assert BatchSettings(segment_length=32).length(UMAZE) == 32
+    assert BatchSettings().length("metaworld/door-open-v3") == 64
+    with pytest.raises(RoundError, match="segment_length"):
+        BatchSettings(segment_length=-1)
+    with pytest.raises(ConfigError, match="--segment-length must be >= 0"):
+        LoopConfig(segment_length=-1)
+
+
 @pytest.mark.slow
 def test_loop_runs_end_to_end_offline(tmp_path, capsys):
     """`fkpd loop --task d4rl/maze2d-umaze --teacher return` at toy sizes: generated data,
@@ -182,7 +203,7 @@ def test_loop_runs_end_to_end_offline(tmp_path, capsys):
 
     out = tmp_path / "loop"
     args = ["loop", "--task", UMAZE, "--teacher", "return", "--rounds", "1", "--pairs-per-round", "4",
-            "--segment-length", "32", "--max-episode-steps", "120", "--eval-episodes", "2", "--n-envs", "4",
+            "--max-episode-steps", "120", "--eval-episodes", "2", "--n-envs", "4",
             "--bc-episodes", "8", "--bc-steps", "30", "--steps", "4", "--batch-pairs", "2", "--bc-batch-size", "16",
             "--hidden-dim", "32", "--n-blocks", "1", "--device", "cpu", "--threads", "1", "--out-dir", str(out)]
     assert main(args) == 0
@@ -191,6 +212,10 @@ def test_loop_runs_end_to_end_offline(tmp_path, capsys):
     rounds = summary["rounds"]
     assert [r["round"] for r in rounds] == [0, 1] and rounds[1]["labels"] == 4
     assert sum(rounds[1]["outcomes"].values()) == 4
+    # maze2d labels whole episodes by default (sparse reward), here the 120-step horizon
+    assert summary["loop"]["segment_length"] == 120
+    _, labelled = load_preferences(out / "prefs.json")
+    assert {len(seg) for left, right, _ in labelled for seg in (left, right)} == {120}
     for r in rounds:
         assert r["d4rl_dataset"] == "maze2d-umaze-v1"
         # the score is affine in the return, so the mean score is the score of the mean return
