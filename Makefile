@@ -7,7 +7,7 @@ export MUJOCO_GL ?= egl
 
 PORT   ?= 8501
 
-.PHONY: venv run pipeline test bench bench-ui clean-runs
+.PHONY: venv run pipeline test bench bench-ui bench-maze clean-runs
 
 # torch is installed first and pinned, so nothing later pulls a CUDA build.
 # d4rl (D4RL's dataset names and reference scores, fkpd/d4rl.py) is installed last with
@@ -40,6 +40,11 @@ bench: venv
 
 bench-ui: venv
 	$(PY) bench/bench_ui.py
+
+# D4RL normalised score of BC vs FKPD vs DPO + reverse KL on maze2d-umaze, 3 seeds (~45 min on 2 cores).
+bench-maze: venv
+	$(PY) bench/bench_alignment.py --tasks d4rl/maze2d-umaze --teachers return --methods forward reverse \
+		--segment-length 300 --eval-episodes 50 --jobs 2 --out runs/bench_maze2d --json bench/results/bench_maze2d.json
 
 clean-runs:
 	rm -rf runs
