@@ -390,13 +390,20 @@ class AdminAuth:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+            token = secrets.token_urlsafe(18) + "\n"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 with os.fdopen(fd, "w") as fh:
-                    fh.write(secrets.token_urlsafe(18) + "\n")
+                    fh.write(token)
                 os.link(tmp, path)
             except FileExistsError:
                 pass  # another process created it first: use theirs
+            except OSError:  # a filesystem without hard links: exclusive create, then write
+                try:
+                    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as fh:
+                        fh.write(token)
+                except FileExistsError:
+                    pass
             finally:
                 tmp.unlink(missing_ok=True)
         token = path.read_text().strip()

@@ -91,6 +91,10 @@ def test_admin_token_created_once_by_concurrent_starts(tmp_path, monkeypatch):
         token = (d / AdminAuth.TOKEN_FILE).read_text().strip()
         assert len(token) >= 20 and all(a.check(token) for a in sources)
         assert sorted(p.name for p in d.iterdir()) == [AdminAuth.TOKEN_FILE], "no temporary files are left"
+    # a filesystem without hard links still gets a token
+    monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(1, "Operation not permitted")))
+    token = AdminAuth._token(tmp_path / "nolink" / AdminAuth.TOKEN_FILE)
+    assert len(token) >= 20 and sorted(p.name for p in (tmp_path / "nolink").iterdir()) == [AdminAuth.TOKEN_FILE]
     (tmp_path / "t0" / AdminAuth.TOKEN_FILE).write_text("\n")
     with pytest.raises(StudioError, match="admin token file .* is empty; delete it"):
         AdminAuth(token_dir=tmp_path / "t0")
