@@ -197,7 +197,8 @@ def _add_alignment_parsers(sub) -> None:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    """Claim and run queued jobs until interrupted (SIGINT/SIGTERM stop after the current job)."""
+    """Claim and run queued jobs until interrupted (SIGINT/SIGTERM stop the worker; its current job goes back to
+    the queue at its next step and resumes on the next start)."""
     from fkpd.store import Store, run_worker
 
     if args.threads > 0:
@@ -205,15 +206,17 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     store = Store(args.database_url, args.artifact_dir)
-    print(f"worker on {store.backend} ({store.artifact_dir}); Ctrl-C stops after the current job", flush=True)
+    print(f"worker on {store.backend} ({store.artifact_dir}); Ctrl-C stops it (a running job goes back to the queue; "
+          "Ctrl-C twice interrupts it at once)", flush=True)
     stop = threading.Event()
     if args.parent_pid:
-        def watch_parent() -> None:  # the app that started us is gone: stop after the current job
+        def watch_parent() -> None:  # the app that started us is gone: stop
             while not stop.wait(2.0):
                 try:
                     os.kill(args.parent_pid, 0)
                 except ProcessLookupError:
-                    print(f"parent process {args.parent_pid} exited; stopping after the current job", flush=True)
+                    print(f"parent process {args.parent_pid} exited; stopping (a running job goes back to the "
+                          "queue)", flush=True)
                     stop.set()
                 except PermissionError:
                     pass

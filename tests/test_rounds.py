@@ -14,6 +14,7 @@ after a crash does.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -238,6 +239,38 @@ def test_alignment_round_registers_version_1_and_renders_its_batch(store):
     assert meta["parent"] == str(store.resolve(v1.checkpoint_path).parent) and meta["reference"] == v0_dir
     assert store.batch_progress(PROJECT, 3) == (0, PAIRS)
     assert len(assert_artifacts_intact(store)) == 3 * 2 * PAIRS
+
+
+@pytest.mark.slow
+def test_ctrl_c_puts_a_training_bootstrap_back_in_the_queue(fresh_store, tmp_path):
+    """Ctrl-C (SIGINT) on a worker that is training BC: it stops at the next step, the job is
+    queued again with BC's saved state kept for the next start, and the process exits."""
+    store = fresh_store
+    job = store.jobs.enqueue(PROJECT, BOOTSTRAP, {**TINY, "bc_steps": 1_000_000})
+    url = store.url.render_as_string(hide_password=False)
+    with open(tmp_path / "worker.log", "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", WORKER, url, str(store.artifact_dir)], stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ, "MUJOCO_GL": "egl"})
+    try:
+        def past_first_save() -> bool:
+            if proc.poll() is not None:
+                pytest.fail(f"worker exited with {proc.returncode}:\n{(tmp_path / 'worker.log').read_text()}")
+            msg = store.jobs.get(job.id).message or ""
+            return msg.startswith("training BC: step") and int(msg.split()[-1].split("/")[0]) > 20
+        wait_for(past_first_save, 120, 0.1, what="BC to train past its first saved state")
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(30) == 0, (tmp_path / "worker.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    back = store.jobs.get(job.id)
+    assert back.status == "queued" and back.worker_id is None and back.attempts == 1
+    assert back.message.endswith("is stopping; queued again")
+    (state,) = store.artifact_dir.glob("projects/*/bootstrap-*/bc/train_state/state.json")
+    assert json.loads(state.read_text())["step"] >= 20, "the next start resumes BC from its saved state"
+    assert store.list_policy_versions(PROJECT) == [], "nothing was registered"
+    store.jobs.cancel(job.id)
 
 
 @pytest.mark.slow

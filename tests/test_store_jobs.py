@@ -213,6 +213,49 @@ def test_worker_cancellation_and_heartbeat_thread(store, project):
     assert final.status == "cancelled" and final.finished_at is not None
 
 
+def test_stopping_worker_puts_the_running_job_back_in_the_queue(store, project):
+    started = threading.Event()
+    runs = []
+
+    def stepwise(ctx: JobContext):
+        runs.append(ctx.job.attempts)
+        started.set()
+        for _ in range(100):
+            ctx.check_cancelled()
+            time.sleep(0.01)
+        return {"steps": 100}
+
+    job = store.jobs.enqueue("proj", "stepwise")
+    stop = threading.Event()
+    worker = Worker(store, {"stepwise": stepwise}, worker_id="w", heartbeat_s=0.05, stale_after_s=None)
+    runner = threading.Thread(target=worker.run, kwargs={"stop": stop})
+    runner.start()
+    assert started.wait(10)
+    stop.set()
+    runner.join(10)
+    assert not runner.is_alive(), "the worker returns once its job is back in the queue"
+    back = store.jobs.get(job.id)
+    assert (back.status, back.worker_id, back.started_at, back.progress) == ("queued", None, None, 0.0)
+    assert back.message == "worker w is stopping; queued again" and back.attempts == 1
+
+    # the next worker runs it from the start
+    done = Worker(store, {"stepwise": stepwise}, worker_id="w2", stale_after_s=None).run_one()
+    assert (done.id, done.status, done.result, done.attempts) == (job.id, "succeeded", {"steps": 100}, 2)
+    assert runs == [1, 2]
+
+
+def test_release_is_fenced_and_honours_cancel(store, project):
+    job = store.jobs.enqueue("proj", "k")
+    store.jobs.claim("a")
+    with pytest.raises(JobLostError):
+        store.jobs.release(job.id, "stopping", worker_id="b")
+    store.jobs.cancel(job.id)
+    ended = store.jobs.release(job.id, "stopping", worker_id="a")
+    assert ended.status == "cancelled" and ended.finished_at is not None, "a job asked to cancel is not requeued"
+    with pytest.raises(JobLostError):
+        store.jobs.release(job.id, "stopping", worker_id="a")
+
+
 def test_worker_killed_with_sigkill_is_recovered(store):
     project, pairs = make_project(store, 3)
     version = store.latest_policy_version("proj")

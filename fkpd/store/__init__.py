@@ -40,6 +40,7 @@ from fkpd.store.errors import (
     PairUnavailableError,
     StoreError,
     StoreInputError,
+    WorkerStopping,
 )
 from fkpd.store.jobs import HANDLERS, JobContext, JobQueue, JobView, Worker, register_handler, run_worker
 from fkpd.store.outcomes import Outcome, outcome_to_p_left
@@ -73,6 +74,7 @@ __all__ = [
     "JobQueue",
     "JobStateError",
     "JobView",
+    "WorkerStopping",
     "NotFoundError",
     "Outcome",
     "PairUnavailableError",

@@ -55,5 +55,11 @@ class JobCancelled(StoreError):
     """Raised inside a job handler (by ``ctx.check_cancelled()``) after ``cancel(job_id)``."""
 
 
+class WorkerStopping(StoreError):
+    """Raised inside a job handler (by ``ctx.check_cancelled()``) when its worker was asked
+    to stop (Ctrl-C, SIGTERM, the app that started it exited): the worker puts the job
+    back in the queue, and the next worker re-runs it from what it saved."""
+
+
 class ImportFormatError(StoreError, ValueError):
     """A label file or dataset given to an importer has the wrong layout."""

@@ -5,6 +5,7 @@ Life of a job::
     queued --claim--> running --finish--> succeeded
        |                 |------fail----> failed
        |                 |--(handler acknowledges cancel)--> cancelled
+       |                 |--release (its worker was asked to stop)--> queued again
        |                 '--recover_stale--> failed, or queued again (attempts < max_attempts)
        '--cancel--> cancelled
 
@@ -19,7 +20,11 @@ Life of a job::
   ``worker_id``: once a job was recovered or re-claimed, the old worker gets
   :class:`~fkpd.store.errors.JobLostError` and its late result is discarded.
 * :class:`Worker` loops claim → run the handler in this process, with a heartbeat thread
-  → finish / fail (exception text and traceback stored in ``error``).
+  → finish / fail (exception text and traceback stored in ``error``). A worker asked to
+  stop (its ``stop`` event: Ctrl-C, SIGTERM, the app that started it exited) makes the
+  handler's next ``ctx.check_cancelled()`` raise :class:`~fkpd.store.errors.WorkerStopping`
+  and puts the job back in the queue (:meth:`JobQueue.release`); handlers must be safe to
+  re-run anyway, since a worker can die at any instruction.
 
 Handlers are plain callables ``handler(ctx: JobContext) -> dict | None`` (the returned
 mapping must be JSON-serialisable; it becomes the job's ``result``), registered per kind
@@ -66,6 +71,7 @@ from fkpd.store.errors import (
     JobStateError,
     NotFoundError,
     StoreInputError,
+    WorkerStopping,
 )
 
 if TYPE_CHECKING:
@@ -421,6 +427,32 @@ class JobQueue:
         """
         return self._end(job_id, "cancelled", worker_id, message="cancelled while running")
 
+    def release(self, job_id: int, reason: str, *, worker_id: str | None = None) -> JobView:
+        """Put a running job back in the queue because its worker is stopping.
+
+        The job becomes ``queued`` again (worker, start and heartbeat cleared, progress 0,
+        ``message`` = ``"<reason>; queued again"``); ``attempts`` keeps counting claims. A
+        job asked to cancel is marked cancelled instead.
+
+        Raises:
+            JobLostError: the job is not running (under ``worker_id``, if given).
+        """
+        with self.store.session(write=True) as s:
+            job = self._owned(s, job_id, worker_id)
+            if job.cancel_requested:
+                job.status = "cancelled"
+                job.finished_at = job.heartbeat_at = self.store.now()
+                job.message = "cancelled while running"
+            else:
+                job.status = "queued"
+                job.worker_id = None
+                job.started_at = None
+                job.heartbeat_at = None
+                job.progress = 0.0
+                job.message = f"{reason}; queued again"
+            s.flush()
+            return JobView.of(job)
+
     def _end(
         self,
         job_id: int,
@@ -513,8 +545,10 @@ class JobContext:
         worker_id: the worker running the job.
     """
 
-    def __init__(self, store: "Store", job: JobView, worker_id: str, *, min_write_s: float = 0.5) -> None:
+    def __init__(self, store: "Store", job: JobView, worker_id: str, *, min_write_s: float = 0.5,
+                 stopping: threading.Event | None = None) -> None:
         self.store = store
+        self.stopping = stopping or threading.Event()
         self.job = job
         self.params: dict[str, Any] = dict(job.params)
         self.artifact_dir: Path = store.artifact_dir
@@ -563,16 +597,20 @@ class JobContext:
         return self._cancel
 
     def check_cancelled(self) -> None:
-        """Raise :class:`JobCancelled` if the job was cancelled, to unwind the handler.
+        """Raise if the handler must stop here: call it between steps of long work.
 
         Raises:
             JobCancelled: cancel was requested; the worker marks the job cancelled.
             JobLostError: the job was taken away from this worker.
+            WorkerStopping: the worker was asked to stop; it puts the job back in the
+                queue.
         """
         if self.lost is not None:
             raise self.lost
         if self._cancel:
             raise JobCancelled(f"job {self.job_id} was cancelled")
+        if self.stopping.is_set():
+            raise WorkerStopping(f"worker {self.worker_id} is stopping")
 
     def beat(self) -> None:
         """Write a heartbeat with the latest progress now (the heartbeat thread calls this).
@@ -660,20 +698,26 @@ class Worker:
         self.max_attempts = max_attempts
         self._last_recovery = float("-inf")
 
-    def run_one(self) -> JobView | None:
-        """Claim one job and run it; returns its final state, or None if none was queued."""
-        job = self.store.jobs.claim(self.worker_id, sorted(self.handlers))
-        return None if job is None else self.execute(job)
+    def run_one(self, stop: threading.Event | None = None) -> JobView | None:
+        """Claim one job and run it; returns its final state, or None if none was queued.
 
-    def execute(self, job: JobView) -> JobView:
+        Setting ``stop`` while the job runs releases it at its handler's next
+        ``ctx.check_cancelled()`` (see :meth:`execute`).
+        """
+        job = self.store.jobs.claim(self.worker_id, sorted(self.handlers))
+        return None if job is None else self.execute(job, stop)
+
+    def execute(self, job: JobView, stop: threading.Event | None = None) -> JobView:
         """Run a claimed job's handler with heart-beating, then record how it ended.
 
         Returns the job's final state. A handler exception marks the job failed with the
         exception and its traceback; ``KeyboardInterrupt``/``SystemExit`` do the same and
-        are then re-raised.
+        are then re-raised. Once ``stop`` is set, the handler's next
+        ``ctx.check_cancelled()`` raises :class:`WorkerStopping` and the job goes back to
+        the queue (:meth:`JobQueue.release`).
         """
         queue = self.store.jobs
-        ctx = JobContext(self.store, job, self.worker_id)
+        ctx = JobContext(self.store, job, self.worker_id, stopping=stop)
         beat = _HeartbeatThread(ctx, self.heartbeat_s)
         log.info("worker %s runs job %s (%s)", self.worker_id, job.id, job.kind)
         interrupt: BaseException | None = None
@@ -689,6 +733,9 @@ class Worker:
             end: Callable[[], JobView] = lambda: queue.finish(job.id, result, worker_id=self.worker_id)
         except JobCancelled:
             end = lambda: queue.mark_cancelled(job.id, worker_id=self.worker_id)
+        except WorkerStopping as exc:
+            reason = str(exc)
+            end = lambda: queue.release(job.id, reason, worker_id=self.worker_id)
         except JobLostError as exc:
             ctx.lost = ctx.lost or exc
             end = lambda: queue.get(job.id)
@@ -744,7 +791,9 @@ class Worker:
             once: try to claim one job, run it if there was one, and return.
             poll_s: sleep between claim attempts while the queue is empty.
             max_jobs: return after running this many jobs.
-            stop: set it to make the loop return after the current job.
+            stop: set it to make the loop return; a running job is put back in the queue
+                at its handler's next ``ctx.check_cancelled()`` (or ends first, if its
+                handler does not check again).
 
         Returns:
             The number of jobs run.
@@ -753,7 +802,7 @@ class Worker:
         ran = 0
         while not stop.is_set():
             self.recover_if_due()
-            job = self.run_one()
+            job = self.run_one(stop)
             if job is not None:
                 ran += 1
                 log.info("job %s ended %s", job.id, job.status)
@@ -781,9 +830,10 @@ def run_worker(
     """Run a :class:`Worker` on ``store`` (the body of a ``worker`` CLI command).
 
     ``handler_modules`` are imported first so their ``@register_handler`` decorators
-    fill :data:`HANDLERS`. In the main thread, SIGTERM and SIGINT make the worker stop
-    after the current job (a second SIGINT interrupts the job, which is then marked
-    failed).
+    fill :data:`HANDLERS`. In the main thread, SIGTERM and SIGINT make the worker stop:
+    the current job goes back to the queue at its next check point (a job whose handler
+    does not check again runs to its end), and a second SIGINT interrupts it at once
+    (it is then marked failed).
 
     Returns:
         The number of jobs run.
@@ -806,7 +856,8 @@ def run_worker(
     if threading.current_thread() is threading.main_thread():
 
         def request_stop(signum: int, _frame: Any) -> None:
-            log.warning("signal %s: worker %s stops after the current job", signum, worker.worker_id)
+            log.warning("signal %s: worker %s stops; its current job goes back to the queue at its next check "
+                        "point", signum, worker.worker_id)
             stop.set()
             if signum == signal.SIGINT:  # a second Ctrl-C interrupts the job itself
                 signal.signal(signal.SIGINT, previous.get(signal.SIGINT, signal.default_int_handler))
