@@ -543,6 +543,8 @@ class JobContext:
         params: the job's parameters (a copy).
         artifact_dir: absolute artifact directory.
         worker_id: the worker running the job.
+        stopping: the worker's stop event; once set, :meth:`check_cancelled` raises
+            :class:`~fkpd.store.errors.WorkerStopping`.
     """
 
     def __init__(self, store: "Store", job: JobView, worker_id: str, *, min_write_s: float = 0.5,
