@@ -55,6 +55,19 @@ with Store(sys.argv[1], sys.argv[2]) as store:
 """
 
 
+def spawn_worker(store: Store, log: Path) -> subprocess.Popen:
+    """An ``fkpd``-style worker in a child process (worker id ``doomed``), logging to ``log``."""
+    url = store.url.render_as_string(hide_password=False)
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-c", WORKER, url, str(store.artifact_dir)], stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ, "MUJOCO_GL": "egl"})
+
+
+def assert_alive(proc: subprocess.Popen, log: Path) -> None:
+    if proc.poll() is not None:
+        pytest.fail(f"worker exited with {proc.returncode}:\n{log.read_text()}")
+
+
 @pytest.fixture(scope="module")
 def shared_artifacts(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("artifacts")
@@ -247,19 +260,16 @@ def test_ctrl_c_puts_a_training_bootstrap_back_in_the_queue(fresh_store, tmp_pat
     queued again with BC's saved state kept for the next start, and the process exits."""
     store = fresh_store
     job = store.jobs.enqueue(PROJECT, BOOTSTRAP, {**TINY, "bc_steps": 1_000_000})
-    url = store.url.render_as_string(hide_password=False)
-    with open(tmp_path / "worker.log", "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-c", WORKER, url, str(store.artifact_dir)], stdout=out,
-                                stderr=subprocess.STDOUT, env={**os.environ, "MUJOCO_GL": "egl"})
+    log = tmp_path / "worker.log"
+    proc = spawn_worker(store, log)
     try:
         def past_first_save() -> bool:
-            if proc.poll() is not None:
-                pytest.fail(f"worker exited with {proc.returncode}:\n{(tmp_path / 'worker.log').read_text()}")
+            assert_alive(proc, log)
             msg = store.jobs.get(job.id).message or ""
             return msg.startswith("training BC: step") and int(msg.split()[-1].split("/")[0]) > 20
         wait_for(past_first_save, 120, 0.1, what="BC to train past its first saved state")
         os.kill(proc.pid, signal.SIGINT)
-        assert proc.wait(30) == 0, (tmp_path / "worker.log").read_text()
+        assert proc.wait(30) == 0, log.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -283,14 +293,11 @@ def test_killing_the_worker_mid_round_loses_nothing(store, tmp_path):
 
     slow = {**ALIGN, "steps": 1_000_000, "log_every": 1}
     job = store.jobs.enqueue(PROJECT, ALIGNMENT_ROUND, slow)
-    url = store.url.render_as_string(hide_password=False)
-    with open(tmp_path / "worker.log", "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-c", WORKER, url, str(store.artifact_dir)], stdout=out,
-                                stderr=subprocess.STDOUT, env={**os.environ, "MUJOCO_GL": "egl"})
+    log = tmp_path / "worker.log"
+    proc = spawn_worker(store, log)
     try:
         def training() -> bool:
-            if proc.poll() is not None:
-                pytest.fail(f"worker exited with {proc.returncode}:\n{(tmp_path / 'worker.log').read_text()}")
+            assert_alive(proc, log)
             view = store.jobs.get(job.id)
             return view.message.startswith("aligning: step") and view.progress > 0.05
         wait_for(training, 120, 0.1, what="the worker to report alignment progress")
