@@ -50,7 +50,7 @@ def _studio() -> Studio:
     if cfg.start_worker:
         worker = start_local_worker(cfg)
         atexit.register(worker.terminate)
-        print(f"FKPD Studio: local worker started (pid {worker.pid}, log labels/worker.log)", flush=True)
+        print(f"FKPD Studio: local worker started (pid {worker.pid}, log {cfg.worker_log})", flush=True)
     return Studio(cfg, store, project, auth, worker)
 
 
@@ -83,7 +83,7 @@ def sidebar(s: Studio) -> None:
                 st.rerun()
         if s.worker is not None and s.worker.poll() is not None:
             st.warning(f"The local worker exited (code {s.worker.returncode}); rounds will not run. "
-                       "See labels/worker.log and restart `make run`.")
+                       f"See {s.cfg.worker_log} and restart `make run`.")
         if is_admin():
             st.markdown("**Admin** signed in")
             if st.button("Sign out", key="admin_out"):

@@ -127,6 +127,12 @@ class StudioConfig:
     start_worker: bool = True
     worker_threads: int = 1
 
+    @property
+    def worker_log(self) -> Path:
+        """The local worker's log: next to the artifact directory (``labels/worker.log``
+        by default), so an app on another store never writes into ``labels/``."""
+        return (Path(self.artifact_dir).parent if self.artifact_dir else labels_dir()) / "worker.log"
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "StudioConfig":
         """Read ``FKPD_DATABASE_URL``, ``FKPD_ARTIFACT_DIR``, ``FKPD_PROJECT``,
@@ -266,12 +272,12 @@ def start_local_worker(cfg: StudioConfig, log_file: Path | None = None) -> subpr
 
     The worker runs the bootstrap, alignment-round and compare jobs. It gets
     ``--parent-pid`` so it also stops if the app is killed without a chance to clean up.
-    Its output goes to ``log_file`` (default ``labels/worker.log``).
+    Its output goes to ``log_file`` (default :attr:`StudioConfig.worker_log`).
 
     Returns:
         The child process.
     """
-    log_file = log_file or labels_dir() / "worker.log"
+    log_file = log_file or cfg.worker_log
     log_file.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if cfg.database_url:

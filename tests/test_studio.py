@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +37,9 @@ def test_config_from_env_defaults_and_errors():
     cfg = StudioConfig.from_env({"FKPD_TASK": "metaworld/button-press-v3", "FKPD_START_WORKER": "0",
                                  "FKPD_BOOTSTRAP": '{"bc_steps": 10}'})
     assert (cfg.project, cfg.start_worker, cfg.bootstrap) == ("button-press", False, {"bc_steps": 10})
+    assert StudioConfig.from_env({}).worker_log.parts[-2:] == ("labels", "worker.log")
+    assert StudioConfig.from_env({"FKPD_ARTIFACT_DIR": "/data/proj/artifacts"}).worker_log == \
+        Path("/data/proj/worker.log"), "an app on another store logs next to it, not into labels/"
     with pytest.raises(StudioError, match="FKPD_BOOTSTRAP is not valid JSON"):
         StudioConfig.from_env({"FKPD_BOOTSTRAP": "{bc_steps: 10"})
     with pytest.raises(StudioError, match="must be a JSON object"):
