@@ -300,15 +300,9 @@ class BootstrapParams:
         """The dataset this bootstrap reads, as named (not resolved): the ``dataset``
         parameter; else, for a D4RL locomotion task, its D4RL dataset name; else ``""``
         (the data is generated)."""
-        if self.dataset:
-            return self.dataset
-        from fkpd.d4rl import is_locomotion
+        from fkpd.d4rl import own_dataset
 
-        if is_locomotion(task):
-            from fkpd.envs import get_task
-
-            return str(get_task(task).d4rl_name)
-        return ""
+        return self.dataset or own_dataset(task)
 
     def key(self, task: str) -> str:
         """12 hex digits identifying the dataset and BC weights these parameters produce.
@@ -450,6 +444,12 @@ def _ensure_sole_training_job(ctx: JobContext) -> None:
             f"job {other.id} ({other.kind}) is still running for this project (last heartbeat "
             f"{other.heartbeat_at}); only one bootstrap/alignment_round job runs per project at a time. "
             "Wait for it to finish, or cancel it (a job whose worker died is failed by stale recovery).")
+
+
+def served_versions(store: Store, project: ProjectInfo) -> list[PolicyVersionInfo]:
+    """The project's policy versions that have a checkpoint (can be rolled out), oldest
+    first; versions that only hold imported labels are left out."""
+    return [v for v in store.list_policy_versions(project.id) if v.checkpoint_path is not None]
 
 
 def _checkpoint_dir(store: Store, version: PolicyVersionInfo) -> Path:
@@ -757,7 +757,7 @@ def bootstrap(ctx: JobContext) -> dict[str, Any]:
     _apply_threads(settings.threads)
     _ensure_sole_training_job(ctx)
     key = params.key(task)
-    versions = [v for v in store.list_policy_versions(project.id) if v.checkpoint_path is not None]
+    versions = served_versions(store, project)
     outcome = {"dataset": "reused", "bc": "reused"}
     if versions:
         version = versions[0]
@@ -870,7 +870,7 @@ def alignment_round(ctx: JobContext) -> dict[str, Any]:
     params = RoundParams.from_params(ctx.params)
     project = store.get_project(ctx.job.project_id)
     _ensure_sole_training_job(ctx)
-    versions = [v for v in store.list_policy_versions(project.id) if v.checkpoint_path is not None]
+    versions = served_versions(store, project)
     reference = next((v for v in versions if v.round == 0), None)
     if reference is None:
         raise RoundError(f"project {project.name!r} has no round-0 policy version with a checkpoint; run a "
@@ -931,7 +931,7 @@ def _train_and_register(ctx: JobContext, project: ProjectInfo, params: RoundPara
     finally:
         _close(envs)
     ctx.check_cancelled()
-    latest = [v for v in store.list_policy_versions(project.id) if v.checkpoint_path is not None][-1]
+    latest = served_versions(store, project)[-1]
     if latest.id != previous.id:
         raise RoundError(f"policy version {latest.id} was registered while this round trained from version "
                          f"{previous.id}; this round's checkpoint {out} is left unregistered. Enqueue a new round.")

@@ -42,6 +42,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from fkpd.envs import DEFAULT_TASK
 from fkpd.errors import FKPDError
+from fkpd.rounds import served_versions
 from fkpd.store import (
     AnnotatorInfo,
     ArtifactPathError,
@@ -205,12 +206,6 @@ def open_project(store: Store, cfg: StudioConfig) -> tuple[ProjectInfo, JobView 
         return store.get_project(cfg.project), None
     job = store.jobs.enqueue(project.id, "bootstrap", cfg.bootstrap)
     return project, job
-
-
-def served_versions(store: Store, project: ProjectInfo) -> list:
-    """The project's policy versions that have a checkpoint (can be rolled out), oldest
-    first; versions that only hold imported labels are left out."""
-    return [v for v in store.list_policy_versions(project.id) if v.checkpoint_path is not None]
 
 
 def current_version(store: Store, project: ProjectInfo):
