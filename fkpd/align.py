@@ -38,8 +38,7 @@ from diffusers.optimization import get_constant_schedule_with_warmup
 from tqdm.auto import tqdm
 
 from fkpd.config import save_json, to_json_dict
-from fkpd.d4rl import is_d4rl_name
-from fkpd.data import OfflineDataset, WindowSampler, load_dataset
+from fkpd.data import OfflineDataset, WindowSampler, load_dataset, names_a_dataset
 from fkpd.errors import CheckpointError, ConfigError
 from fkpd.losses import REGULARIZERS, DPOTerms, PairBatch, alignment_loss, dpo_metrics, dpo_terms, preference_nll
 from fkpd.policy import DiffusionPolicy, checkpoint_dir, pick_device, read_checkpoint_meta
@@ -310,8 +309,7 @@ def align(cfg: AlignConfig, pairs: Sequence[WinnerFirstPair] | None = None, prog
     if cfg.regularizer == "forward" and cfg.lam > 0:
         if not dataset:
             raise ConfigError("regularizer 'forward' needs the offline dataset: pass --dataset FILE")
-        # load_dataset also resolves D4RL dataset names and minari:DATASET_ID
-        if not Path(dataset).exists() and not str(dataset).startswith("minari:") and not is_d4rl_name(str(dataset)):
+        if not names_a_dataset(dataset):
             source = "--dataset" if cfg.dataset else "the dataset recorded in the reference checkpoint"
             raise ConfigError(f"{source} {dataset!r} does not exist here; pass --dataset FILE (the offline data "
                               "the reference was cloned from)")

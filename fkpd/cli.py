@@ -116,20 +116,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     """Generate data (if missing), train BC (resuming), evaluate, write clips."""
-    from fkpd.d4rl import is_locomotion
+    from fkpd.d4rl import own_dataset
     from fkpd.data import DataRecipe, generate_dataset
-    from fkpd.envs import get_task
     from fkpd.policy import PolicyConfig
     from fkpd.rollout import evaluate
     from fkpd.train_bc import BCConfig, train_bc
 
     t0 = time.time()
     root = Path(args.out) / args.task.replace("/", "_")
-    data = root / "data.hdf5"
-    if is_locomotion(args.task):  # no generator: the task's D4RL dataset, from D4RL's cache directory
-        data = get_task(args.task).d4rl_name
+    own = own_dataset(args.task)  # locomotion has no generator: its D4RL dataset, from D4RL's cache directory
+    data = own or root / "data.hdf5"
     cfg = dataclass_from_args(BCConfig, args, task=args.task, dataset=str(data), out_dir=str(root / "bc"))
-    if is_locomotion(args.task):
+    if own:
         print(f"[1/3] using the D4RL dataset {data}")
     elif not data.exists():
         print(f"[1/3] generating {args.episodes} episodes of offline data -> {data}")

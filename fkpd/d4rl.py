@@ -150,6 +150,18 @@ def is_locomotion(task_id: str) -> bool:
     return family == "d4rl" and name.split("-", 1)[0] in LOCOMOTION_ENVS
 
 
+def own_dataset(task_id: str) -> str:
+    """The D4RL dataset a task trains on when no dataset is given: a locomotion task's own
+    (``d4rl/hopper-medium-v2`` -> ``hopper-medium-v2``, looked up in D4RL's cache
+    directory), since locomotion has no data generator; ``""`` for every other task,
+    whose data is generated."""
+    if not is_locomotion(task_id):
+        return ""
+    from fkpd.envs import get_task
+
+    return str(get_task(task_id).d4rl_name)
+
+
 # -- datasets ------------------------------------------------------------------------------
 def cache_dir() -> Path:
     """D4RL's dataset directory: ``$D4RL_DATASET_DIR``, else ``~/.d4rl/datasets`` (read at

@@ -360,6 +360,16 @@ def _read_key(f: h5py.File, key: str, path: Path) -> np.ndarray:
             "Regenerate or re-download it.") from exc
 
 
+def names_a_dataset(source: Path | str) -> bool:
+    """Whether :func:`load_dataset` has something to look up for ``source``: an existing
+    file, ``minari:DATASET_ID``, or a D4RL dataset name (whose file it then looks for in
+    D4RL's cache directory)."""
+    from fkpd.d4rl import is_d4rl_name
+
+    text = str(source)
+    return Path(source).exists() or text.startswith("minari:") or is_d4rl_name(text)
+
+
 def load_dataset(path: Path | str, task_id: str | None = None) -> OfflineDataset:
     """Read and validate a D4RL-layout dataset (the layout ``d4rl``'s ``get_dataset`` returns).
 

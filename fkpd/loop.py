@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 
 from fkpd.align import AlignConfig, PairWindows, align, evaluate_pairs, pairs_from_labels
 from fkpd.config import save_json, to_json_dict
-from fkpd.d4rl import is_d4rl_name, is_locomotion
-from fkpd.data import OfflineDataset, generate_dataset, load_dataset
+from fkpd.d4rl import own_dataset
+from fkpd.data import OfflineDataset, generate_dataset, load_dataset, names_a_dataset
 from fkpd.envs import DEFAULT_TASK, get_task, make_env
 from fkpd.errors import CheckpointError, ConfigError
 from fkpd.io import atomic_path
@@ -237,10 +237,10 @@ def run_loop(cfg: LoopConfig, align_cfg: AlignConfig | None = None, policy_cfg: 
     if cfg.dataset:
         # A file, a D4RL dataset name (D4RL's cache directory) or minari:DATASET_ID.
         dataset: Path | str = cfg.dataset
-        if not Path(cfg.dataset).exists() and not cfg.dataset.startswith("minari:") and not is_d4rl_name(cfg.dataset):
+        if not names_a_dataset(cfg.dataset):
             raise ConfigError(f"--dataset {cfg.dataset!r} does not exist; drop the flag to generate one")
-    elif is_locomotion(cfg.task):
-        dataset = spec.d4rl_name  # no generator: the task's own D4RL dataset, from D4RL's cache directory
+    elif own := own_dataset(cfg.task):
+        dataset = own  # no generator: the task's own D4RL dataset, from D4RL's cache directory
     else:
         dataset = out / "data.hdf5"
         if not dataset.exists():

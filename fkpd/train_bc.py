@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from fkpd.config import from_json_dict, save_json, to_json_dict
-from fkpd.d4rl import is_locomotion
+from fkpd.d4rl import own_dataset
 from fkpd.data import WindowSampler, load_dataset
 from fkpd.envs import get_task
 from fkpd.errors import CheckpointError, ConfigError, FKPDError
@@ -180,8 +180,8 @@ def train_bc(cfg: BCConfig, policy_cfg: PolicyConfig | None = None, progress: bo
         TrainingError: NaN/inf loss; the previous checkpoint stays as it was.
     """
     spec = get_task(cfg.task)
-    if not cfg.dataset and is_locomotion(cfg.task):
-        cfg = dataclasses.replace(cfg, dataset=spec.d4rl_name)  # the task's D4RL dataset, from D4RL's cache
+    if not cfg.dataset:  # a locomotion task's own D4RL dataset, from D4RL's cache directory ("" otherwise)
+        cfg = dataclasses.replace(cfg, dataset=own_dataset(cfg.task))
     if not cfg.dataset:
         raise ConfigError("no dataset given: pass --dataset FILE (make one with `fkpd data generate`)")
     ds = load_dataset(cfg.dataset, task_id=cfg.task)
