@@ -2,7 +2,7 @@
 
 For every task and seed: generate the default (perturbed) dataset and clone a BC policy
 (reused when already there), then for every teacher and method run the headless loop
-(:func:`fkpd.loop.run_loop`: rounds of rollouts of the current policy, scripted labels,
+(:func:`fkpd.train.loop.run_loop`: rounds of rollouts of the current policy, scripted labels,
 alignment on all labels so far, evaluation). BC is round 0 of each run. At most 500
 labels per run (``rounds × pairs_per_round``).
 
@@ -51,10 +51,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fkpd.align import AlignConfig
+from fkpd.train.align import AlignConfig
 from fkpd.data import generate_dataset
-from fkpd.loop import LoopConfig, json_safe, run_loop
-from fkpd.train_bc import BCConfig, train_bc
+from fkpd.train.loop import LoopConfig, json_safe, run_loop
+from fkpd.train.bc import BCConfig, train_bc
 
 METHODS = {"forward": "FKPD (forward KL)", "none": "Diffusion-DPO (no reg.)", "reverse": "DPO + reverse KL"}
 MAX_LABELS = 500

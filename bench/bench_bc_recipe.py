@@ -18,8 +18,8 @@ from pathlib import Path
 
 from fkpd.config import to_json_dict
 from fkpd.data import DataRecipe, dataset_info, generate_dataset, load_dataset
-from fkpd.rollout import evaluate
-from fkpd.train_bc import BCConfig, train_bc
+from fkpd.policy.rollout import evaluate
+from fkpd.train.bc import BCConfig, train_bc
 
 
 def main() -> None:

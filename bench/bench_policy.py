@@ -29,7 +29,7 @@ import torch
 from fkpd.data import Normalizer
 from fkpd.envs import DEFAULT_TASK, get_task, make_env
 from fkpd.policy import DiffusionPolicy, PolicyConfig, pick_device
-from fkpd.train_bc import BCConfig
+from fkpd.train.bc import BCConfig
 
 
 def _policy(device: torch.device) -> DiffusionPolicy:

@@ -76,7 +76,7 @@ def _cmd_data_info(args: argparse.Namespace) -> int:
 def _cmd_data_import(args: argparse.Namespace) -> int:
     from fkpd.data import dataset_info, load_dataset
     from fkpd.errors import DatasetError
-    from fkpd.minari_io import import_minari
+    from fkpd.data.minari import import_minari
 
     if not args.source.startswith("minari:"):
         raise DatasetError(f"cannot import {args.source!r}: pass minari:DATASET_ID (D4RL files and dataset names "
@@ -90,7 +90,7 @@ def _cmd_data_import(args: argparse.Namespace) -> int:
 
 def _cmd_train_bc(args: argparse.Namespace) -> int:
     from fkpd.policy import PolicyConfig
-    from fkpd.train_bc import BCConfig, train_bc
+    from fkpd.train.bc import BCConfig, train_bc
 
     cfg = dataclass_from_args(BCConfig, args)
     pcfg = dataclass_from_args(PolicyConfig, args)
@@ -100,7 +100,7 @@ def _cmd_train_bc(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from fkpd.rollout import evaluate
+    from fkpd.policy.rollout import evaluate
 
     res = evaluate(args.checkpoint, episodes=args.episodes, video_dir=args.videos, n_videos=args.n_videos,
                    workers=args.workers, policy_seed=args.seed, render_size=tuple(args.render_size),
@@ -116,11 +116,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     """Generate data (if missing), train BC (resuming), evaluate, write clips."""
-    from fkpd.d4rl import own_dataset
+    from fkpd.envs.d4rl import own_dataset
     from fkpd.data import DataRecipe, generate_dataset
     from fkpd.policy import PolicyConfig
-    from fkpd.rollout import evaluate
-    from fkpd.train_bc import BCConfig, train_bc
+    from fkpd.policy.rollout import evaluate
+    from fkpd.train.bc import BCConfig, train_bc
 
     t0 = time.time()
     root = Path(args.out) / args.task.replace("/", "_")
@@ -153,7 +153,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 # ---- alignment (FKPD issue "the losses, scripted teachers, the headless loop") -------------
 def _cmd_align(args: argparse.Namespace) -> int:
     """One alignment round on a preferences file; prints where the new version went."""
-    from fkpd.align import AlignConfig, align
+    from fkpd.train.align import AlignConfig, align
 
     res = align(dataclass_from_args(AlignConfig, args))
     b, a = res.before, res.after
@@ -165,8 +165,8 @@ def _cmd_align(args: argparse.Namespace) -> int:
 
 def _cmd_loop(args: argparse.Namespace) -> int:
     """BC, then K rounds of rollouts -> scripted labels -> alignment -> evaluation."""
-    from fkpd.align import AlignConfig
-    from fkpd.loop import LoopConfig, run_loop
+    from fkpd.train.align import AlignConfig
+    from fkpd.train.loop import LoopConfig, run_loop
     from fkpd.policy import PolicyConfig
 
     summary = run_loop(dataclass_from_args(LoopConfig, args), dataclass_from_args(AlignConfig, args),
@@ -178,8 +178,8 @@ def _cmd_loop(args: argparse.Namespace) -> int:
 
 
 def _add_alignment_parsers(sub) -> None:
-    from fkpd.align import AlignConfig
-    from fkpd.loop import LoopConfig
+    from fkpd.train.align import AlignConfig
+    from fkpd.train.loop import LoopConfig
     from fkpd.policy import PolicyConfig
 
     s = sub.add_parser("align", help="one alignment round (FKPD / DPO / reverse KL) on a preferences file")
@@ -221,7 +221,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
         threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
     n = run_worker(store, once=args.once, poll_s=args.poll_s, stale_after_s=args.stale_after_s,
-                   max_attempts=args.max_attempts, handler_modules=["fkpd.rounds", "fkpd.studio"], stop=stop)
+                   max_attempts=args.max_attempts, handler_modules=["fkpd.studio.rounds", "fkpd.studio"], stop=stop)
     print(f"worker ran {n} job(s)")
     return 0
 
@@ -245,7 +245,7 @@ def _cmd_labels_import(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from fkpd.policy import PolicyConfig
-    from fkpd.train_bc import BCConfig
+    from fkpd.train.bc import BCConfig
 
     p = argparse.ArgumentParser(prog="fkpd", description="FKPD Studio: align diffusion policies to preferences")
     sub = p.add_subparsers(dest="cmd", required=True)

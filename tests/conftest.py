@@ -25,7 +25,7 @@ def tiny_dataset(tmp_path_factory):
 def tiny_checkpoint(tiny_dataset, tmp_path_factory):
     """A small policy trained for a few steps on the tiny dataset."""
     from fkpd.policy import PolicyConfig
-    from fkpd.train_bc import BCConfig, train_bc
+    from fkpd.train.bc import BCConfig, train_bc
 
     out = tmp_path_factory.mktemp("bc")
     cfg = BCConfig(task=TASK, dataset=str(tiny_dataset), out_dir=str(out), steps=30, batch_size=32,

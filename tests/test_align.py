@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from fkpd.align import AlignConfig, PairWindows, align, pairs_from_labels
+from fkpd.train.align import AlignConfig, PairWindows, align, pairs_from_labels
 from fkpd.cli import main
 from fkpd.data import Normalizer, WindowSampler
 from fkpd.errors import CheckpointError, ConfigError
 from fkpd.policy import DiffusionPolicy, PolicyConfig, read_checkpoint_meta
-from fkpd.segments import PreferenceError, Segment, load_preferences, save_preferences
-from fkpd.train_bc import TrainingError
+from fkpd.prefs.segments import PreferenceError, Segment, load_preferences, save_preferences
+from fkpd.train.bc import TrainingError
 
 TASK = "metaworld/door-open-v3"
 OTHER = "metaworld/button-press-v3"
@@ -218,7 +218,7 @@ def test_reference_for_another_task_stops(synth, tmp_path):
 
 
 def test_nan_loss_stops_without_writing(synth, tmp_path, monkeypatch):
-    import fkpd.align as fa
+    import fkpd.train.align as fa
 
     real = fa.alignment_loss
 
@@ -271,8 +271,8 @@ def test_cli_align(synth, tmp_path, capsys):
 @pytest.mark.slow
 def test_collect_pairs_share_reset_seed_and_match_select_action(tmp_path):
     from fkpd.envs import make_env
-    from fkpd.rollout import rollout
-    from fkpd.segments import ClipRequest, collect_pairs, rollout_clips
+    from fkpd.policy.rollout import rollout
+    from fkpd.prefs.segments import ClipRequest, collect_pairs, rollout_clips
 
     torch.manual_seed(0)
     pol = DiffusionPolicy(_tiny_cfg(), Normalizer(-np.ones(39), np.ones(39)), Normalizer(-np.ones(4), np.ones(4)),

@@ -23,7 +23,7 @@ def _probe(path):
 def test_train_bc_on_step_stops_and_resumes(tiny_dataset, tmp_path):
     """An exception from on_step stops BC; the last saved state stays and the next call resumes from it."""
     from fkpd.policy import PolicyConfig
-    from fkpd.train_bc import BCConfig, train_bc
+    from fkpd.train.bc import BCConfig, train_bc
 
     cfg = BCConfig(task=TASK, dataset=str(tiny_dataset), out_dir=str(tmp_path / "bc"), steps=30, batch_size=32,
                    eval_every=0, save_every=10, log_every=5, warmup_steps=5)

@@ -16,7 +16,7 @@ HOPPER = "d4rl/hopper-medium-v2"
 def _hopper_episodes(n_eps=3, steps=25, seed=0):
     """Random-action Hopper-v5 episodes recorded the way D4RL's v2 files are: observation,
     action, reward, done flags, next observation, and the simulator state in infos."""
-    from fkpd.d4rl import LocomotionEnv
+    from fkpd.envs.d4rl import LocomotionEnv
 
     env = LocomotionEnv("hopper", max_episode_steps=steps)
     rng = np.random.default_rng(seed)
@@ -129,7 +129,7 @@ def test_nan_in_next_observations_names_key_and_row(tmp_path, hopper_rows):
 
 # -- dataset names and D4RL's cache directory ------------------------------------------------
 def test_dataset_name_resolves_in_d4rl_cache_dir(tmp_path, monkeypatch, hopper_rows):
-    from fkpd.d4rl import _d4rl, dataset_file, resolve_dataset
+    from fkpd.envs.d4rl import _d4rl, dataset_file, resolve_dataset
 
     monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
     url = _d4rl().infos.DATASET_URLS["hopper-medium-v2"]
@@ -146,7 +146,7 @@ def test_dataset_name_resolves_in_d4rl_cache_dir(tmp_path, monkeypatch, hopper_r
 
 
 def test_registry_takes_names_from_d4rl():
-    from fkpd.d4rl import _d4rl
+    from fkpd.envs.d4rl import _d4rl
     from fkpd.envs import get_task, list_tasks
 
     d4rl_tasks = list_tasks("d4rl")
@@ -176,7 +176,7 @@ def test_locomotion_has_no_generator():
 
 # -- normalised scores -----------------------------------------------------------------------
 def test_normalized_score_is_d4rls():
-    from fkpd.d4rl import _d4rl, normalized_score, score_summary
+    from fkpd.envs.d4rl import _d4rl, normalized_score, score_summary
 
     d4rl = _d4rl()
     for name, ret in (("hopper-medium-v2", 1500.0), ("walker2d-expert-v2", 4000.0),
@@ -195,8 +195,8 @@ def test_normalized_score_is_d4rls():
 
 
 def test_eval_summary_reports_d4rl_score():
-    from fkpd.d4rl import normalized_score
-    from fkpd.rollout import EvalResult
+    from fkpd.envs.d4rl import normalized_score
+    from fkpd.policy.rollout import EvalResult
 
     res = EvalResult(task_id="d4rl/maze2d-umaze", reset_seeds=[1, 2], returns=[100.0, 50.0],
                      successes=[True, False], lengths=[300, 300])
@@ -213,7 +213,7 @@ def test_eval_summary_reports_d4rl_score():
 def test_v5_observations_have_the_d4rl_v2_layout(env_name, nq, do, da, clipped):
     """D4RL v2 data came from gym's v3 envs, whose ``_get_obs`` is qpos without the torso's
     x position, then qvel (clipped to ±10 for hopper and walker2d, not for halfcheetah)."""
-    from fkpd.d4rl import LOCOMOTION_ENVS, LocomotionEnv, observation_from_state
+    from fkpd.envs.d4rl import LOCOMOTION_ENVS, LocomotionEnv, observation_from_state
     from fkpd.envs import make_env
 
     assert LOCOMOTION_ENVS[env_name][1:] == (do, da)
@@ -249,7 +249,7 @@ def test_locomotion_bc_and_eval_from_the_d4rl_cache(tmp_path, monkeypatch, hoppe
     import json
 
     from fkpd.cli import main
-    from fkpd.d4rl import dataset_file, normalized_score
+    from fkpd.envs.d4rl import dataset_file, normalized_score
     from fkpd.policy import read_checkpoint_meta
 
     monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "d4rl"))

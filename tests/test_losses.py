@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fkpd.data import Normalizer
-from fkpd.losses import (PairBatch, alignment_loss, bc_loss, dpo_loss, dpo_terms, reverse_kl_loss, sample_chain,
+from fkpd.train.losses import (PairBatch, alignment_loss, bc_loss, dpo_loss, dpo_terms, reverse_kl_loss, sample_chain,
                          segment_errors, shared_noise)
 from fkpd.policy import DiffusionPolicy, PolicyConfig
 

@@ -11,8 +11,8 @@ import pytest
 
 from fkpd.data import dataset_info, generate_dataset, load_dataset
 from fkpd.envs import get_task, make_env, scripted_policy
-from fkpd.maze import MAZES, MazeEnv, bfs_distances, cell_center, free_cells, from_d4rl_frame, maze_map
-from fkpd.segments import load_preferences
+from fkpd.envs.maze import MAZES, MazeEnv, bfs_distances, cell_center, free_cells, from_d4rl_frame, maze_map
+from fkpd.prefs.segments import load_preferences
 
 UMAZE = "d4rl/maze2d-umaze"
 
@@ -22,7 +22,7 @@ def d4rl_maze_model():
     """D4RL's own maze2d definitions (``d4rl/pointmaze/maze_model.py``): its map strings,
     ``parse_maze`` and the MJCF builder ``point_maze``, taken from the installed package's
     source (that module itself imports mujoco-py, which is not installed)."""
-    from fkpd.d4rl import _d4rl
+    from fkpd.envs.d4rl import _d4rl
 
     root = Path(_d4rl().__file__).parent / "pointmaze"
     spec = importlib.util.spec_from_file_location("d4rl_dynamic_mjc", root / "dynamic_mjc.py")
@@ -174,8 +174,8 @@ def test_original_d4rl_maze_file_is_converted(tmp_path):
 def test_maze_segments_default_to_whole_episodes():
     """Sparse reward: maze2d clips are whole episodes unless set; other tasks keep L = 64."""
     from fkpd.errors import ConfigError
-    from fkpd.loop import LoopConfig
-    from fkpd.rounds import BatchSettings, RoundError
+    from fkpd.train.loop import LoopConfig
+    from fkpd.studio.rounds import BatchSettings, RoundError
 
     for size, m in MAZES.items():
         assert get_task(f"d4rl/maze2d-{size}").segment_length == m.horizon
@@ -199,7 +199,7 @@ def test_loop_runs_end_to_end_offline(tmp_path, capsys):
     import json
 
     from fkpd.cli import main
-    from fkpd.d4rl import normalized_score
+    from fkpd.envs.d4rl import normalized_score
 
     out = tmp_path / "loop"
     args = ["loop", "--task", UMAZE, "--teacher", "return", "--rounds", "1", "--pairs-per-round", "4",

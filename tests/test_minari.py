@@ -76,8 +76,8 @@ def test_dict_observations_use_their_observation_entry(minari_root):
 
     import gymnasium as gym
 
-    from fkpd.d4rl import quiet
-    from fkpd.maze import MazeOracle
+    from fkpd.envs.d4rl import quiet
+    from fkpd.envs.maze import MazeOracle
 
     with quiet():
         import gymnasium_robotics
@@ -92,7 +92,7 @@ def test_dict_observations_use_their_observation_entry(minari_root):
     ds = load_dataset("minari:fkpd/pointmaze-dict-test-v0", UMAZE)
     assert ds.observations.shape == (40, 4) and ds.infos["goal"].shape == (40, 2)
     assert ds.num_episodes == 2 and ds.attrs["env_id"] == "PointMaze_UMaze-v3"
-    from fkpd.minari_io import load_minari
+    from fkpd.data.minari import load_minari
 
     with pytest.raises(DatasetError, match=r"keys \['achieved_goal', 'desired_goal', 'observation'\], without 'qpos'"):
         load_minari("fkpd/pointmaze-dict-test-v0", obs_key="qpos")

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from fkpd.rounds import ALIGNMENT_ROUND, BOOTSTRAP, BootstrapParams, RoundError
-from fkpd.segments import Segment
+from fkpd.studio.rounds import ALIGNMENT_ROUND, BOOTSTRAP, BootstrapParams, RoundError
+from fkpd.prefs.segments import Segment
 from fkpd.store import Store, run_worker, sha256_file
 from fkpd.store import models as m
 from fkpd.studio import StudioConfig, StudioError, enqueue_compare, open_project, rounds_history, version_label
@@ -40,7 +40,7 @@ HOPPER = "d4rl/hopper-medium-v2"
 def run_job(store: Store, project: str, kind: str, params: dict):
     """Enqueue one job and run it with the worker ``fkpd worker`` runs."""
     job = store.jobs.enqueue(project, kind, params)
-    assert run_worker(store, once=True, handler_modules=["fkpd.rounds"], heartbeat_s=0.2, stale_after_s=None) == 1
+    assert run_worker(store, once=True, handler_modules=["fkpd.studio.rounds"], heartbeat_s=0.2, stale_after_s=None) == 1
     return store.jobs.get(job.id)
 
 
@@ -121,7 +121,7 @@ def _valid_q_starts(path: Path, count: int) -> list[int]:
 @pytest.mark.slow
 def test_locomotion_project_bootstraps_from_the_d4rl_cache_and_trains_on_imported_labels(
         store, tmp_path, monkeypatch):
-    from fkpd.d4rl import dataset_file
+    from fkpd.envs.d4rl import dataset_file
     from fkpd.store.export import import_pt_labels
 
     monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "d4rl"))

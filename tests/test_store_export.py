@@ -232,7 +232,7 @@ def _pickle(path: Path, value) -> None:
 def test_import_indices_count_d4rl_qlearning_rows(store, tmp_path):
     """Preference Transformer and Uni-RLHF index ``d4rl.qlearning_dataset``, which drops
     every timeouts row and the last row; the imported segments are D4RL's own rows."""
-    from fkpd.d4rl import _d4rl as d4rl_package
+    from fkpd.envs.d4rl import _d4rl as d4rl_package
 
     store.create_project("proj", "d4rl/hopper-medium-v2")
     raw = _d4rl(tmp_path / "hopper.hdf5", episodes=3)  # ends: timeout 29, terminal 59, timeout 89
@@ -275,7 +275,7 @@ def test_import_indices_count_d4rl_qlearning_rows(store, tmp_path):
 
 
 def test_import_by_d4rl_name_from_the_cache_dir(store, tmp_path, monkeypatch):
-    from fkpd.d4rl import dataset_file
+    from fkpd.envs.d4rl import dataset_file
 
     monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "d4rl"))
     store.create_project("proj", "d4rl/hopper-medium-v2")

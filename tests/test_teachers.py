@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from fkpd.errors import ConfigError, FKPDError
-from fkpd.segments import PreferenceError, Segment
-from fkpd.teachers import (TEACHERS, HighGripperTeacher, ReturnTeacher, SmoothTeacher, Teacher, make_teacher,
+from fkpd.prefs.segments import PreferenceError, Segment
+from fkpd.prefs.teachers import (TEACHERS, HighGripperTeacher, ReturnTeacher, SmoothTeacher, Teacher, make_teacher,
                            outcome_to_p_left, to_winner_first)
 
 OUTCOMES = {"left", "right", "equal", "skip"}
@@ -142,8 +142,8 @@ def test_make_teacher_presets_and_errors():
 
 
 def test_intent_scores_per_task_family():
-    from fkpd.segments import Segment
-    from fkpd.teachers import intent_scores
+    from fkpd.prefs.segments import Segment
+    from fkpd.prefs.teachers import intent_scores
 
     still = Segment(np.zeros((5, 39)), np.zeros((5, 4)), np.zeros(5), np.zeros(5, bool))
     jerky = Segment(np.zeros((5, 39)), np.tile([[1.0, 0, 0, 0], [-1.0, 0, 0, 0]], (3, 1))[:5], np.zeros(5),

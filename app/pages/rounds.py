@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from fkpd.align import AlignConfig
+from fkpd.train.align import AlignConfig
 from fkpd.studio import (
     StudioError,
     active_training_job,

@@ -18,7 +18,7 @@ Task ids:
   Gymnasium's MuJoCo v5 environments (:class:`LocomotionEnv`), whose observations have
   the layout of the v2 datasets (:func:`observation_from_state`);
 * ``d4rl/maze2d-umaze``, ``d4rl/maze2d-medium``, ``d4rl/maze2d-large`` on
-  Gymnasium-Robotics' PointMaze (:mod:`fkpd.maze`), scored against D4RL's
+  Gymnasium-Robotics' PointMaze (:mod:`fkpd.envs.maze`), scored against D4RL's
   ``maze2d-<size>-v1`` references.
 
 A dataset is found by file (``--dataset FILE``) or by D4RL dataset name
@@ -112,7 +112,7 @@ def locomotion_names() -> tuple[str, ...]:
 def list_task_ids() -> list[str]:
     """All ``d4rl/...`` task ids: maze2d first, then locomotion (empty locomotion list
     when ``d4rl`` is not installed)."""
-    from fkpd.maze import MAZES
+    from fkpd.envs.maze import MAZES
 
     ids = [f"d4rl/maze2d-{m}" for m in MAZES]
     try:
@@ -129,7 +129,7 @@ def task_spec(name: str):
     returns normalise scores; maze specs record ``maze2d-<size>-v1``.
     """
     from fkpd.envs import TaskSpec
-    from fkpd.maze import MAZES
+    from fkpd.envs.maze import MAZES
 
     if name.startswith("maze2d-") and name[len("maze2d-"):] in MAZES:
         m = MAZES[name[len("maze2d-"):]]

@@ -14,7 +14,7 @@ reset puts the ball in a uniformly drawn free cell (the goal cell included, as D
 ``reset_model``) with uniform ±0.1 m position noise and N(0, 0.1²) velocity noise, and
 the reward is D4RL's sparse one, 1 when the ball is within 0.5 m of the goal, else 0,
 for D4RL's horizon (300, 600, 800 steps). Returns therefore normalise with D4RL's
-reference scores (:func:`fkpd.d4rl.normalized_score`). Observations are D4RL's
+reference scores (:func:`fkpd.envs.d4rl.normalized_score`). Observations are D4RL's
 ``(x, y, vx, vy)`` (Do = 4; the goal is fixed, so it is not observed) and actions the
 2-D force in ``[-1, 1]`` (Da = 2).
 
@@ -50,7 +50,7 @@ from typing import Any, Sequence
 import gymnasium as gym
 import numpy as np
 
-from fkpd.d4rl import _plain_scene, quiet
+from fkpd.envs.d4rl import _plain_scene, quiet
 
 #: D4RL's sparse-reward and success radius around the goal, metres.
 GOAL_RADIUS = 0.5
@@ -164,7 +164,7 @@ def convert_d4rl_dataset(ds, size: str):
             infos[k] = from_d4rl_frame(size, positions=infos[k])["positions"]
     if "qvel" in infos and np.shape(infos["qvel"])[-1:] == (2,):
         infos["qvel"] = from_d4rl_frame(size, actions=infos["qvel"])["actions"]
-    attrs = {**ds.attrs, "frame": "converted from D4RL maze2d to PointMaze (fkpd.maze.from_d4rl_frame)"}
+    attrs = {**ds.attrs, "frame": "converted from D4RL maze2d to PointMaze (fkpd.envs.maze.from_d4rl_frame)"}
     return dataclasses.replace(ds, observations=conv["observations"], actions=conv["actions"], infos=infos,
                                attrs=attrs)
 

@@ -6,14 +6,14 @@ all preference pairs so far, against the frozen behaviour-cloning reference π_r
 
     L(θ) = L_DPO(θ; pairs, π_ref, β) + λ·R(θ),
     R = L_BC on the offline dataset (``forward``, FKPD), the DPOK-style chain
-    ‖ε_θ − ε_ref‖² (``reverse``) or 0 (``none``)           (DESIGN.md §2; :mod:`fkpd.losses`)
+    ‖ε_θ − ε_ref‖² (``reverse``) or 0 (``none``)           (DESIGN.md §2; :mod:`fkpd.train.losses`)
 
 The trainer takes an in-memory list of winner-first pairs ``(σ_w, σ_l, p)``
-(:func:`align`); reading a preferences file (:func:`fkpd.segments.load_preferences`)
-and converting labels (:func:`fkpd.teachers.to_winner_first`) happen before, so the
+(:func:`align`); reading a preferences file (:func:`fkpd.prefs.segments.load_preferences`)
+and converting labels (:func:`fkpd.prefs.teachers.to_winner_first`) happen before, so the
 preference database can feed the same function.
 
-Output directory layout (like :mod:`fkpd.train_bc`)::
+Output directory layout (like :mod:`fkpd.train.bc`)::
 
     OUT/checkpoint/   model.safetensors + config.json  (new version; parent, round, metrics)
     OUT/metrics.jsonl                                  (one JSON line per log point)
@@ -40,11 +40,11 @@ from tqdm.auto import tqdm
 from fkpd.config import save_json, to_json_dict
 from fkpd.data import OfflineDataset, WindowSampler, load_dataset, names_a_dataset
 from fkpd.errors import CheckpointError, ConfigError
-from fkpd.losses import REGULARIZERS, DPOTerms, PairBatch, alignment_loss, dpo_metrics, dpo_terms, preference_nll
+from fkpd.train.losses import REGULARIZERS, DPOTerms, PairBatch, alignment_loss, dpo_metrics, dpo_terms, preference_nll
 from fkpd.policy import DiffusionPolicy, checkpoint_dir, pick_device, read_checkpoint_meta
-from fkpd.segments import PreferenceError, Segment, load_preferences
-from fkpd.teachers import to_winner_first
-from fkpd.train_bc import TrainingError, optimizer_step
+from fkpd.prefs.segments import PreferenceError, Segment, load_preferences
+from fkpd.prefs.teachers import to_winner_first
+from fkpd.train.bc import TrainingError, optimizer_step
 
 WinnerFirstPair = tuple[Segment, Segment, float]
 
@@ -149,7 +149,7 @@ class PairWindows:
             w, l, p = item
             if p not in (1.0, 0.5):
                 raise PreferenceError(f"pair {i}: p = {p!r}; winner-first pairs carry p = 1.0 or 0.5 "
-                                      "(convert labels with fkpd.teachers.to_winner_first)")
+                                      "(convert labels with fkpd.prefs.teachers.to_winner_first)")
             for seg in (w, l):
                 if task_id and seg.task_id and seg.task_id != task_id:
                     raise PreferenceError(f"pair {i}: segment {seg.path or ''} was recorded on {seg.task_id!r}, not "
@@ -183,7 +183,7 @@ class PairWindows:
         return len(self.p)
 
     def batch(self, idx: torch.Tensor) -> PairBatch:
-        """Pairs ``idx`` (B,) -> :class:`~fkpd.losses.PairBatch` with L = L_max."""
+        """Pairs ``idx`` (B,) -> :class:`~fkpd.train.losses.PairBatch` with L = L_max."""
         b = len(idx)
         obs, act = self.sampler.get(self.index[idx].flatten())
         obs = obs.view(b, 2, self.max_len, *obs.shape[1:])
@@ -200,7 +200,7 @@ class PairWindows:
 @torch.no_grad()
 def evaluate_pairs(policy: DiffusionPolicy, reference: DiffusionPolicy, windows: PairWindows, beta: float,
                    seed: int = 0, batch_pairs: int = 32) -> dict[str, float]:
-    """DPO metrics (:func:`fkpd.losses.dpo_metrics`) and loss over all pairs, with a
+    """DPO metrics (:func:`fkpd.train.losses.dpo_metrics`) and loss over all pairs, with a
     fixed noise draw (``seed``) so values at different θ are comparable.
 
     Returns:
@@ -245,7 +245,7 @@ def align(cfg: AlignConfig, pairs: Sequence[WinnerFirstPair] | None = None, prog
     Args:
         cfg: the round's config; ``cfg.checkpoint`` (REF) is required.
         pairs: winner-first pairs ``(σ_w, σ_l, p)``; when None they are read from
-            ``cfg.prefs`` and converted with :func:`fkpd.teachers.to_winner_first`.
+            ``cfg.prefs`` and converted with :func:`fkpd.prefs.teachers.to_winner_first`.
         progress: show a tqdm bar with loss and implicit accuracy.
         task_id: the preferences' task, checked against REF's when given.
         on_step: called after every optimiser step with ``(steps done, cfg.steps)``. An

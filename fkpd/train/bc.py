@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from fkpd.config import from_json_dict, save_json, to_json_dict
-from fkpd.d4rl import own_dataset
+from fkpd.envs.d4rl import own_dataset
 from fkpd.data import WindowSampler, load_dataset
 from fkpd.envs import get_task
 from fkpd.errors import CheckpointError, ConfigError, FKPDError
@@ -248,7 +248,7 @@ def train_bc(cfg: BCConfig, policy_cfg: PolicyConfig | None = None, progress: bo
             if done % cfg.save_every == 0 or done == cfg.steps:
                 checkpoint(done, metrics)
             if cfg.eval_every and cfg.eval_episodes and done % cfg.eval_every == 0 and done != cfg.steps:
-                from fkpd.rollout import evaluate
+                from fkpd.policy.rollout import evaluate
 
                 if done % cfg.save_every != 0:
                     checkpoint(done, metrics)

@@ -37,7 +37,7 @@ preference database until that is plugged into the trainer, which only ever sees
 in-memory list of pairs.
 
 Clips are produced by :func:`rollout_clips`, a lock-step batched version of
-:func:`fkpd.rollout.rollout` with ``policy.select_action``: all environments of a batch
+:func:`fkpd.policy.rollout.rollout` with ``policy.select_action``: all environments of a batch
 replan together every ``n_action_steps`` steps, so one batched DDIM call serves them all.
 """
 
@@ -56,7 +56,7 @@ import torch
 from fkpd.envs import DEFAULT_SEGMENT_LENGTH
 from fkpd.errors import FKPDError
 from fkpd.io import atomic_path
-from fkpd.rollout import EVAL_SEED_BASE, Episode, EvalResult, StepRecord, eval_noise_seed, write_video
+from fkpd.policy.rollout import EVAL_SEED_BASE, Episode, EvalResult, StepRecord, eval_noise_seed, write_video
 
 PREFS_FORMAT = "fkpd-prefs/1"
 SEGMENT_KEYS = ("observations", "actions", "rewards")  # required on load
@@ -202,7 +202,7 @@ def _sample_chunks(policy, hist: np.ndarray, generators: list[torch.Generator]) 
 def rollout_clips(policy, envs: Sequence, requests: Sequence[ClipRequest], progress=None) -> list[Episode]:
     """Roll out one clip per request, ``len(envs)`` at a time in lock step.
 
-    Equivalent to :func:`fkpd.rollout.rollout` with ``policy.select_action`` per clip
+    Equivalent to :func:`fkpd.policy.rollout.rollout` with ``policy.select_action`` per clip
     (observation history padded with the first observation, a chunk of Ta actions
     sampled every ``n_action_steps`` steps, receding horizon), but all clips of a batch
     replan in one batched DDIM call. Clip ``i`` draws its sampling noise from its own
@@ -215,7 +215,7 @@ def rollout_clips(policy, envs: Sequence, requests: Sequence[ClipRequest], progr
         progress: optional callable ``(n_done)`` called after each batch.
 
     Returns:
-        One :class:`~fkpd.rollout.Episode` per request, in order; ``frames`` hold the
+        One :class:`~fkpd.policy.rollout.Episode` per request, in order; ``frames`` hold the
         rendered steps from ``render_from`` on (or None).
     """
     cfg = policy.cfg
@@ -273,7 +273,7 @@ def evaluate_in_process(policy, envs: Sequence, episodes: int, seed: int = 0,
     """Evaluate ``policy`` on ``episodes`` full episodes in this process, in lock step.
 
     The same reset seeds (``EVAL_SEED_BASE + i``) and per-episode noise seeds as
-    :func:`fkpd.rollout.evaluate`, but rolled out with :func:`rollout_clips` (one
+    :func:`fkpd.policy.rollout.evaluate`, but rolled out with :func:`rollout_clips` (one
     batched DDIM call per replan, no worker processes to spawn), and the episodes are
     returned too, for metrics that need their arrays.
 
@@ -417,7 +417,7 @@ def load_preferences(path: Path | str) -> tuple[str | None, list[tuple[Segment, 
     path = Path(path)
     if not path.is_file():
         raise PreferenceError(f"preferences file {str(path)!r} does not exist; write one with "
-                              "fkpd.segments.save_preferences or pass the right path")
+                              "fkpd.prefs.segments.save_preferences or pass the right path")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

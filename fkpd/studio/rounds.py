@@ -1,7 +1,7 @@
 """Job handlers of the labelling loop: ``bootstrap`` and ``alignment_round``.
 
 Run them with a worker (``fkpd worker`` calls
-``run_worker(store, handler_modules=["fkpd.rounds"])``); the labelling app only enqueues::
+``run_worker(store, handler_modules=["fkpd.studio.rounds"])``); the labelling app only enqueues::
 
     store.jobs.enqueue("door", "bootstrap", {"dataset_episodes": 100, "bc_steps": 4000})
     store.jobs.enqueue("door", "alignment_round", {"regularizer": "forward", "beta": 500})
@@ -29,8 +29,8 @@ and checkpoint, and one with other parameters never mixes with them.
 
 1. read every non-skip comparison of the project (:meth:`Store.training_pairs`), load
    its segments (sha256-checked) and convert the labels to winner-first pairs
-   (:func:`fkpd.align.pairs_from_labels`);
-2. :func:`fkpd.align.align` with reference = the round-0 BC version and init = π_{r−1},
+   (:func:`fkpd.train.align.pairs_from_labels`);
+2. :func:`fkpd.train.align.align` with reference = the round-0 BC version and init = π_{r−1},
    into a directory of its own, ``projects/<id>/rounds/round<r>-job<j>-a<k>-<token>/``;
 3. a short evaluation of the new checkpoint;
 4. only then register policy version r (parent π_{r−1}, metrics: implicit accuracy,
@@ -181,7 +181,7 @@ _BATCH_FIELDS = _field_names(BatchSettings)
 
 
 def _bc_fields() -> set[str]:
-    from fkpd.train_bc import BCConfig
+    from fkpd.train.bc import BCConfig
 
     return _field_names(BCConfig) - {"task", "dataset", "out_dir", "resume", "steps"}
 
@@ -198,7 +198,7 @@ _ALIGN_SET_BY_JOB = {"checkpoint", "prefs", "init", "out_dir", "dataset", "round
 
 
 def _align_fields() -> set[str]:
-    from fkpd.align import AlignConfig
+    from fkpd.train.align import AlignConfig
 
     return _field_names(AlignConfig) - _ALIGN_SET_BY_JOB
 
@@ -223,7 +223,7 @@ class BootstrapParams:
         dataset_episodes: episodes of generated offline data (unused with a named or
             D4RL locomotion dataset).
         bc_steps: behaviour-cloning gradient steps.
-        bc: other :class:`fkpd.train_bc.BCConfig` fields (``batch_size``, ``lr``,
+        bc: other :class:`fkpd.train.bc.BCConfig` fields (``batch_size``, ``lr``,
             ``warmup_steps``, ``device``, ...); ``eval_every`` defaults to 0 (the job
             evaluates the final checkpoint itself), ``seed`` and ``threads`` to the batch
             settings' values.
@@ -273,12 +273,12 @@ class BootstrapParams:
         return cls(batch=batch, **{k: v for k, v in params.items() if k in own})
 
     def bc_config(self, task: str, dataset: Path, out_dir: Path):
-        """The :class:`fkpd.train_bc.BCConfig` of this bootstrap (``resume=True``).
+        """The :class:`fkpd.train.bc.BCConfig` of this bootstrap (``resume=True``).
 
         Raises:
             ConfigError: an out-of-range BC setting.
         """
-        from fkpd.train_bc import BCConfig
+        from fkpd.train.bc import BCConfig
 
         values: dict[str, Any] = {"eval_every": 0, "seed": self.batch.seed, "threads": self.batch.threads,
                                   "log_every": max(1, min(100, self.bc_steps // 20))}
@@ -300,7 +300,7 @@ class BootstrapParams:
         """The dataset this bootstrap reads, as named (not resolved): the ``dataset``
         parameter; else, for a D4RL locomotion task, its D4RL dataset name; else ``""``
         (the data is generated)."""
-        from fkpd.d4rl import own_dataset
+        from fkpd.envs.d4rl import own_dataset
 
         return self.dataset or own_dataset(task)
 
@@ -331,7 +331,7 @@ class RoundParams:
     """Parameters of an ``alignment_round`` job (``ctx.params``, flat JSON).
 
     Attributes:
-        align: :class:`fkpd.align.AlignConfig` fields (``regularizer``, ``beta``,
+        align: :class:`fkpd.train.align.AlignConfig` fields (``regularizer``, ``beta``,
             ``lam``, ``steps``, ``lr``, ``batch_pairs``, ``device``, ...); defaults are
             AlignConfig's, except ``log_every`` (about 20 progress reports per round).
             The job sets ``checkpoint``, ``init``, ``out_dir``, ``dataset`` and ``round``.
@@ -339,7 +339,7 @@ class RoundParams:
             ...); the rest come from version 0's recorded settings.
 
     ``seed`` and ``threads`` are BatchSettings fields that alignment uses too: the
-    alignment seed of round r is ``1000·seed + r`` (as in :mod:`fkpd.loop`).
+    alignment seed of round r is ``1000·seed + r`` (as in :mod:`fkpd.train.loop`).
     """
 
     align: dict[str, Any] = field(default_factory=dict)
@@ -353,7 +353,7 @@ class RoundParams:
             RoundError: an unknown key (the message lists the known ones).
             ConfigError: an out-of-range alignment setting (from AlignConfig).
         """
-        from fkpd.align import AlignConfig
+        from fkpd.train.align import AlignConfig
 
         align_fields = _align_fields()
         unknown = sorted(set(params) - align_fields - _BATCH_FIELDS)
@@ -371,13 +371,13 @@ class RoundParams:
         return BatchSettings(**{**known, **self.batch})
 
     def align_config(self, round_: int, settings: BatchSettings, **paths: str):
-        """The round's :class:`fkpd.align.AlignConfig`, with the job-set fields ``paths``
+        """The round's :class:`fkpd.train.align.AlignConfig`, with the job-set fields ``paths``
         (``checkpoint``, ``init``, ``out_dir``, ``dataset``).
 
         Raises:
             ConfigError: an out-of-range alignment setting.
         """
-        from fkpd.align import AlignConfig
+        from fkpd.train.align import AlignConfig
 
         values: dict[str, Any] = {"seed": 1000 * settings.seed + round_, "threads": settings.threads}
         values.update(self.align)
@@ -499,8 +499,8 @@ def evaluate_version(policy, envs: Sequence, episodes: int, seed: int = 0,
                      progress: Callable[[float, str], None] | None = None) -> dict[str, Any]:
     """Evaluate a policy on ``episodes`` full episodes, batched in lock step.
 
-    Through :func:`fkpd.segments.evaluate_in_process`: the reset seeds of
-    :func:`fkpd.rollout.evaluate`, sampled in this process (no worker processes to spawn).
+    Through :func:`fkpd.prefs.segments.evaluate_in_process`: the reset seeds of
+    :func:`fkpd.policy.rollout.evaluate`, sampled in this process (no worker processes to spawn).
 
     Args:
         policy: a :class:`fkpd.policy.DiffusionPolicy`.
@@ -513,12 +513,12 @@ def evaluate_version(policy, envs: Sequence, episodes: int, seed: int = 0,
         ``success_rate`` (0..1), ``success_ci95`` ([lo, hi], Wilson), ``mean_return``
         (sum of rewards per episode, averaged), ``std_return``, ``episodes``; on
         ``d4rl/`` tasks also ``d4rl_normalized_score`` and ``d4rl_normalized_score_std``
-        (0-100 scale, :func:`fkpd.d4rl.score_summary`); and the intent teachers' scores
+        (0-100 scale, :func:`fkpd.envs.d4rl.score_summary`); and the intent teachers' scores
         over the episodes (``intent_smooth``, ``intent_high_gripper`` on MetaWorld;
-        :func:`fkpd.teachers.intent_scores`).
+        :func:`fkpd.prefs.teachers.intent_scores`).
     """
-    from fkpd.segments import cut_segment, evaluate_in_process
-    from fkpd.teachers import intent_scores
+    from fkpd.prefs.segments import cut_segment, evaluate_in_process
+    from fkpd.prefs.teachers import intent_scores
 
     def tick(done: int) -> None:
         if progress is not None:
@@ -538,7 +538,7 @@ def render_batch(store: Store, project: ProjectInfo, version: PolicyVersionInfo,
     """Roll out, save and register one labelling batch of ``version`` for ``round_``.
 
     Pair ``i`` is two clips of ``version`` from the reset seed
-    :func:`fkpd.loop.pair_seed` ``(seed, round_, i)`` with different sampling noise, cut
+    :func:`fkpd.train.loop.pair_seed` ``(seed, round_, i)`` with different sampling noise, cut
     at the same L steps (DESIGN.md §3). Each clip's segment ``.npz`` (observations
     (L, Do), actions (L, Da), rewards (L,), success (L,)) and its H.264 MP4 (L + 1
     frames of ``render_size``) are written atomically to a new folder
@@ -564,10 +564,10 @@ def render_batch(store: Store, project: ProjectInfo, version: PolicyVersionInfo,
         CheckpointError: the checkpoint is corrupt or for another task.
     """
     from fkpd.envs import get_task
-    from fkpd.loop import pair_seed
+    from fkpd.train.loop import pair_seed
     from fkpd.policy import DiffusionPolicy
-    from fkpd.rollout import write_video
-    from fkpd.segments import ClipRequest, cut_segment, rollout_clips
+    from fkpd.policy.rollout import write_video
+    from fkpd.prefs.segments import ClipRequest, cut_segment, rollout_clips
 
     task = project.task_id
     policy = DiffusionPolicy.load(_checkpoint_dir(store, version), task_id=task)
@@ -618,15 +618,15 @@ def load_comparisons(store: Store, project: ProjectInfo) -> tuple[list, int]:
     per-step success flags (imported data) get ``success = False``.
 
     Returns:
-        ``(pairs, n_labels)``: :data:`fkpd.align.WinnerFirstPair` items ``(σ_w, σ_l, p)``
+        ``(pairs, n_labels)``: :data:`fkpd.train.align.WinnerFirstPair` items ``(σ_w, σ_l, p)``
         with p in {1.0, 0.5}, and the number of comparisons they came from.
 
     Raises:
         ArtifactIntegrityError: a segment file is missing or was changed.
         PreferenceError: a segment file holds malformed arrays.
     """
-    from fkpd.align import pairs_from_labels
-    from fkpd.segments import Segment
+    from fkpd.train.align import pairs_from_labels
+    from fkpd.prefs.segments import Segment
 
     cache: dict[int, Segment] = {}
 
@@ -664,7 +664,7 @@ def resolve_bootstrap_dataset(source: str, task: str, named: bool = True) -> str
 
     Looked up in this order, as :func:`fkpd.data.load_dataset` does: ``minari:ID``; an
     existing file (a relative path from the worker's working directory); a D4RL dataset
-    name, in D4RL's cache directory (:func:`fkpd.d4rl.dataset_file`).
+    name, in D4RL's cache directory (:func:`fkpd.envs.d4rl.dataset_file`).
 
     Args:
         source: the dataset as named (not empty).
@@ -675,7 +675,7 @@ def resolve_bootstrap_dataset(source: str, task: str, named: bool = True) -> str
     Returns:
         An existing file's absolute path; a D4RL dataset name whose file is in D4RL's
         cache directory (kept as a name, so that later rounds look it up the same way);
-        or ``minari:DATASET_ID`` unchanged (:func:`fkpd.minari_io.open_minari` says
+        or ``minari:DATASET_ID`` unchanged (:func:`fkpd.data.minari.open_minari` says
         where it looked when it is missing).
 
     Raises:
@@ -690,7 +690,7 @@ def resolve_bootstrap_dataset(source: str, task: str, named: bool = True) -> str
     path = Path(source).expanduser()
     if path.exists():
         return str(path.resolve())
-    from fkpd.d4rl import dataset_file, dataset_urls, is_d4rl_name
+    from fkpd.envs.d4rl import dataset_file, dataset_urls, is_d4rl_name
 
     if named:
         what, fix = "named by bootstrap parameter 'dataset'", "or change 'dataset' in FKPD_BOOTSTRAP"
@@ -744,7 +744,7 @@ def bootstrap(ctx: JobContext) -> dict[str, Any]:
     from fkpd.data import generate_dataset, load_dataset
     from fkpd.errors import DatasetError
     from fkpd.policy import DiffusionPolicy, read_checkpoint_meta
-    from fkpd.train_bc import train_bc
+    from fkpd.train.bc import train_bc
 
     store = ctx.store
     params = BootstrapParams.from_params(ctx.params)
@@ -895,7 +895,7 @@ def alignment_round(ctx: JobContext) -> dict[str, Any]:
 def _train_and_register(ctx: JobContext, project: ProjectInfo, params: RoundParams, settings: BatchSettings,
                         reference: PolicyVersionInfo, previous: PolicyVersionInfo) -> PolicyVersionInfo:
     """Steps 1-4 of a round (see the module docstring); returns the registered version."""
-    from fkpd.align import align
+    from fkpd.train.align import align
     from fkpd.policy import DiffusionPolicy
 
     store = ctx.store

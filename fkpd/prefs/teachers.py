@@ -40,7 +40,7 @@ from typing import Sequence, TypeVar
 import numpy as np
 
 from fkpd.errors import ConfigError
-from fkpd.segments import Segment, check_p_left
+from fkpd.prefs.segments import Segment, check_p_left
 from fkpd.store.outcomes import OUTCOME_VALUES, outcome_to_p_left
 
 __all__ = ["Teacher", "ScriptedTeacher", "ReturnTeacher", "SmoothTeacher", "HighGripperTeacher",

@@ -3,8 +3,8 @@
 Task ids look like ``metaworld/door-open-v3``. Every MetaWorld v3 MT1 task is
 registered; each comes with MetaWorld's own scripted (oracle) policy, which
 :mod:`fkpd.data` perturbs to generate offline datasets. D4RL tasks are registered too
-(:mod:`fkpd.d4rl`): ``d4rl/maze2d-umaze|medium|large`` on Gymnasium-Robotics' PointMaze,
-with a waypoint-planner oracle (:mod:`fkpd.maze`), and ``d4rl/<env>-<dataset>-v2`` for the
+(:mod:`fkpd.envs.d4rl`): ``d4rl/maze2d-umaze|medium|large`` on Gymnasium-Robotics' PointMaze,
+with a waypoint-planner oracle (:mod:`fkpd.envs.maze`), and ``d4rl/<env>-<dataset>-v2`` for the
 D4RL v2 locomotion datasets of hopper, walker2d and halfcheetah, in Gymnasium's MuJoCo v5
 environments (no oracle: their data is the D4RL dataset).
 
@@ -89,7 +89,7 @@ def _metaworld_names() -> tuple[str, ...]:
 
 
 def list_tasks(family: str | None = None) -> list[str]:
-    """Registered task ids: MetaWorld's sorted, then D4RL's (:func:`fkpd.d4rl.list_task_ids`).
+    """Registered task ids: MetaWorld's sorted, then D4RL's (:func:`fkpd.envs.d4rl.list_task_ids`).
 
     Args:
         family: only this family (``metaworld`` or ``d4rl``); None for all.
@@ -98,7 +98,7 @@ def list_tasks(family: str | None = None) -> list[str]:
     if family in (None, "metaworld"):
         tasks += [f"metaworld/{n}" for n in _metaworld_names()]
     if family in (None, "d4rl"):
-        from fkpd.d4rl import list_task_ids
+        from fkpd.envs.d4rl import list_task_ids
 
         tasks += list_task_ids()
     return tasks
@@ -115,7 +115,7 @@ def get_task(task_id: str) -> TaskSpec:
     if family == "metaworld" and name in _metaworld_names():
         return TaskSpec(task_id=task_id, obs_dim=39, action_dim=4)
     if family == "d4rl":
-        from fkpd.d4rl import task_spec
+        from fkpd.envs.d4rl import task_spec
 
         spec = task_spec(name)
         if spec is not None:
@@ -247,11 +247,11 @@ def make_env(
     horizon = spec.max_episode_steps if max_episode_steps is None else max_episode_steps
     if spec.family == "d4rl":
         if spec.name.startswith("maze2d-"):
-            from fkpd.maze import MazeEnv
+            from fkpd.envs.maze import MazeEnv
 
             return MazeEnv(spec.name[len("maze2d-"):], max_episode_steps=horizon, render_size=render_size,
                            camera=camera, shadows=shadows)
-        from fkpd.d4rl import LocomotionEnv
+        from fkpd.envs.d4rl import LocomotionEnv
 
         return LocomotionEnv(spec.name.split("-", 1)[0], max_episode_steps=horizon, render_size=render_size,
                              camera=camera, shadows=shadows)
@@ -263,7 +263,7 @@ def make_env(
 
 def scripted_policy(task_id: str) -> Callable[[np.ndarray], np.ndarray]:
     """The task's scripted (oracle) policy: ``obs (Do,) -> action (Da,)``. MetaWorld's own
-    policies; on maze2d the waypoint planner with PD control of :mod:`fkpd.maze`.
+    policies; on maze2d the waypoint planner with PD control of :mod:`fkpd.envs.maze`.
 
     Raises:
         UnknownTaskError: for an unregistered id.
@@ -272,7 +272,7 @@ def scripted_policy(task_id: str) -> Callable[[np.ndarray], np.ndarray]:
     spec = get_task(task_id)
     if spec.family == "d4rl":
         if spec.name.startswith("maze2d-"):
-            from fkpd.maze import MazeOracle
+            from fkpd.envs.maze import MazeOracle
 
             return MazeOracle.for_maze(spec.name[len("maze2d-"):])
         raise ConfigError(f"task {task_id} has no scripted policy; its data is the D4RL dataset {spec.d4rl_name!r}")

@@ -42,7 +42,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from fkpd.envs import DEFAULT_TASK
 from fkpd.errors import FKPDError
-from fkpd.rounds import served_versions
+from fkpd.studio.rounds import served_versions
 from fkpd.store import (
     AnnotatorInfo,
     ArtifactPathError,
@@ -67,7 +67,7 @@ ACTIVE = ("queued", "running")
 #: Answers the label page accepts; the keyboard shortcuts map onto them.
 OUTCOMES = ("left", "right", "equal", "skip")
 #: Alignment parameters an admin may set from the Rounds page (everything else keeps
-#: AlignConfig's defaults); see :class:`fkpd.rounds.RoundParams`.
+#: AlignConfig's defaults); see :class:`fkpd.studio.rounds.RoundParams`.
 ROUND_FIELDS = ("regularizer", "beta", "lam", "steps", "lr", "pairs_per_batch", "eval_episodes")
 
 DEFAULT_INSTRUCTIONS = (
@@ -114,7 +114,7 @@ class StudioConfig:
         project: project name shown and labelled.
         task: task id of the project when it is created.
         bootstrap: parameters of the bootstrap job queued on first start
-            (:class:`fkpd.rounds.BootstrapParams`, flat).
+            (:class:`fkpd.studio.rounds.BootstrapParams`, flat).
         start_worker: start a local ``fkpd worker`` child process.
         worker_threads: torch threads of that worker (0: torch's default); 1 leaves a
             core to the app on a 2-core machine.
@@ -179,7 +179,7 @@ def open_project(store: Store, cfg: StudioConfig) -> tuple[ProjectInfo, JobView 
 
     A later start finds the project and queues nothing: a bootstrap that was running when
     the last app stopped is requeued by the worker's stale-job recovery and resumes from
-    its saved dataset and BC state (:func:`fkpd.rounds.bootstrap`). A bootstrap that
+    its saved dataset and BC state (:func:`fkpd.studio.rounds.bootstrap`). A bootstrap that
     *failed* is not retried automatically; the Label page shows its error and an admin
     can retry (:func:`retry_bootstrap`).
 
@@ -190,7 +190,7 @@ def open_project(store: Store, cfg: StudioConfig) -> tuple[ProjectInfo, JobView 
         UnknownTaskError: the configured task does not exist.
     """
     from fkpd.envs import get_task
-    from fkpd.rounds import BootstrapParams
+    from fkpd.studio.rounds import BootstrapParams
 
     get_task(cfg.task)  # a clear error for a typo in FKPD_TASK
     BootstrapParams.from_params(cfg.bootstrap)  # and for a bad FKPD_BOOTSTRAP
@@ -575,7 +575,7 @@ def rounds_history(store: Store, project: ProjectInfo):
         has a D4RL normalised score (``d4rl/`` tasks, 0-100 scale) the frame has a
         ``d4rl_score`` column after ``mean_return``; the intent teachers' scores recorded
         by the evaluation (``intent_smooth``, ``intent_high_gripper``; higher is closer
-        to the intent, :func:`fkpd.teachers.intent_scores`) come before
+        to the intent, :func:`fkpd.prefs.teachers.intent_scores`) come before
         ``implicit_acc``. A version that holds imported labels
         (no checkpoint) shows ``— (imported labels)`` as its regulariser.
     """
@@ -614,7 +614,7 @@ def enqueue_round(store: Store, project: ProjectInfo, params: Mapping[str, Any])
         StudioError: an unknown or invalid parameter, no policy version yet, no comparison
             to train on, or a training job already queued or running.
     """
-    from fkpd.rounds import RoundParams
+    from fkpd.studio.rounds import RoundParams
 
     unknown = sorted(set(params) - set(ROUND_FIELDS))
     if unknown:
@@ -663,7 +663,7 @@ class CompareParams:
     Attributes:
         version_a, version_b: policy version ids of the project.
         episodes: number of reset seeds (1..16).
-        seed: first reset seed (the evaluation seeds of :mod:`fkpd.rollout` by default).
+        seed: first reset seed (the evaluation seeds of :mod:`fkpd.policy.rollout` by default).
         render_size: video height and width in pixels.
     """
 
@@ -721,9 +721,9 @@ def compare(ctx: JobContext) -> dict[str, Any]:
     """
     from fkpd.envs import get_task, make_env
     from fkpd.policy import DiffusionPolicy
-    from fkpd.rollout import write_video
-    from fkpd.rounds import _checkpoint_dir
-    from fkpd.segments import ClipRequest, rollout_clips
+    from fkpd.policy.rollout import write_video
+    from fkpd.studio.rounds import _checkpoint_dir
+    from fkpd.prefs.segments import ClipRequest, rollout_clips
 
     store = ctx.store
     params = CompareParams(**ctx.params)
@@ -760,7 +760,7 @@ def compare(ctx: JobContext) -> dict[str, Any]:
 def _project_horizon(store: Store, project: ProjectInfo) -> int:
     """The episode length the project was bootstrapped with: the batch settings recorded
     with its first version that has a checkpoint, as alignment rounds read them."""
-    from fkpd.rounds import RoundParams
+    from fkpd.studio.rounds import RoundParams
 
     versions = served_versions(store, project)
     recorded = (versions[0].metrics.get("bootstrap") or {}).get("settings") if versions else None

@@ -25,7 +25,7 @@ from fkpd.io import atomic_path
 
 
 #: Reset seeds of evaluation episodes are ``EVAL_SEED_BASE + i``, disjoint from dataset
-#: seeds (``seed * 1_000_003 + i``) and pair seeds (:func:`fkpd.loop.pair_seed`).
+#: seeds (``seed * 1_000_003 + i``) and pair seeds (:func:`fkpd.train.loop.pair_seed`).
 EVAL_SEED_BASE = 10_000
 
 
@@ -35,7 +35,7 @@ def eval_noise_seed(policy_seed: int, reset_seed: int) -> int:
 
 
 class StepRecord:
-    """What every record of consecutive steps (:class:`Episode`, :class:`fkpd.segments.Segment`)
+    """What every record of consecutive steps (:class:`Episode`, :class:`fkpd.prefs.segments.Segment`)
     derives from its per-step ``actions`` (T, Da), ``rewards`` (T,) and ``success`` (T,)."""
 
     actions: np.ndarray
@@ -165,7 +165,7 @@ class EvalResult:
 
     def summary(self) -> dict[str, object]:
         """Success rate with its CI, return statistics, clips; for ``d4rl/`` tasks also the
-        D4RL normalised score (:func:`fkpd.d4rl.score_summary`, 0-100 scale)."""
+        D4RL normalised score (:func:`fkpd.envs.d4rl.score_summary`, 0-100 scale)."""
         lo, hi = self.success_ci
         out = {
             "task_id": self.task_id,
@@ -177,7 +177,7 @@ class EvalResult:
             "videos": list(self.videos),
         }
         if self.task_id.startswith("d4rl/"):
-            from fkpd.d4rl import score_summary
+            from fkpd.envs.d4rl import score_summary
 
             out.update(score_summary(self.task_id, self.returns))
         return out
@@ -188,7 +188,7 @@ class EvalResult:
                 f"(95% CI {lo:.1%}-{hi:.1%}, n={len(self.successes)}), "
                 f"mean return {self.mean_return:.1f}")
         if self.task_id.startswith("d4rl/") and self.returns:
-            from fkpd.d4rl import score_summary
+            from fkpd.envs.d4rl import score_summary
 
             s = score_summary(self.task_id, self.returns)
             text += f", D4RL normalised score {s['d4rl_normalized_score']:.1f} ({s['d4rl_dataset']})"

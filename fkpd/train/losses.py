@@ -47,7 +47,7 @@ class PairBatch:
         act_w, act_l: (B, L, Ta, Da) normalised action chunks.
         mask_w, mask_l: (B, L) 1.0 on real steps, 0.0 on padding.
         p: (B,) probability that the first segment is preferred: 1.0, or 0.5 for a tie
-            (from :func:`fkpd.teachers.to_winner_first`).
+            (from :func:`fkpd.prefs.teachers.to_winner_first`).
     """
 
     obs_w: torch.Tensor

@@ -1,11 +1,11 @@
 """The headless alignment loop with a scripted teacher (DESIGN.md §1, steps 1-4).
 
 1. Offline data (:func:`fkpd.data.generate_dataset`, or ``--dataset``) and behaviour
-   cloning (:func:`fkpd.train_bc.train_bc`, or ``--bc-checkpoint``): π_ref = π_0.
+   cloning (:func:`fkpd.train.bc.train_bc`, or ``--bc-checkpoint``): π_ref = π_0.
 2. For each round r = 1..K: roll out ``pairs_per_round`` pairs of clips with π_{r−1}
-   from fresh reset seeds (:func:`fkpd.segments.collect_pairs`), let the teacher label
+   from fresh reset seeds (:func:`fkpd.prefs.segments.collect_pairs`), let the teacher label
    them, align on *all* labels so far starting from π_{r−1} against π_ref
-   (:func:`fkpd.align.align`), and evaluate π_r.
+   (:func:`fkpd.train.align.align`), and evaluate π_r.
 
 Per round it logs the success rate (95% Wilson CI), mean return, the teacher's intent
 score on evaluation episodes, the implicit accuracy of π_{r−1} on the new labels
@@ -18,7 +18,7 @@ on all labels, and an out-of-distribution diagnostic (:class:`ActionOOD`). Outpu
     OUT/prefs.json                           (all labels so far; usable with `fkpd align`)
     OUT/loop.json, OUT/loop.png              (metrics per round, and their plot)
 
-Reset seeds: evaluation uses ``10_000 + i`` (as :func:`fkpd.rollout.evaluate`), pairs
+Reset seeds: evaluation uses ``10_000 + i`` (as :func:`fkpd.policy.rollout.evaluate`), pairs
 ``1_000_000_000 + 10_000_000·seed + 100_000·r + i``, both disjoint from dataset seeds.
 """
 
@@ -36,17 +36,17 @@ import torch
 from scipy.spatial import cKDTree
 from tqdm.auto import tqdm
 
-from fkpd.align import AlignConfig, PairWindows, align, evaluate_pairs, pairs_from_labels
+from fkpd.train.align import AlignConfig, PairWindows, align, evaluate_pairs, pairs_from_labels
 from fkpd.config import save_json, to_json_dict
-from fkpd.d4rl import own_dataset
+from fkpd.envs.d4rl import own_dataset
 from fkpd.data import OfflineDataset, generate_dataset, load_dataset, names_a_dataset
 from fkpd.envs import DEFAULT_TASK, get_task, make_env
 from fkpd.errors import CheckpointError, ConfigError
 from fkpd.io import atomic_path
 from fkpd.policy import DiffusionPolicy, PolicyConfig, read_checkpoint_meta
-from fkpd.rollout import Episode
-from fkpd.segments import Segment, collect_pairs, cut_segment, evaluate_in_process, save_preferences
-from fkpd.teachers import ScriptedTeacher, make_teacher, outcome_to_p_left
+from fkpd.policy.rollout import Episode
+from fkpd.prefs.segments import Segment, collect_pairs, cut_segment, evaluate_in_process, save_preferences
+from fkpd.prefs.teachers import ScriptedTeacher, make_teacher, outcome_to_p_left
 
 
 
@@ -59,10 +59,10 @@ def pair_seed(seed: int, round_: int, i: int) -> int:
 class LoopConfig:
     """A headless loop. Every field is also a ``fkpd loop`` flag; alignment settings
     (``--regularizer``, ``--beta``, ``--lam``, ``--steps``, ...) come from
-    :class:`fkpd.align.AlignConfig`."""
+    :class:`fkpd.train.align.AlignConfig`."""
 
     task: str = field(default=DEFAULT_TASK, metadata={"help": "task id"})
-    teacher: str = field(default="return", metadata={"help": "scripted teacher (see fkpd.teachers.TEACHERS)"})
+    teacher: str = field(default="return", metadata={"help": "scripted teacher (see fkpd.prefs.teachers.TEACHERS)"})
     rounds: int = field(default=2, metadata={"help": "K, alignment rounds"})
     pairs_per_round: int = field(default=200, metadata={"help": "M, pairs rolled out and labelled per round"})
     segment_length: int = field(default=0, metadata={"help": "L, steps per segment (0: the task's, 64; whole "
@@ -129,16 +129,16 @@ class ActionOOD:
 
 def evaluate_policy(policy: DiffusionPolicy, envs: Sequence, episodes: int, teacher: ScriptedTeacher,
                     ood: ActionOOD, seed: int = 0) -> dict[str, Any]:
-    """Roll out ``episodes`` full episodes (:func:`fkpd.segments.evaluate_in_process`) and measure them.
+    """Roll out ``episodes`` full episodes (:func:`fkpd.prefs.segments.evaluate_in_process`) and measure them.
 
     Returns:
         ``success_rate``, ``success_ci95``, ``mean_return``, ``intent_score`` (the
-        teacher's :meth:`~fkpd.teachers.ScriptedTeacher.intent_score` averaged over
+        teacher's :meth:`~fkpd.prefs.teachers.ScriptedTeacher.intent_score` averaged over
         whole episodes), ``smoothness`` (mean squared action change), ``ood_action_dist``
         (:class:`ActionOOD`) and ``eval_s``; on ``d4rl/`` tasks also
         ``d4rl_normalized_score`` (and its ``_std``, 0-100 scale) and ``d4rl_dataset``.
     """
-    from fkpd.d4rl import score_summary
+    from fkpd.envs.d4rl import score_summary
 
     t0 = time.time()
     res, eps = evaluate_in_process(policy, envs, episodes, seed=seed)
@@ -255,7 +255,7 @@ def run_loop(cfg: LoopConfig, align_cfg: AlignConfig | None = None, policy_cfg: 
             raise CheckpointError(f"--bc-checkpoint {str(bc)!r} is for task {meta.get('task_id')!r}, not "
                                   f"{cfg.task!r}; pass a BC checkpoint of {cfg.task}")
     else:
-        from fkpd.train_bc import BCConfig, train_bc
+        from fkpd.train.bc import BCConfig, train_bc
 
         log(f"[bc] training {cfg.bc_steps} steps -> {out / 'bc'}")
         bc = train_bc(BCConfig(task=cfg.task, dataset=str(dataset), out_dir=str(out / "bc"), steps=cfg.bc_steps,

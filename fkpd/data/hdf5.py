@@ -25,8 +25,8 @@ Real D4RL files load with the same code (:func:`load_dataset`): ``rewards`` and
 ``terminals`` of shape (N, 1) are flattened as ``d4rl``'s ``get_dataset`` does, extra
 ``infos/*`` arrays (``qpos``, ``qvel``, ``goal``, ...) are kept, and other groups
 (``metadata/*``) are ignored. ``--dataset`` also takes a D4RL dataset name, looked up in
-D4RL's cache directory (:func:`fkpd.d4rl.resolve_dataset`), or ``minari:DATASET_ID`` for a
-locally present Minari dataset (:func:`fkpd.minari_io.load_minari`).
+D4RL's cache directory (:func:`fkpd.envs.d4rl.resolve_dataset`), or ``minari:DATASET_ID`` for a
+locally present Minari dataset (:func:`fkpd.data.minari.load_minari`).
 
 Generated data follows the noisy-oracle recipe of the MetaWorld preference benchmarks FKPD
 was evaluated on: MetaWorld's own scripted policy, run under a per-episode mix of
@@ -147,7 +147,7 @@ def _displace_object(oracle, env, recipe: DataRecipe, rng: np.random.Generator):
 def _miscalibration(task_id: str):
     """``(oracle, env, recipe, rng) -> act`` that makes the task's miscalibrated policy."""
     if task_id.startswith("d4rl/maze2d-"):
-        from fkpd.maze import wrong_goal
+        from fkpd.envs.maze import wrong_goal
 
         return wrong_goal
     return _displace_object
@@ -233,7 +233,7 @@ def generate_dataset(task_id: str, episodes: int, out: Path | str, recipe: DataR
     ``recipe``. The file is written to a temporary name and renamed, so a crash never
     leaves a half-written dataset under ``out``. MetaWorld tasks use MetaWorld's scripted
     policies; ``d4rl/maze2d-*`` tasks use the waypoint planner and PD controller of
-    :mod:`fkpd.maze` (a miscalibrated episode believes the goal is in another cell).
+    :mod:`fkpd.envs.maze` (a miscalibrated episode believes the goal is in another cell).
 
     Args:
         task_id: registry id, e.g. ``metaworld/door-open-v3`` or ``d4rl/maze2d-umaze``.
@@ -364,7 +364,7 @@ def names_a_dataset(source: Path | str) -> bool:
     """Whether :func:`load_dataset` has something to look up for ``source``: an existing
     file, ``minari:DATASET_ID``, or a D4RL dataset name (whose file it then looks for in
     D4RL's cache directory)."""
-    from fkpd.d4rl import is_d4rl_name
+    from fkpd.envs.d4rl import is_d4rl_name
 
     text = str(source)
     return Path(source).exists() or text.startswith("minari:") or is_d4rl_name(text)
@@ -376,12 +376,12 @@ def load_dataset(path: Path | str, task_id: str | None = None) -> OfflineDataset
     Args:
         path: the ``.hdf5`` file; or, when no such file exists, a D4RL dataset name
             (``hopper-medium-v2``) looked up in D4RL's cache directory
-            (:func:`fkpd.d4rl.resolve_dataset`); or ``minari:DATASET_ID``, a locally
-            present Minari dataset (:func:`fkpd.minari_io.load_minari`).
+            (:func:`fkpd.envs.d4rl.resolve_dataset`); or ``minari:DATASET_ID``, a locally
+            present Minari dataset (:func:`fkpd.data.minari.load_minari`).
         task_id: when given, observation and action sizes must match this task. For a
             ``d4rl/maze2d-*`` task, a file that FKPD Studio did not write (no maze2d
             ``task_id`` attribute, not from Minari) is an original D4RL maze2d file and
-            is mapped to PointMaze's frame (:func:`fkpd.maze.convert_d4rl_dataset`).
+            is mapped to PointMaze's frame (:func:`fkpd.envs.maze.convert_d4rl_dataset`).
 
     Returns:
         The :class:`OfflineDataset`.
@@ -394,12 +394,12 @@ def load_dataset(path: Path | str, task_id: str | None = None) -> OfflineDataset
     """
     source = str(path)
     if source.startswith("minari:"):
-        from fkpd.minari_io import load_minari
+        from fkpd.data.minari import load_minari
 
         return load_minari(source[len("minari:"):], task_id=task_id)
     path = Path(path)
     if not path.exists():
-        from fkpd.d4rl import resolve_dataset
+        from fkpd.envs.d4rl import resolve_dataset
 
         resolved = resolve_dataset(source)
         if resolved is None:
@@ -435,8 +435,8 @@ def load_dataset(path: Path | str, task_id: str | None = None) -> OfflineDataset
     ds = validate_arrays(arrays, infos, attrs, where=f"dataset {str(path)!r}", task_id=task_id, path=path)
     written_here = str(attrs.get("task_id", "")).startswith("d4rl/maze2d-") or attrs.get("source") == "minari"
     if task_id is not None and task_id.startswith("d4rl/maze2d-") and not written_here:
-        # An original D4RL maze2d file: D4RL's frame, not PointMaze's (see fkpd.maze).
-        from fkpd.maze import convert_d4rl_dataset
+        # An original D4RL maze2d file: D4RL's frame, not PointMaze's (see fkpd.envs.maze).
+        from fkpd.envs.maze import convert_d4rl_dataset
 
         ds = convert_d4rl_dataset(ds, task_id[len("d4rl/maze2d-"):])
     return ds

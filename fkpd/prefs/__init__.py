@@ -1,0 +1,1 @@
+"""Preferences: segments, pairs and their labels (scripted teachers, preference files)."""

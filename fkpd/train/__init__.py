@@ -1,0 +1,1 @@
+"""Training: losses, behaviour cloning, alignment, the round engine and the headless loop."""
