@@ -36,27 +36,24 @@ segment paths are resolved against the file's directory. It stands in for the
 preference database until that is plugged into the trainer, which only ever sees an
 in-memory list of pairs.
 
-Clips are produced by :func:`rollout_clips`, a lock-step batched version of
-:func:`fkpd.policy.rollout.rollout` with ``policy.select_action``: all environments of a batch
-replan together every ``n_action_steps`` steps, so one batched DDIM call serves them all.
+Clips are produced by :func:`fkpd.policy.rollout.rollout_clips` (lock-step, one batched
+DDIM call per replan).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from fkpd.envs import DEFAULT_SEGMENT_LENGTH
 from fkpd.errors import FKPDError
 from fkpd.io import atomic_path
-from fkpd.policy.rollout import EVAL_SEED_BASE, Episode, EvalResult, StepRecord, eval_noise_seed, write_video
+from fkpd.policy.rollout import ClipRequest, Episode, StepRecord, rollout_clips, write_video
 
 PREFS_FORMAT = "fkpd-prefs/1"
 SEGMENT_KEYS = ("observations", "actions", "rewards")  # required on load
@@ -168,131 +165,6 @@ def cut_segment(episode: Episode, start: int, length: int, task_id: str = "") ->
     sl = slice(int(start), int(start) + int(length))
     return Segment(episode.observations[sl], episode.actions[sl], episode.rewards[sl], episode.success[sl],
                    reset_seed=episode.reset_seed, start=int(start), task_id=task_id)
-
-
-# -- rollouts --------------------------------------------------------------------------
-@dataclass
-class ClipRequest:
-    """One clip to roll out with :func:`rollout_clips`.
-
-    Attributes:
-        reset_seed: seed for ``env.reset`` (same seed, same initial state).
-        noise_seed: seeds this clip's own sampling-noise generator, so a clip is
-            reproducible whatever batch it runs in.
-        max_steps: stop after this many steps (None: the env's horizon).
-        render_from: render frames from this step on (None: no frames). Frame ``k`` of
-            the result shows the state before action ``render_from + k``.
-    """
-
-    reset_seed: int
-    noise_seed: int
-    max_steps: int | None = None
-    render_from: int | None = None
-
-
-@torch.no_grad()
-def _sample_chunks(policy, hist: np.ndarray, generators: list[torch.Generator]) -> np.ndarray:
-    """Action chunks for raw histories ``(B, To, Do)`` -> ``(B, Ta, Da)``, one noise
-    generator per row (``policy.predict_action_chunk`` with per-row initial noise)."""
-    cfg = policy.cfg
-    noise = torch.stack([torch.randn(cfg.horizon, cfg.action_dim, generator=g) for g in generators])
-    return policy.predict_action_chunk(hist, initial_noise=noise)
-
-
-def rollout_clips(policy, envs: Sequence, requests: Sequence[ClipRequest], progress=None) -> list[Episode]:
-    """Roll out one clip per request, ``len(envs)`` at a time in lock step.
-
-    Equivalent to :func:`fkpd.policy.rollout.rollout` with ``policy.select_action`` per clip
-    (observation history padded with the first observation, a chunk of Ta actions
-    sampled every ``n_action_steps`` steps, receding horizon), but all clips of a batch
-    replan in one batched DDIM call. Clip ``i`` draws its sampling noise from its own
-    generator seeded with ``requests[i].noise_seed``.
-
-    Args:
-        policy: a :class:`fkpd.policy.DiffusionPolicy`.
-        envs: environments from :func:`fkpd.envs.make_env`, all of the policy's task.
-        requests: the clips to roll out.
-        progress: optional callable ``(n_done)`` called after each batch.
-
-    Returns:
-        One :class:`~fkpd.policy.rollout.Episode` per request, in order; ``frames`` hold the
-        rendered steps from ``render_from`` on (or None).
-    """
-    cfg = policy.cfg
-    out: list[Episode] = []
-    for b0 in range(0, len(requests), len(envs)):
-        batch = list(requests[b0:b0 + len(envs)])
-        n = len(batch)
-        gens = [torch.Generator().manual_seed(int(r.noise_seed)) for r in batch]
-        obs = [np.asarray(envs[i].reset(seed=int(r.reset_seed))[0], np.float32) for i, r in enumerate(batch)]
-        hist = [deque([o] * cfg.n_obs_steps, maxlen=cfg.n_obs_steps) for o in obs]
-        limits = [min(r.max_steps or envs[i].max_episode_steps, envs[i].max_episode_steps)
-                  for i, r in enumerate(batch)]
-        rows = [{"o": [], "a": [], "r": [], "s": [], "f": []} for _ in range(n)]
-        active = [True] * n
-        chunks = np.zeros((n, cfg.horizon, cfg.action_dim), np.float32)
-        t = 0
-        while any(active):
-            idx = [i for i in range(n) if active[i]]
-            for i in idx:
-                if batch[i].render_from is not None and t >= batch[i].render_from:
-                    rows[i]["f"].append(envs[i].render())
-            if t % cfg.n_action_steps == 0:
-                chunks[idx] = _sample_chunks(policy, np.stack([np.stack(hist[i]) for i in idx]),
-                                             [gens[i] for i in idx])
-            for i in idx:
-                action = chunks[i, t % cfg.n_action_steps].copy()
-                nxt, reward, terminated, truncated, info = envs[i].step(action)
-                rows[i]["o"].append(obs[i])
-                rows[i]["a"].append(action)
-                rows[i]["r"].append(reward)
-                rows[i]["s"].append(info["success"])
-                obs[i] = np.asarray(nxt, np.float32)
-                hist[i].append(obs[i])
-                if terminated or truncated or len(rows[i]["a"]) >= limits[i]:
-                    active[i] = False
-                    if batch[i].render_from is not None and len(rows[i]["a"]) >= batch[i].render_from:
-                        rows[i]["f"].append(envs[i].render())
-            t += 1
-        for i, r in enumerate(batch):
-            out.append(Episode(
-                reset_seed=int(r.reset_seed),
-                observations=np.asarray(rows[i]["o"], np.float32),
-                actions=np.asarray(rows[i]["a"], np.float32),
-                rewards=np.asarray(rows[i]["r"], np.float32),
-                success=np.asarray(rows[i]["s"], bool),
-                frames=np.asarray(rows[i]["f"], np.uint8) if r.render_from is not None else None,
-            ))
-        if progress is not None:
-            progress(len(out))
-    return out
-
-
-def evaluate_in_process(policy, envs: Sequence, episodes: int, seed: int = 0,
-                        progress=None) -> tuple[EvalResult, list[Episode]]:
-    """Evaluate ``policy`` on ``episodes`` full episodes in this process, in lock step.
-
-    The same reset seeds (``EVAL_SEED_BASE + i``) and per-episode noise seeds as
-    :func:`fkpd.policy.rollout.evaluate`, but rolled out with :func:`rollout_clips` (one
-    batched DDIM call per replan, no worker processes to spawn), and the episodes are
-    returned too, for metrics that need their arrays.
-
-    Args:
-        policy: a :class:`fkpd.policy.DiffusionPolicy`.
-        envs: environments of the policy's task (their horizon is the episode length).
-        episodes: number of episodes.
-        seed: seeds the sampling noise.
-        progress: optional callback ``(episodes done)``, as in :func:`rollout_clips`.
-
-    Returns:
-        ``(EvalResult with raw returns and success flags, the episodes)``.
-    """
-    seeds = [EVAL_SEED_BASE + i for i in range(episodes)]
-    eps = rollout_clips(policy, envs, [ClipRequest(s, noise_seed=eval_noise_seed(seed, s)) for s in seeds],
-                        progress=progress)
-    res = EvalResult(task_id=policy.task_id, reset_seeds=seeds, returns=[e.ret for e in eps],
-                     successes=[e.succeeded for e in eps], lengths=[len(e) for e in eps])
-    return res, eps
 
 
 def collect_pairs(policy, envs: Sequence, reset_seeds: Sequence[int], segment_length: int = DEFAULT_SEGMENT_LENGTH,

@@ -723,7 +723,7 @@ def compare(ctx: JobContext) -> dict[str, Any]:
     from fkpd.policy import DiffusionPolicy
     from fkpd.policy.rollout import write_video
     from fkpd.studio.rounds import _checkpoint_dir
-    from fkpd.prefs.segments import ClipRequest, rollout_clips
+    from fkpd.policy.rollout import ClipRequest, rollout_clips
 
     store = ctx.store
     params = CompareParams(**ctx.params)

@@ -499,7 +499,7 @@ def evaluate_version(policy, envs: Sequence, episodes: int, seed: int = 0,
                      progress: Callable[[float, str], None] | None = None) -> dict[str, Any]:
     """Evaluate a policy on ``episodes`` full episodes, batched in lock step.
 
-    Through :func:`fkpd.prefs.segments.evaluate_in_process`: the reset seeds of
+    Through :func:`fkpd.policy.rollout.evaluate_in_process`: the reset seeds of
     :func:`fkpd.policy.rollout.evaluate`, sampled in this process (no worker processes to spawn).
 
     Args:
@@ -517,7 +517,8 @@ def evaluate_version(policy, envs: Sequence, episodes: int, seed: int = 0,
         over the episodes (``intent_smooth``, ``intent_high_gripper`` on MetaWorld;
         :func:`fkpd.prefs.teachers.intent_scores`).
     """
-    from fkpd.prefs.segments import cut_segment, evaluate_in_process
+    from fkpd.policy.rollout import evaluate_in_process
+    from fkpd.prefs.segments import cut_segment
     from fkpd.prefs.teachers import intent_scores
 
     def tick(done: int) -> None:
@@ -567,7 +568,8 @@ def render_batch(store: Store, project: ProjectInfo, version: PolicyVersionInfo,
     from fkpd.train.loop import pair_seed
     from fkpd.policy import DiffusionPolicy
     from fkpd.policy.rollout import write_video
-    from fkpd.prefs.segments import ClipRequest, cut_segment, rollout_clips
+    from fkpd.policy.rollout import ClipRequest, rollout_clips
+    from fkpd.prefs.segments import cut_segment
 
     task = project.task_id
     policy = DiffusionPolicy.load(_checkpoint_dir(store, version), task_id=task)

@@ -45,7 +45,8 @@ from fkpd.errors import CheckpointError, ConfigError
 from fkpd.io import atomic_path
 from fkpd.policy import DiffusionPolicy, PolicyConfig, read_checkpoint_meta
 from fkpd.policy.rollout import Episode
-from fkpd.prefs.segments import Segment, collect_pairs, cut_segment, evaluate_in_process, save_preferences
+from fkpd.policy.rollout import evaluate_in_process
+from fkpd.prefs.segments import Segment, collect_pairs, cut_segment, save_preferences
 from fkpd.prefs.teachers import ScriptedTeacher, make_teacher, outcome_to_p_left
 
 
@@ -129,7 +130,7 @@ class ActionOOD:
 
 def evaluate_policy(policy: DiffusionPolicy, envs: Sequence, episodes: int, teacher: ScriptedTeacher,
                     ood: ActionOOD, seed: int = 0) -> dict[str, Any]:
-    """Roll out ``episodes`` full episodes (:func:`fkpd.prefs.segments.evaluate_in_process`) and measure them.
+    """Roll out ``episodes`` full episodes (:func:`fkpd.policy.rollout.evaluate_in_process`) and measure them.
 
     Returns:
         ``success_rate``, ``success_ci95``, ``mean_return``, ``intent_score`` (the
