@@ -273,7 +273,7 @@ def test_collect_pairs_share_reset_seed_and_match_select_action(tmp_path):
     from fkpd.envs import make_env
     from fkpd.policy.rollout import rollout
     from fkpd.policy.rollout import ClipRequest, rollout_clips
-    from fkpd.prefs.segments import collect_pairs
+    from fkpd.prefs.pairs import collect_pairs
 
     torch.manual_seed(0)
     pol = DiffusionPolicy(_tiny_cfg(), Normalizer(-np.ones(39), np.ones(39)), Normalizer(-np.ones(4), np.ones(4)),

@@ -27,7 +27,7 @@ from fkpd.io import atomic_path
 
 
 #: Reset seeds of evaluation episodes are ``EVAL_SEED_BASE + i``, disjoint from dataset
-#: seeds (``seed * 1_000_003 + i``) and pair seeds (:func:`fkpd.train.loop.pair_seed`).
+#: seeds (``seed * 1_000_003 + i``) and pair seeds (:func:`fkpd.prefs.pairs.pair_seed`).
 EVAL_SEED_BASE = 10_000
 
 

@@ -36,8 +36,7 @@ segment paths are resolved against the file's directory. It stands in for the
 preference database until that is plugged into the trainer, which only ever sees an
 in-memory list of pairs.
 
-Clips are produced by :func:`fkpd.policy.rollout.rollout_clips` (lock-step, one batched
-DDIM call per replan).
+Pairs of segments are made by :mod:`fkpd.prefs.pairs`.
 """
 
 from __future__ import annotations
@@ -50,10 +49,9 @@ from typing import Sequence
 
 import numpy as np
 
-from fkpd.envs import DEFAULT_SEGMENT_LENGTH
 from fkpd.errors import FKPDError
 from fkpd.io import atomic_path
-from fkpd.policy.rollout import ClipRequest, Episode, StepRecord, rollout_clips, write_video
+from fkpd.policy.rollout import Episode, StepRecord
 
 PREFS_FORMAT = "fkpd-prefs/1"
 SEGMENT_KEYS = ("observations", "actions", "rewards")  # required on load
@@ -159,75 +157,12 @@ class Segment(StepRecord):
 def cut_segment(episode: Episode, start: int, length: int, task_id: str = "") -> Segment:
     """Steps ``start .. start+length-1`` of ``episode`` (fewer if the episode ends first).
 
-    Frames, when the episode has them, are not copied; see :func:`collect_pairs` for
-    videos.
+    Frames, when the episode has them, are not copied (:mod:`fkpd.prefs.pairs` writes
+    videos).
     """
     sl = slice(int(start), int(start) + int(length))
     return Segment(episode.observations[sl], episode.actions[sl], episode.rewards[sl], episode.success[sl],
                    reset_seed=episode.reset_seed, start=int(start), task_id=task_id)
-
-
-def collect_pairs(policy, envs: Sequence, reset_seeds: Sequence[int], segment_length: int = DEFAULT_SEGMENT_LENGTH,
-                  seed: int = 0, out_dir: Path | str | None = None, render: bool = False, fps: int = 30,
-                  task_id: str = "", start: int | None = None, progress=None) -> list[tuple[Segment, Segment]]:
-    """Roll out one pair of clips per reset seed and cut one segment pair from each.
-
-    Both clips of a pair start from the same reset seed and use different sampling-noise
-    generators (DESIGN.md §3, "Pairs"). Both are cut at the same steps: from ``start``,
-    or from a start drawn uniformly from ``0 .. T−L`` (T the env horizon) per pair when
-    ``start`` is None, so segments cover all phases of the task; when ``T <= L`` the
-    whole clip is the segment. Clips are only rolled out up to the segment's end.
-
-    Args:
-        policy: the current :class:`fkpd.policy.DiffusionPolicy`.
-        envs: environments of the policy's task (their count sets the batch size).
-        reset_seeds: one reset seed per pair.
-        segment_length: L, steps per segment.
-        seed: seeds the segment starts and the sampling noise.
-        out_dir: when given, segments are saved there as ``p{i:04d}_{a,b}.npz``
-            (and ``.mp4`` clips when ``render``).
-        render: render the segment steps to MP4 (needs ``out_dir``).
-        fps: frame rate of the clips.
-        task_id: recorded in each segment.
-        start: first step of every segment (clipped to ``0 .. T−L``); None: random.
-
-    Returns:
-        ``[(left, right), ...]``, one pair per reset seed.
-
-    Raises:
-        ValueError: ``segment_length < 1``, or ``render`` without ``out_dir``.
-    """
-    if segment_length < 1:
-        raise ValueError(f"segment_length must be >= 1, got {segment_length}")
-    if render and out_dir is None:
-        raise ValueError("render=True needs out_dir to write the clips to")
-    rng = np.random.default_rng(seed)
-    horizon = int(envs[0].max_episode_steps)
-    length = min(int(segment_length), horizon)
-    starts = rng.integers(0, horizon - length + 1, size=len(reset_seeds))
-    if start is not None:
-        starts[:] = min(max(int(start), 0), horizon - length)
-    noise = rng.integers(0, 2**62, size=(len(reset_seeds), 2))
-    requests = []
-    for k, s in enumerate(reset_seeds):
-        for j in range(2):
-            requests.append(ClipRequest(int(s), int(noise[k, j]), max_steps=int(starts[k]) + length,
-                                        render_from=int(starts[k]) if render else None))
-    episodes = rollout_clips(policy, envs, requests, progress=progress)
-    pairs = []
-    out = Path(out_dir) if out_dir is not None else None
-    for k in range(len(reset_seeds)):
-        segs = []
-        for j, tag in enumerate("ab"):
-            ep = episodes[2 * k + j]
-            seg = cut_segment(ep, int(starts[k]), length, task_id=task_id)
-            if out is not None:
-                if render and ep.frames is not None and len(ep.frames):
-                    seg.video = str(write_video(ep.frames, out / f"p{k:04d}_{tag}.mp4", fps=fps))
-                seg.save(out / f"p{k:04d}_{tag}.npz")
-            segs.append(seg)
-        pairs.append((segs[0], segs[1]))
-    return pairs
 
 
 # -- preferences files ---------------------------------------------------------------

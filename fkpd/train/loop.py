@@ -2,15 +2,18 @@
 
 1. Offline data (:func:`fkpd.data.generate_dataset`, or ``--dataset``) and behaviour
    cloning (:func:`fkpd.train.bc.train_bc`, or ``--bc-checkpoint``): π_ref = π_0.
-2. For each round r = 1..K: roll out ``pairs_per_round`` pairs of clips with π_{r−1}
-   from fresh reset seeds (:func:`fkpd.prefs.segments.collect_pairs`), let the teacher label
-   them, align on *all* labels so far starting from π_{r−1} against π_ref
-   (:func:`fkpd.train.align.align`), and evaluate π_r.
+2. For each round r = 1..K, through the round engine that the app's worker uses too
+   (:class:`fkpd.train.engine.RoundEngine`): roll out ``pairs_per_round`` pairs of
+   clips with π_{r−1} from fresh reset seeds (:class:`fkpd.prefs.pairs.RolloutPairSource`),
+   let the teacher label them (:class:`fkpd.prefs.labellers.ScriptedLabeller`), align on
+   *all* labels so far starting from π_{r−1} against π_ref (:func:`fkpd.train.align.align`),
+   and evaluate π_r (:class:`fkpd.train.evaluate.Evaluator`).
 
 Per round it logs the success rate (95% Wilson CI), mean return, the teacher's intent
 score on evaluation episodes, the implicit accuracy of π_{r−1} on the new labels
 (before training on them; 0.5 by construction in round 1, where π_0 = π_ref) and of π_r
-on all labels, and an out-of-distribution diagnostic (:class:`ActionOOD`). Output::
+on all labels, and an out-of-distribution diagnostic
+(:class:`fkpd.train.evaluate.ActionOOD`). Output::
 
     OUT/data.hdf5, OUT/bc/                   (unless reused)
     OUT/round<r>/segments/*.npz, prefs.json  (the round's pairs and labels)
@@ -19,7 +22,8 @@ on all labels, and an out-of-distribution diagnostic (:class:`ActionOOD`). Outpu
     OUT/loop.json, OUT/loop.png              (metrics per round, and their plot)
 
 Reset seeds: evaluation uses ``10_000 + i`` (as :func:`fkpd.policy.rollout.evaluate`), pairs
-``1_000_000_000 + 10_000_000·seed + 100_000·r + i``, both disjoint from dataset seeds.
+:func:`fkpd.prefs.pairs.pair_seed` ``(seed, r, i) = 1_000_000_000 + 10_000_000·seed +
+100_000·r + i``, both disjoint from dataset seeds; round r aligns with seed ``1000·seed + r``.
 """
 
 from __future__ import annotations
@@ -29,31 +33,26 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from scipy.spatial import cKDTree
 from tqdm.auto import tqdm
 
-from fkpd.train.align import AlignConfig, PairWindows, align, evaluate_pairs, pairs_from_labels
 from fkpd.config import save_json, to_json_dict
-from fkpd.envs.d4rl import own_dataset
 from fkpd.data import OfflineDataset, generate_dataset, load_dataset, names_a_dataset
 from fkpd.envs import DEFAULT_TASK, get_task, make_env
+from fkpd.envs.d4rl import own_dataset
 from fkpd.errors import CheckpointError, ConfigError
 from fkpd.io import atomic_path
 from fkpd.policy import DiffusionPolicy, PolicyConfig, read_checkpoint_meta
-from fkpd.policy.rollout import Episode
-from fkpd.policy.rollout import evaluate_in_process
-from fkpd.prefs.segments import Segment, collect_pairs, cut_segment, save_preferences
-from fkpd.prefs.teachers import ScriptedTeacher, make_teacher, outcome_to_p_left
-
-
-
-def pair_seed(seed: int, round_: int, i: int) -> int:
-    """Reset seed of pair ``i`` of round ``round_`` (disjoint from data and eval seeds)."""
-    return 1_000_000_000 + 10_000_000 * int(seed) + 100_000 * int(round_) + int(i)
+from fkpd.prefs.labellers import ScriptedLabeller
+from fkpd.prefs.pairs import RolloutPairSource, clip_files_writer
+from fkpd.prefs.segments import Segment, save_preferences
+from fkpd.prefs.teachers import ScriptedTeacher, make_teacher
+from fkpd.train.align import AlignConfig, PairWindows, evaluate_pairs, pairs_from_labels
+from fkpd.train.engine import RoundEngine
+from fkpd.train.evaluate import ActionOOD, Evaluator
 
 
 @dataclass
@@ -91,64 +90,6 @@ class LoopConfig:
             raise ConfigError(f"--segment-length must be >= 0 (0: the task's), got {self.segment_length!r}")
         if self.max_episode_steps < 0:
             raise ConfigError(f"--max-episode-steps must be >= 0, got {self.max_episode_steps!r}")
-
-
-class ActionOOD:
-    """Out-of-distribution diagnostic: how far policy actions are from the data's.
-
-    For each visited state s with action a, take the k dataset states nearest to s
-    (Euclidean, on observations normalised to [-1, 1] with the reference's normaliser,
-    ``scipy.spatial.cKDTree``) and the distance from a to the nearest of their k
-    actions (normalised action units: each action dimension spans 2). The diagnostic is
-    the mean over visited states; 0 means every action was seen in a similar state.
-
-    Args:
-        ds: the offline dataset π_ref was cloned from.
-        policy: supplies the normalisers.
-        k: neighbours per query.
-    """
-
-    def __init__(self, ds: OfflineDataset, policy: DiffusionPolicy, k: int = 10) -> None:
-        self.obs_norm, self.act_norm = policy.obs_normalizer, policy.action_normalizer
-        self.tree = cKDTree(self.obs_norm.normalize(ds.observations).astype(np.float64))
-        self.actions = self.act_norm.normalize(ds.actions).astype(np.float64)
-        self.k = int(min(k, len(ds.observations)))
-
-    def distances(self, observations: np.ndarray, actions: np.ndarray) -> np.ndarray:
-        """(N, Do) raw states and (N, Da) raw actions -> (N,) distances."""
-        _, idx = self.tree.query(self.obs_norm.normalize(np.asarray(observations, np.float64)), k=self.k)
-        idx = np.asarray(idx).reshape(len(observations), -1)
-        a = self.act_norm.normalize(np.asarray(actions, np.float64))
-        return np.linalg.norm(self.actions[idx] - a[:, None], axis=-1).min(axis=1)
-
-    def __call__(self, episodes: Sequence[Episode], stride: int = 2) -> float:
-        """Mean distance over every ``stride``-th step of the episodes."""
-        obs = np.concatenate([e.observations[::stride] for e in episodes])
-        act = np.concatenate([e.actions[::stride] for e in episodes])
-        return float(self.distances(obs, act).mean())
-
-
-def evaluate_policy(policy: DiffusionPolicy, envs: Sequence, episodes: int, teacher: ScriptedTeacher,
-                    ood: ActionOOD, seed: int = 0) -> dict[str, Any]:
-    """Roll out ``episodes`` full episodes (:func:`fkpd.policy.rollout.evaluate_in_process`) and measure them.
-
-    Returns:
-        ``success_rate``, ``success_ci95``, ``mean_return``, ``intent_score`` (the
-        teacher's :meth:`~fkpd.prefs.teachers.ScriptedTeacher.intent_score` averaged over
-        whole episodes), ``smoothness`` (mean squared action change), ``ood_action_dist``
-        (:class:`ActionOOD`) and ``eval_s``; on ``d4rl/`` tasks also
-        ``d4rl_normalized_score`` (and its ``_std``, 0-100 scale) and ``d4rl_dataset``.
-    """
-    from fkpd.envs.d4rl import score_summary
-
-    t0 = time.time()
-    res, eps = evaluate_in_process(policy, envs, episodes, seed=seed)
-    segs = [cut_segment(e, 0, len(e)) for e in eps]
-    smooth = [float(np.square(np.diff(e.actions, axis=0)).sum(1).mean()) for e in eps]
-    return {"success_rate": res.success_rate, "success_ci95": list(res.success_ci), "mean_return": res.mean_return,
-            **score_summary(res.task_id, res.returns),
-            "intent_score": float(np.mean([teacher.intent_score(s) for s in segs])),
-            "smoothness": float(np.mean(smooth)), "ood_action_dist": ood(eps), "eval_s": time.time() - t0}
 
 
 def _teacher_scale(teacher: ScriptedTeacher, ds: OfflineDataset, length: int, seed: int) -> float:
@@ -283,53 +224,57 @@ def run_loop(cfg: LoopConfig, align_cfg: AlignConfig | None = None, policy_cfg: 
                     f"{cfg.task} | teacher {cfg.teacher} | {align_cfg.regularizer} (β={align_cfg.beta:g}, "
                     f"λ={align_cfg.lam:g})")
 
-    ev = evaluate_policy(ref, envs, cfg.eval_episodes, teacher, ood, seed=cfg.seed)
-    summary["rounds"].append({"round": 0, "checkpoint": str(bc), "labels": 0, **ev})
-    log(_format_row(summary["rounds"][-1]))
-    write()
-    labels: list[tuple[Segment, Segment, float | None]] = []
-    current = Path(bc)
-    for r in range(1, cfg.rounds + 1):
-        t_round = time.time()
-        policy = DiffusionPolicy.load(current, task_id=cfg.task)
-        seeds = [pair_seed(cfg.seed, r, i) for i in range(cfg.pairs_per_round)]
-        bar = tqdm(total=len(seeds) * 2, desc=f"round {r} rollouts", unit="clip", disable=not progress)
-        pairs = collect_pairs(policy, envs, seeds, cfg.segment_length, seed=pair_seed(cfg.seed, r, 0),
-                              out_dir=out / f"round{r}" / "segments", render=cfg.render, fps=spec.fps,
-                              task_id=cfg.task, start=None if cfg.segment_start < 0 else cfg.segment_start,
-                              progress=lambda n: bar.update(n - bar.n))
+    source = RolloutPairSource(envs, cfg.pairs_per_round, cfg.segment_length, seed=cfg.seed,
+                               start=None if cfg.segment_start < 0 else cfg.segment_start, render=cfg.render,
+                               task_id=cfg.task)
+    labeller = ScriptedLabeller(teacher)
+    engine = RoundEngine(cfg.task, bc, str(dataset), cfg.seed, source, labeller,
+                         Evaluator(envs, cfg.eval_episodes, cfg.seed, teacher=teacher, ood=ood), align_cfg)
+
+    def offer(policy: DiffusionPolicy, r: int) -> dict[str, Any]:
+        """Round r's pairs from ``policy`` (π_{r−1}), labelled by the teacher; the
+        implicit accuracy of π_{r−1} on them, before training on them."""
+        t0 = time.time()
+        bar = tqdm(total=2 * cfg.pairs_per_round, desc=f"round {r} rollouts", unit="clip", disable=not progress)
+        engine.make_batch(policy, r, on_clip=clip_files_writer(out / f"round{r}" / "segments", spec.fps),
+                          progress=lambda done, total: bar.update(done - bar.n))
         bar.close()
-        t_roll = time.time() - t_round
-        outcomes = [teacher.label(a, b) for a, b in pairs]
-        new = [(a, b, outcome_to_p_left(o)) for (a, b), o in zip(pairs, outcomes)]
+        rollout_s = time.time() - t0
+        new = labeller.new_labels(r)
         save_preferences(out / f"round{r}" / "prefs.json", cfg.task, new)
-        labels += new
-        save_preferences(out / "prefs.json", cfg.task, labels)
+        save_preferences(out / "prefs.json", cfg.task, labeller.labels())
         new_pairs = pairs_from_labels(new)
         acc_new = float("nan")
         if new_pairs:
             acc_new = evaluate_pairs(policy, ref, PairWindows(new_pairs, ref), align_cfg.beta,
                                      seed=cfg.seed)["implicit_acc"]
+        pairs, outcomes = labeller.rounds[r]
         # Agreement of the labels with ground-truth return (how far the teacher's intent is from the task).
         gt = [(o == "left") == (a.ret > b.ret) for (a, b), o in zip(pairs, outcomes)
               if o in ("left", "right") and a.ret != b.ret]
-        rcfg = dataclasses.replace(align_cfg, checkpoint=str(bc), init=str(current), prefs="",
-                                   out_dir=str(out / f"round{r}" / "align"), dataset=str(dataset), round=r,
-                                   seed=cfg.seed * 1000 + r)
-        t_al = time.time()
-        res = align(rcfg, pairs_from_labels(labels), progress=progress, task_id=cfg.task)
-        t_align = time.time() - t_al
-        current = res.checkpoint
-        ev = evaluate_policy(DiffusionPolicy.load(current, task_id=cfg.task), envs, cfg.eval_episodes, teacher,
-                             ood, seed=cfg.seed)
-        counts = {k: outcomes.count(k) for k in ("left", "right", "equal", "skip")}
-        row = {"round": r, "checkpoint": str(current), "labels": len(labels),
-               "trained_pairs": res.after["pairs"], "outcomes": counts,
-               "label_return_agreement": float(np.mean(gt)) if gt else float("nan"),
-               "implicit_acc_new": acc_new, "implicit_acc": res.after["implicit_acc"],
-               "reward_margin": res.after["reward_margin"], "dpo_loss": res.after["dpo"],
-               "train_reg": res.metrics.get("reg", 0.0), "align_steps_per_s": res.steps_per_s,
-               "rollout_s": t_roll, "align_s": t_align, **ev, "round_s": time.time() - t_round}
+        return {"outcomes": {k: outcomes.count(k) for k in ("left", "right", "equal", "skip")},
+                "label_return_agreement": float(np.mean(gt)) if gt else float("nan"),
+                "implicit_acc_new": acc_new, "rollout_s": rollout_s}
+
+    ev = engine.evaluator(ref)
+    summary["rounds"].append({"round": 0, "checkpoint": str(bc), "labels": 0, **ev})
+    log(_format_row(summary["rounds"][-1]))
+    write()
+    current, policy = Path(bc), ref
+    for r in range(1, cfg.rounds + 1):
+        t_round = time.time()
+        offered = offer(policy, r)
+        res = engine.run_round(r, current, out / f"round{r}" / "align", progress=progress)
+        current, policy = res.checkpoint, res.policy
+        a = res.alignment
+        row = {"round": r, "checkpoint": str(current), "labels": res.labels_used,
+               "trained_pairs": a.after["pairs"], "outcomes": offered["outcomes"],
+               "label_return_agreement": offered["label_return_agreement"],
+               "implicit_acc_new": offered["implicit_acc_new"], "implicit_acc": a.after["implicit_acc"],
+               "reward_margin": a.after["reward_margin"], "dpo_loss": a.after["dpo"],
+               "train_reg": a.metrics.get("reg", 0.0), "align_steps_per_s": a.steps_per_s,
+               "rollout_s": offered["rollout_s"], "align_s": res.align_s, **res.evaluation,
+               "round_s": time.time() - t_round}
         summary["rounds"].append(row)
         log(_format_row(row))
         write()

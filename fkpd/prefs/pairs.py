@@ -1,0 +1,272 @@
+"""Pair sources: where the segment pairs of a round come from (DESIGN.md §5).
+
+A *pair source* makes the pairs whose labels a round asks for, in the spirit of
+``imitation``'s fragmenter and trajectory generator (one small interface, so the round
+engine does not care where pairs come from). The one source today is
+:class:`RolloutPairSource`: two rollouts of the current policy version from the same
+reset seed, with different sampling noise, cut at the same steps (DESIGN.md §3,
+"Pairs").
+
+Every pair of every round is fixed by :class:`PairPlan`, the one seed rule shared by
+``fkpd loop`` and the app's worker:
+
+* reset seed of pair ``i`` of round ``r``: :func:`pair_seed` ``(seed, r, i)``
+  (disjoint from dataset and evaluation seeds);
+* segment starts, then the two sampling-noise seeds of each pair, drawn in that order
+  from ``numpy.random.default_rng(pair_seed(seed, r, 0))``; a fixed ``start`` overrides
+  the drawn starts (the draw still happens, so the noise seeds do not depend on it).
+
+Shapes follow DESIGN.md §3: L segment length, Do/Da observation/action dims.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from fkpd.envs import DEFAULT_SEGMENT_LENGTH
+from fkpd.policy.rollout import ClipRequest, Episode, rollout_clips, write_video
+from fkpd.prefs.segments import Segment, cut_segment
+
+
+@dataclass
+class RolledClip:
+    """One clip of a pair, just rolled out.
+
+    Attributes:
+        pair: index ``k`` of its pair in the batch.
+        side: 0 (left, ``a``) or 1 (right, ``b``).
+        request: what was rolled out (reset seed, noise seed, steps, first rendered step).
+        episode: the rollout, with ``frames`` from the segment's start when rendering.
+        segment: the segment cut from it.
+    """
+
+    pair: int
+    side: int
+    request: ClipRequest
+    episode: Episode
+    segment: Segment
+
+
+#: ``on_clip(clip)``: called once per clip as soon as it is rolled out. Writers of clip
+#: files (videos, ``.npz``) hook in here, so only one batch of frames is held in memory.
+ClipSink = Callable[[RolledClip], None]
+
+log = logging.getLogger(__name__)
+
+
+def pair_seed(seed: int, round_: int, i: int) -> int:
+    """Reset seed of pair ``i`` of round ``round_`` (disjoint from data and eval seeds)."""
+    return 1_000_000_000 + 10_000_000 * int(seed) + 100_000 * int(round_) + int(i)
+
+
+@dataclass(frozen=True)
+class PairPlan:
+    """The clips of one batch of pairs, before anything is rolled out.
+
+    Attributes:
+        reset_seeds: one reset seed per pair (both clips start from it).
+        starts: (n,) first step of each pair's segment.
+        noise_seeds: (n, 2) sampling-noise seed of each pair's two clips.
+        length: L, steps per segment.
+    """
+
+    reset_seeds: tuple[int, ...]
+    starts: np.ndarray
+    noise_seeds: np.ndarray
+    length: int
+
+    @classmethod
+    def draw(cls, reset_seeds: Sequence[int], rng_seed: int, horizon: int, length: int,
+             start: int | None = 0) -> "PairPlan":
+        """Draw starts and noise seeds for ``reset_seeds`` (see the module docstring).
+
+        Args:
+            reset_seeds: one per pair.
+            rng_seed: seeds the draw.
+            horizon: T, the episode length in steps; L is capped at it.
+            length: L, steps per segment (>= 1).
+            start: first step of every segment, clipped to ``0 .. T−L``; None draws
+                one start uniformly from ``0 .. T−L`` per pair.
+
+        Raises:
+            ValueError: ``length < 1``.
+        """
+        if length < 1:
+            raise ValueError(f"segment_length must be >= 1, got {length}")
+        rng = np.random.default_rng(rng_seed)
+        length = min(int(length), int(horizon))
+        starts = rng.integers(0, horizon - length + 1, size=len(reset_seeds))
+        if start is not None:
+            starts[:] = min(max(int(start), 0), horizon - length)
+        noise = rng.integers(0, 2**62, size=(len(reset_seeds), 2))
+        return cls(tuple(int(s) for s in reset_seeds), starts, noise, length)
+
+    @classmethod
+    def for_round(cls, seed: int, round_: int, pairs: int, horizon: int, length: int,
+                  start: int | None = 0) -> "PairPlan":
+        """The plan of round ``round_``'s ``pairs`` pairs: reset seeds :func:`pair_seed`
+        ``(seed, round_, i)``, drawn with ``pair_seed(seed, round_, 0)``."""
+        seeds = [pair_seed(seed, round_, i) for i in range(pairs)]
+        return cls.draw(seeds, pair_seed(seed, round_, 0), horizon, length, start)
+
+    def __len__(self) -> int:
+        return len(self.reset_seeds)
+
+    def requests(self, render: bool) -> list[ClipRequest]:
+        """Two :class:`~fkpd.policy.rollout.ClipRequest` per pair (left, right), rolled
+        out only up to the segment's end, with frames from its start when ``render``."""
+        return [ClipRequest(self.reset_seeds[k], int(self.noise_seeds[k, j]),
+                            max_steps=int(self.starts[k]) + self.length,
+                            render_from=int(self.starts[k]) if render else None)
+                for k in range(len(self)) for j in range(2)]
+
+
+def rollout_pairs(policy, envs: Sequence, plan: PairPlan, *, render: bool = False, task_id: str = "",
+                  on_clip: ClipSink | None = None,
+                  progress: Callable[[int], None] | None = None) -> list[tuple[Segment, Segment]]:
+    """Roll out the clips of ``plan`` ``len(envs)`` at a time and cut their segments.
+
+    Args:
+        policy: a :class:`fkpd.policy.DiffusionPolicy`.
+        envs: environments of the policy's task (their count is the batch size).
+        plan: the batch.
+        render: record frames from each segment's start (for ``on_clip``).
+        task_id: recorded in each segment.
+        on_clip: optional :data:`ClipSink`, called per clip in order.
+        progress: optional ``(clips done)`` callback, after each batch of clips.
+
+    Returns:
+        ``[(left, right), ...]``, one segment pair per planned pair.
+    """
+    requests = plan.requests(render)
+    segments: list[Segment] = []
+    for b0 in range(0, len(requests), len(envs)):
+        for i, ep in enumerate(rollout_clips(policy, envs, requests[b0:b0 + len(envs)]), start=b0):
+            k, j = divmod(i, 2)
+            seg = cut_segment(ep, int(plan.starts[k]), plan.length, task_id=task_id)
+            if on_clip is not None:
+                on_clip(RolledClip(k, j, requests[i], ep, seg))
+            segments.append(seg)
+        if progress is not None:
+            progress(len(segments))
+    return [(segments[2 * k], segments[2 * k + 1]) for k in range(len(plan))]
+
+
+class PairSource(ABC):
+    """Makes the pairs a round asks labels for."""
+
+    @abstractmethod
+    def make_pairs(self, policy, round_: int, *, on_clip: ClipSink | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> list[tuple[Segment, Segment]]:
+        """The pairs of round ``round_``, made with ``policy`` (the version of round
+        ``round_ − 1``).
+
+        Args:
+            policy: the current :class:`fkpd.policy.DiffusionPolicy`.
+            round_: the round the pairs will be labelled for (>= 1).
+            on_clip: optional :data:`ClipSink` (writes each clip's files).
+            progress: optional ``(clips done, clips in all)`` callback.
+        """
+
+
+class RolloutPairSource(PairSource):
+    """Current-policy rollouts: pair ``k`` of round ``r`` is two clips of the policy from
+    reset seed :func:`pair_seed` ``(seed, r, k)`` (:meth:`PairPlan.for_round`).
+
+    Args:
+        envs: environments of the task, built with the horizon T (their count is the
+            rollout batch size); or a factory ``make_envs(clips) -> envs`` called per
+            batch, whose environments are closed afterwards.
+        pairs: pairs per round.
+        length: L, steps per segment (capped at T).
+        seed: the run's seed.
+        start: first step of every segment; None draws one per pair.
+        render: record frames (pass an ``on_clip`` that writes them).
+        task_id: recorded in each segment.
+    """
+
+    def __init__(self, envs: Sequence | Callable[[int], list], pairs: int, length: int, seed: int = 0,
+                 start: int | None = 0, render: bool = False, task_id: str = "") -> None:
+        self.envs, self.pairs, self.length, self.seed = envs, int(pairs), int(length), int(seed)
+        self.start, self.render, self.task_id = start, bool(render), task_id
+
+    def make_pairs(self, policy, round_: int, *, on_clip: ClipSink | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> list[tuple[Segment, Segment]]:
+        envs = self.envs(2 * self.pairs) if callable(self.envs) else self.envs
+        try:
+            plan = PairPlan.for_round(self.seed, round_, self.pairs, int(envs[0].max_episode_steps), self.length,
+                                      self.start)
+            total = 2 * len(plan)
+            return rollout_pairs(policy, envs, plan, render=self.render, task_id=self.task_id, on_clip=on_clip,
+                                 progress=None if progress is None else (lambda done: progress(done, total)))
+        finally:
+            if callable(self.envs):
+                close_envs(envs)
+
+
+def close_envs(envs: Sequence) -> None:
+    """Close environments; a failure to close is logged, never raised (it must not hide
+    the outcome of the work that used them)."""
+    for env in envs:
+        try:
+            env.close()
+        except Exception:  # noqa: BLE001
+            log.debug("closing an environment failed", exc_info=True)
+
+
+def clip_files_writer(out_dir: Path | str, fps: int = 30) -> ClipSink:
+    """A :data:`ClipSink` that saves each segment as ``OUT/p{k:04d}_{a,b}.npz`` and, when
+    the episode has frames, its clip as ``.mp4`` next to it (``fkpd loop``'s layout)."""
+    out = Path(out_dir)
+
+    def write(clip: RolledClip) -> None:
+        stem = out / f"p{clip.pair:04d}_{'ab'[clip.side]}"
+        frames = clip.episode.frames
+        if frames is not None and len(frames):
+            clip.segment.video = str(write_video(frames, stem.with_suffix(".mp4"), fps=fps))
+        clip.segment.save(stem.with_suffix(".npz"))
+
+    return write
+
+
+def collect_pairs(policy, envs: Sequence, reset_seeds: Sequence[int], segment_length: int = DEFAULT_SEGMENT_LENGTH,
+                  seed: int = 0, out_dir: Path | str | None = None, render: bool = False, fps: int = 30,
+                  task_id: str = "", start: int | None = None, progress=None) -> list[tuple[Segment, Segment]]:
+    """Roll out one pair of clips per reset seed and cut one segment pair from each.
+
+    :meth:`PairPlan.draw` with ``rng_seed=seed`` and :func:`rollout_pairs`: both clips
+    of a pair start from the same reset seed and use different sampling-noise
+    generators (DESIGN.md §3, "Pairs"), cut at the same steps (``start``, or a uniform
+    draw from ``0 .. T−L`` per pair when None; the whole clip when ``T <= L``).
+
+    Args:
+        policy: the current :class:`fkpd.policy.DiffusionPolicy`.
+        envs: environments of the policy's task (their count sets the batch size).
+        reset_seeds: one reset seed per pair.
+        segment_length: L, steps per segment.
+        seed: seeds the segment starts and the sampling noise.
+        out_dir: when given, segments are saved there as ``p{i:04d}_{a,b}.npz``
+            (and ``.mp4`` clips when ``render``).
+        render: render the segment steps to MP4 (needs ``out_dir``).
+        fps: frame rate of the clips.
+        task_id: recorded in each segment.
+        start: first step of every segment (clipped to ``0 .. T−L``); None: random.
+        progress: optional ``(clips done)`` callback.
+
+    Returns:
+        ``[(left, right), ...]``, one pair per reset seed.
+
+    Raises:
+        ValueError: ``segment_length < 1``, or ``render`` without ``out_dir``.
+    """
+    if render and out_dir is None:
+        raise ValueError("render=True needs out_dir to write the clips to")
+    plan = PairPlan.draw(reset_seeds, seed, int(envs[0].max_episode_steps), segment_length, start)
+    sink = clip_files_writer(out_dir, fps) if out_dir is not None else None
+    return rollout_pairs(policy, envs, plan, render=render, task_id=task_id, on_clip=sink, progress=progress)
