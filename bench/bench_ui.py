@@ -74,7 +74,10 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     from fkpd.store import run_worker
-    from fkpd.studio import StudioConfig, launch_app, open_project, stop_app
+    from fkpd.studio import StudioConfig, open_project
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from app_harness import launch_app, stop_app  # the test harness: tests/app_harness.py
 
     root = Path(tempfile.mkdtemp(prefix="bench_ui_"))
     bootstrap = {"dataset_episodes": 4, "max_episode_steps": 100, "bc_steps": 30,

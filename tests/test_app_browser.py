@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from app_harness import launch_app, stop_app
 from conftest_app import ADMIN_PASSWORD, PROJECT, bootstrapped_project, project_dir, studio_env  # noqa: F401
 from conftest_store import wait_for
 from fkpd.store import Store
-from fkpd.studio import launch_app, stop_app
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("FKPD_TEST_ARTIFACTS", REPO / "test-artifacts"))

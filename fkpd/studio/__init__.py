@@ -1,41 +1,46 @@
-"""The labelling app's logic and its job handlers (bootstrap, alignment round, compare); pages under app/ only lay out."""
+"""The labelling app's logic and its job handlers (bootstrap, alignment round, compare); pages under app/ only lay out.
 
-from fkpd.studio.app import (  # noqa: F401
-    COMPARE,
-    TRAINING_KINDS,
+One concern per module: :mod:`~fkpd.studio.config` (configuration, first start, local
+worker, shared constants), :mod:`~fkpd.studio.auth` (admin and annotator),
+:mod:`~fkpd.studio.labelling` (pairs for the browser, answers), :mod:`~fkpd.studio.history`
+(versions, training jobs, rounds history, export), :mod:`~fkpd.studio.compare` (the
+``compare`` job) and :mod:`~fkpd.studio.rounds` (the ``bootstrap`` and
+``alignment_round`` jobs). Importing this package registers the ``compare`` handler, so a
+worker started with ``handler_modules=["fkpd.studio.rounds", "fkpd.studio"]`` runs it.
+"""
+
+from fkpd.studio.auth import AdminAuth, clean_annotator_name
+from fkpd.studio.compare import COMPARE, CompareParams, compare, compare_videos, enqueue_compare
+from fkpd.studio.config import (
     ACTIVE,
+    DEFAULT_INSTRUCTIONS,
     OUTCOMES,
     ROUND_FIELDS,
-    DEFAULT_INSTRUCTIONS,
-    default_instructions,
-    StudioError,
+    TRAINING_KINDS,
     StudioConfig,
+    StudioError,
+    default_instructions,
     open_project,
-    current_version,
-    retry_bootstrap,
-    active_training_job,
-    latest_training_job,
-    job_summary,
-    error_headline,
     start_local_worker,
-    REPO_ROOT,
-    APP_SCRIPT,
-    launch_app,
-    stop_app,
-    AdminAuth,
-    clean_annotator_name,
-    DisplayPair,
-    clip_video_b64,
-    lease_for_display,
-    record_answers,
-    rounds_history,
+)
+from fkpd.studio.history import (
+    active_training_job,
+    current_version,
     enqueue_round,
+    error_headline,
     export_bytes,
-    CompareParams,
-    enqueue_compare,
-    compare,
-    compare_videos,
+    job_summary,
+    latest_training_job,
+    retry_bootstrap,
+    rounds_history,
     version_label,
 )
+from fkpd.studio.labelling import DisplayPair, clip_video_b64, lease_for_display, record_answers
+from fkpd.studio.rounds import served_versions
 
-__all__ = ['COMPARE', 'TRAINING_KINDS', 'ACTIVE', 'OUTCOMES', 'ROUND_FIELDS', 'DEFAULT_INSTRUCTIONS', 'default_instructions', 'StudioError', 'StudioConfig', 'open_project', 'current_version', 'retry_bootstrap', 'active_training_job', 'latest_training_job', 'job_summary', 'error_headline', 'start_local_worker', 'REPO_ROOT', 'APP_SCRIPT', 'launch_app', 'stop_app', 'AdminAuth', 'clean_annotator_name', 'DisplayPair', 'clip_video_b64', 'lease_for_display', 'record_answers', 'rounds_history', 'enqueue_round', 'export_bytes', 'CompareParams', 'enqueue_compare', 'compare', 'compare_videos', 'version_label']
+__all__ = ['COMPARE', 'TRAINING_KINDS', 'ACTIVE', 'OUTCOMES', 'ROUND_FIELDS', 'DEFAULT_INSTRUCTIONS', 'default_instructions',
+           'StudioError', 'StudioConfig', 'open_project', 'current_version', 'served_versions', 'retry_bootstrap',
+           'active_training_job', 'latest_training_job', 'job_summary', 'error_headline', 'start_local_worker',
+           'AdminAuth', 'clean_annotator_name', 'DisplayPair', 'clip_video_b64', 'lease_for_display', 'record_answers',
+           'rounds_history', 'enqueue_round', 'export_bytes', 'CompareParams', 'enqueue_compare', 'compare',
+           'compare_videos', 'version_label']

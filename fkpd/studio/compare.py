@@ -1,0 +1,153 @@
+"""The ``compare`` job: the same reset seeds rolled out by two policy versions, with videos.
+
+:func:`enqueue_compare` queues it from the Compare page (checked by
+:class:`CompareParams`), the :func:`compare` handler (registered for the worker with
+:func:`fkpd.store.register_handler` when this module is imported) renders the episodes,
+and :func:`compare_videos` reads the finished job back with checked video paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fkpd.store import ArtifactPathError, JobContext, JobView, ProjectInfo, Store, register_handler
+from fkpd.studio.config import StudioError
+from fkpd.studio.rounds import served_versions
+
+COMPARE = "compare"
+
+
+
+@dataclass
+class CompareParams:
+    """Parameters of a ``compare`` job: the same reset seeds rolled out by two versions.
+
+    Attributes:
+        version_a, version_b: policy version ids of the project.
+        episodes: number of reset seeds (1..16).
+        seed: first reset seed (the evaluation seeds of :mod:`fkpd.policy.rollout` by default).
+        render_size: video height and width in pixels.
+    """
+
+    version_a: int
+    version_b: int
+    episodes: int = 4
+    seed: int = 10_000
+    render_size: int = 224
+
+    def __post_init__(self) -> None:
+        for name in ("version_a", "version_b", "episodes", "seed", "render_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise StudioError(f"compare parameter {name!r} must be an integer, got {value!r}")
+        if not 1 <= self.episodes <= 16:
+            raise StudioError(f"compare 'episodes' must be between 1 and 16, got {self.episodes}")
+        if not 32 <= self.render_size <= 640:
+            raise StudioError(f"compare 'render_size' must be between 32 and 640 pixels, got {self.render_size}")
+
+
+def enqueue_compare(store: Store, project: ProjectInfo, version_a: int, version_b: int, episodes: int = 4,
+                    render_size: int = 224) -> JobView:
+    """Queue a comparison of two policy versions of the project.
+
+    Raises:
+        StudioError: bad parameters, a version of another project, or one without a
+            checkpoint (imported labels, which cannot be rolled out).
+    """
+    params = CompareParams(int(version_a), int(version_b), int(episodes), render_size=int(render_size))
+    versions = {v.id: v for v in store.list_policy_versions(project.id)}
+    for vid in (params.version_a, params.version_b):
+        if vid not in versions:
+            raise StudioError(f"policy version {vid} is not a version of project {project.name!r}")
+        if versions[vid].checkpoint_path is None:
+            raise StudioError(f"policy version {vid} holds imported labels, not a policy, so it cannot be rolled "
+                              "out; pick a version with a checkpoint")
+    return store.jobs.enqueue(project.id, COMPARE, dict(params.__dict__))
+
+
+@register_handler(COMPARE)
+def compare(ctx: JobContext) -> dict[str, Any]:
+    """Job handler: roll out the same reset seeds with two policy versions and save videos.
+
+    Each version plays full episodes (the horizon the project was bootstrapped with) from reset seeds
+    ``seed .. seed + episodes - 1`` with its own sampling noise; videos are written
+    atomically to ``projects/<id>/compare/job<j>/``.
+
+    Returns:
+        ``{"version_a", "version_b", "episodes": [{"seed", "a": {"video", "return",
+        "success"}, "b": {...}}]}`` with video paths relative to the artifact directory.
+
+    Raises:
+        StudioError: bad parameters.
+        ArtifactIntegrityError / CheckpointError: a version's checkpoint is missing or corrupt.
+    """
+    from fkpd.envs import get_task, make_env
+    from fkpd.policy import DiffusionPolicy
+    from fkpd.policy.rollout import write_video
+    from fkpd.studio.rounds import _checkpoint_dir
+    from fkpd.policy.rollout import ClipRequest, rollout_clips
+
+    store = ctx.store
+    params = CompareParams(**ctx.params)
+    project = store.get_project(ctx.job.project_id)
+    spec = get_task(project.task_id)
+    horizon = _project_horizon(store, project)
+    seeds = list(range(params.seed, params.seed + params.episodes))
+    out: dict[str, Any] = {"version_a": params.version_a, "version_b": params.version_b,
+                           "episodes": [{"seed": s} for s in seeds]}
+    envs = [make_env(project.task_id, max_episode_steps=horizon, render_size=(params.render_size, params.render_size))
+            for _ in range(min(8, params.episodes))]
+    try:
+        for side_i, (side, vid) in enumerate((("a", params.version_a), ("b", params.version_b))):
+            version = store.get_policy_version(vid)
+            policy = DiffusionPolicy.load(_checkpoint_dir(store, version), task_id=project.task_id)
+            requests = [ClipRequest(s, 1000 + s, max_steps=horizon, render_from=0) for s in seeds]
+            for b0 in range(0, len(requests), len(envs)):
+                episodes = rollout_clips(policy, envs, requests[b0:b0 + len(envs)])
+                for k, ep in enumerate(episodes, start=b0):
+                    rel = f"projects/{project.id}/compare/job{ctx.job_id}/seed{seeds[k]}_v{vid}.mp4"
+                    video, _ = store.write_artifact_atomic(
+                        rel, lambda path, frames=ep.frames: write_video(frames, path, fps=spec.fps), to_path=True)
+                    out["episodes"][k][side] = {"video": video, "return": float(ep.ret),
+                                                "success": bool(ep.succeeded)}
+                    done = side_i * len(seeds) + k + 1
+                    ctx.progress(done / (2 * len(seeds)), f"rendering: episode {done}/{2 * len(seeds)}")
+                ctx.check_cancelled()
+    finally:
+        for env in envs:
+            env.close()
+    return out
+
+
+def _project_horizon(store: Store, project: ProjectInfo) -> int:
+    """The episode length the project was bootstrapped with: the batch settings recorded
+    with its first version that has a checkpoint, as alignment rounds read them."""
+    from fkpd.studio.rounds import RoundParams
+
+    versions = served_versions(store, project)
+    recorded = (versions[0].metrics.get("bootstrap") or {}).get("settings") if versions else None
+    return RoundParams().settings(recorded).horizon(project.task_id)
+
+
+def compare_videos(store: Store, job: JobView) -> list[dict[str, Any]]:
+    """The finished compare job's episodes with absolute video paths (None when missing)."""
+    rows = []
+    for ep in (job.result or {}).get("episodes", []):
+        row = {"seed": ep.get("seed")}
+        for side in ("a", "b"):
+            info = dict(ep.get(side) or {})
+            path = None
+            if info.get("video"):
+                try:
+                    p = store.resolve(info["video"])
+                    path = p if p.exists() else None
+                except ArtifactPathError:  # a bad stored path shows as a missing video
+                    path = None
+            info["path"] = path
+            row[side] = info
+        rows.append(row)
+    return rows
+
+
+__all__ = ["COMPARE", "CompareParams", "compare", "compare_videos", "enqueue_compare"]

@@ -1,0 +1,191 @@
+"""The app's configuration and first start, and what every other studio module shares.
+
+* :class:`StudioConfig` — where the store is, which project and task, which bootstrap
+  parameters, whether to start a local worker; read from the environment
+  (``FKPD_*`` variables, see :meth:`StudioConfig.from_env`).
+* :func:`open_project` — creates the default project on first start and queues its
+  bootstrap job; a second start finds both and resumes.
+* :func:`start_local_worker` — ``fkpd worker`` as a child process that exits with the app.
+* :class:`StudioError` (bad input from the app), the job kinds and answers the pages share
+  (:data:`ACTIVE`, :data:`OUTCOMES`, :data:`ROUND_FIELDS`, ...) and
+  :func:`default_instructions`, a new project's labelling instructions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from fkpd.envs import DEFAULT_TASK, get_task
+from fkpd.envs.metaworld import INSTRUCTIONS as DEFAULT_INSTRUCTIONS  # noqa: F401 (re-exported)
+from fkpd.errors import FKPDError
+from fkpd.store import JobView, ProjectInfo, Store
+from fkpd.store.db import labels_dir
+
+TRAINING_KINDS = ("bootstrap", "alignment_round")
+ACTIVE = ("queued", "running")
+#: Answers the label page accepts; the keyboard shortcuts map onto them.
+OUTCOMES = ("left", "right", "equal", "skip")
+#: Alignment parameters an admin may set from the Rounds page (everything else keeps
+#: AlignConfig's defaults); see :class:`fkpd.studio.rounds.RoundParams`.
+ROUND_FIELDS = ("regularizer", "beta", "lam", "steps", "lr", "pairs_per_batch", "eval_episodes")
+
+
+def default_instructions(task_id: str) -> str:
+    """The instructions a new project of ``task_id`` starts with: what the clips show and
+    what to prefer (:attr:`fkpd.envs.TaskSpec.instructions`; MetaWorld: the arm's progress
+    on the task; ``d4rl/maze2d-*``: the ball heading for the red goal disc; D4RL
+    locomotion: the gait moving the robot forward).
+
+    Raises:
+        UnknownTaskError: ``task_id`` is not registered.
+    """
+    return get_task(task_id).instructions
+
+
+
+class StudioError(FKPDError, ValueError):
+    """Bad input from the app (an empty annotator name, a bad round parameter, ...)."""
+
+
+# ------------------------------------------------------------------ configuration
+
+
+@dataclass
+class StudioConfig:
+    """Where and what the app serves.
+
+    Attributes:
+        database_url: store URL; "" means ``$FKPD_DATABASE_URL`` or ``labels/fkpd.sqlite``.
+        artifact_dir: "" means ``$FKPD_ARTIFACT_DIR`` or ``labels/artifacts``.
+        project: project name shown and labelled.
+        task: task id of the project when it is created.
+        bootstrap: parameters of the bootstrap job queued on first start
+            (:class:`fkpd.studio.rounds.BootstrapParams`, flat).
+        start_worker: start a local ``fkpd worker`` child process.
+        worker_threads: torch threads of that worker (0: torch's default); 1 leaves a
+            core to the app on a 2-core machine.
+    """
+
+    database_url: str = ""
+    artifact_dir: str = ""
+    project: str = "door-open"
+    task: str = DEFAULT_TASK
+    bootstrap: dict[str, Any] = field(default_factory=dict)
+    start_worker: bool = True
+    worker_threads: int = 1
+
+    @property
+    def worker_log(self) -> Path:
+        """The local worker's log: next to the artifact directory (``labels/worker.log``
+        by default), so an app on another store never writes into ``labels/``."""
+        return (Path(self.artifact_dir).parent if self.artifact_dir else labels_dir()) / "worker.log"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "StudioConfig":
+        """Read ``FKPD_DATABASE_URL``, ``FKPD_ARTIFACT_DIR``, ``FKPD_PROJECT``,
+        ``FKPD_TASK``, ``FKPD_BOOTSTRAP`` (JSON object), ``FKPD_START_WORKER`` (0/1) and
+        ``FKPD_WORKER_THREADS``.
+
+        The project name defaults to the task's short name (``door-open`` for
+        ``metaworld/door-open-v3``).
+
+        Raises:
+            StudioError: ``FKPD_BOOTSTRAP`` is not a JSON object, or a number is malformed.
+        """
+        env = os.environ if env is None else env
+        task = env.get("FKPD_TASK", "").strip() or DEFAULT_TASK
+        default_project = task.split("/", 1)[-1].removesuffix("-v3").removesuffix("-v2")
+        raw = env.get("FKPD_BOOTSTRAP", "").strip()
+        try:
+            bootstrap = json.loads(raw) if raw else {}
+        except json.JSONDecodeError as exc:
+            raise StudioError(f"FKPD_BOOTSTRAP is not valid JSON ({exc}); give a JSON object such as "
+                              '\'{"bc_steps": 4000}\'') from exc
+        if not isinstance(bootstrap, dict):
+            raise StudioError(f"FKPD_BOOTSTRAP must be a JSON object, got {raw!r}")
+        try:
+            threads = int(env.get("FKPD_WORKER_THREADS", "1") or 1)
+        except ValueError as exc:
+            raise StudioError(f"FKPD_WORKER_THREADS must be an integer, got {env.get('FKPD_WORKER_THREADS')!r}") \
+                from exc
+        return cls(database_url=env.get("FKPD_DATABASE_URL", "").strip(),
+                   artifact_dir=env.get("FKPD_ARTIFACT_DIR", "").strip(),
+                   project=env.get("FKPD_PROJECT", "").strip() or default_project, task=task,
+                   bootstrap=bootstrap,
+                   start_worker=env.get("FKPD_START_WORKER", "1").strip().lower() not in ("0", "false", "no"),
+                   worker_threads=threads)
+
+    def open_store(self) -> Store:
+        """The store (migrated to the current schema)."""
+        return Store(self.database_url or None, self.artifact_dir or None)
+
+
+def open_project(store: Store, cfg: StudioConfig) -> tuple[ProjectInfo, JobView | None]:
+    """The configured project, created (with its bootstrap job queued) on first start.
+
+    A later start finds the project and queues nothing: a bootstrap that was running when
+    the last app stopped is requeued by the worker's stale-job recovery and resumes from
+    its saved dataset and BC state (:func:`fkpd.studio.rounds.bootstrap`). A bootstrap that
+    *failed* is not retried automatically; the Label page shows its error and an admin
+    can retry (:func:`retry_bootstrap`).
+
+    Returns:
+        ``(project, job)`` where ``job`` is the bootstrap job queued now, or None.
+
+    Raises:
+        UnknownTaskError: the configured task does not exist.
+    """
+    from fkpd.envs import get_task
+    from fkpd.studio.rounds import BootstrapParams
+
+    get_task(cfg.task)  # a clear error for a typo in FKPD_TASK
+    BootstrapParams.from_params(cfg.bootstrap)  # and for a bad FKPD_BOOTSTRAP
+    existing = {p.name: p for p in store.list_projects()}
+    if cfg.project in existing:
+        return existing[cfg.project], None
+    from fkpd.store import AlreadyExistsError
+
+    try:
+        project = store.create_project(cfg.project, cfg.task,
+                                       instructions=default_instructions(cfg.task))
+    except AlreadyExistsError:  # another app process created it a moment ago
+        return store.get_project(cfg.project), None
+    job = store.jobs.enqueue(project.id, "bootstrap", cfg.bootstrap)
+    return project, job
+
+
+# ------------------------------------------------------------------ local worker
+
+
+def start_local_worker(cfg: StudioConfig, log_file: Path | None = None) -> subprocess.Popen:
+    """Start ``fkpd worker`` in a child process that stops when this process exits.
+
+    The worker runs the bootstrap, alignment-round and compare jobs. It gets
+    ``--parent-pid`` so it also stops if the app is killed without a chance to clean up.
+    Its output goes to ``log_file`` (default :attr:`StudioConfig.worker_log`).
+
+    Returns:
+        The child process.
+    """
+    log_file = log_file or cfg.worker_log
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if cfg.database_url:
+        env["FKPD_DATABASE_URL"] = cfg.database_url
+    if cfg.artifact_dir:
+        env["FKPD_ARTIFACT_DIR"] = cfg.artifact_dir
+    cmd = [sys.executable, "-m", "fkpd.cli", "worker", "--parent-pid", str(os.getpid()),
+           "--threads", str(cfg.worker_threads), "--stale-after-s", "60"]
+    with open(log_file, "ab") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                stdin=subprocess.DEVNULL)
+
+
+__all__ = ["ACTIVE", "DEFAULT_INSTRUCTIONS", "OUTCOMES", "ROUND_FIELDS", "TRAINING_KINDS", "StudioConfig", "StudioError",
+           "default_instructions", "open_project", "start_local_worker"]

@@ -1,0 +1,181 @@
+"""A project's policy versions and training jobs, for the Label, Rounds and Data pages.
+
+* :func:`current_version` — the served policy; :func:`version_label` names a version.
+* :func:`active_training_job`, :func:`latest_training_job`, :func:`job_summary`,
+  :func:`error_headline` — the bootstrap / alignment round in progress or last run.
+* :func:`retry_bootstrap`, :func:`enqueue_round` — queue a training job, once the checks
+  pass; :func:`rounds_history` — one row per version.
+* :func:`export_bytes` — the comparisons as a file, written to a temporary directory and
+  returned as bytes (no path from the browser).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+from fkpd.errors import FKPDError
+from fkpd.store import JobView, ProjectInfo, Store
+from fkpd.studio.compare import COMPARE
+from fkpd.studio.config import ACTIVE, ROUND_FIELDS, TRAINING_KINDS, StudioError
+from fkpd.studio.rounds import served_versions
+
+
+def current_version(store: Store, project: ProjectInfo):
+    """The served policy: the newest version with a checkpoint, or None before bootstrap."""
+    versions = served_versions(store, project)
+    return versions[-1] if versions else None
+
+
+def version_label(v) -> str:
+    """``v3 · round 2 · 40% success`` for a PolicyVersionInfo; on D4RL tasks the D4RL
+    normalised score follows (``v3 · round 2 · 0% success · D4RL score 41.5``), and a
+    version of imported labels reads ``v4 · imported labels``."""
+    if v.metrics.get("source") == "import":
+        return f"v{v.id} · imported labels"
+    sr = v.metrics.get("success_rate")
+    tail = f" · {100 * sr:.0f}% success" if isinstance(sr, (int, float)) else ""
+    score = v.metrics.get("d4rl_normalized_score")
+    tail += f" · D4RL score {score:.1f}" if isinstance(score, (int, float)) else ""
+    name = "BC" if v.round == 0 else f"round {v.round}"
+    return f"v{v.id} · {name}{tail}"
+
+
+def active_training_job(store: Store, project: ProjectInfo) -> JobView | None:
+    """The queued or running bootstrap / alignment round of the project, if any."""
+    jobs = [j for j in store.jobs.list(project.id, status=ACTIVE, limit=20) if j.kind in TRAINING_KINDS]
+    return jobs[-1] if jobs else None
+
+
+def latest_training_job(store: Store, project: ProjectInfo) -> JobView | None:
+    """The newest bootstrap / alignment round of the project, whatever its status."""
+    return next((j for j in store.jobs.list(project.id, limit=50) if j.kind in TRAINING_KINDS), None)
+
+
+def job_summary(job: JobView) -> str:
+    """One line for a job: kind, id, status, progress and message."""
+    what = {"bootstrap": "Bootstrap", "alignment_round": "Alignment round", COMPARE: "Comparison"}.get(
+        job.kind, job.kind)
+    line = f"{what} (job {job.id}): {job.status}"
+    if job.status == "running":
+        line += f", {100 * job.progress:.0f}%"
+        if job.message:
+            line += f" — {job.message}"
+    elif job.status == "queued":
+        line += ", waiting for the worker"
+    return line
+
+
+def error_headline(job: JobView) -> str:
+    """The last line of a failed job's traceback: the message a person needs."""
+    lines = [ln for ln in (job.error or "").strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "failed without an error message"
+
+
+# ------------------------------------------------------------------ training jobs
+
+
+def retry_bootstrap(store: Store, project: ProjectInfo, params: Mapping[str, Any]) -> JobView:
+    """Queue the bootstrap again (after a failure).
+
+    Raises:
+        StudioError: the project already has a policy version, or a training job is
+            queued or running.
+    """
+    if current_version(store, project) is not None:
+        raise StudioError(f"project {project.name!r} is already bootstrapped")
+    if active_training_job(store, project) is not None:
+        raise StudioError("a training job is already queued or running")
+    return store.jobs.enqueue(project.id, "bootstrap", dict(params))
+
+
+def rounds_history(store: Store, project: ProjectInfo):
+    """One row per policy version: round, labels used, success rate, implicit accuracy, ...
+
+    Returns:
+        A pandas DataFrame (empty with the columns when there is no version yet);
+        ``success_rate`` and ``implicit_acc`` are fractions in [0, 1]. When a version
+        has a D4RL normalised score (``d4rl/`` tasks, 0-100 scale) the frame has a
+        ``d4rl_score`` column after ``mean_return``; the intent teachers' scores recorded
+        by the evaluation (``intent_smooth``, ``intent_high_gripper``; higher is closer
+        to the intent, :func:`fkpd.prefs.teachers.intent_scores`) come before
+        ``implicit_acc``. A version that holds imported labels
+        (no checkpoint) shows ``— (imported labels)`` as its regulariser.
+    """
+    import pandas as pd
+
+    cols = ["round", "version", "created", "labels_used", "success_rate", "mean_return", "implicit_acc",
+            "implicit_acc_before", "reward_margin", "regularizer", "beta", "lam", "steps", "eval_episodes"]
+    rows = []
+    for v in store.list_policy_versions(project.id):
+        m = v.metrics
+        kind = "— (imported labels)" if m.get("source") == "import" else "— (BC)" if v.round == 0 else None
+        rows.append({"round": v.round, "version": v.id, "created": v.created_at,
+                     "labels_used": m.get("labels_used", 0), "success_rate": m.get("success_rate"),
+                     "mean_return": m.get("mean_return"), "d4rl_score": m.get("d4rl_normalized_score"),
+                     "implicit_acc": m.get("implicit_acc"),
+                     "implicit_acc_before": m.get("implicit_acc_before"), "reward_margin": m.get("reward_margin"),
+                     "regularizer": m.get("regularizer", kind),
+                     "beta": m.get("beta"), "lam": m.get("lam"), "steps": m.get("steps", m.get("bc_steps")),
+                     "eval_episodes": m.get("episodes"),
+                     **{k: m[k] for k in m if k.startswith("intent_")}})
+    if any(r["d4rl_score"] is not None for r in rows):
+        cols.insert(cols.index("mean_return") + 1, "d4rl_score")
+    intents = sorted({k for r in rows for k in r if k.startswith("intent_")})
+    at = cols.index("implicit_acc")
+    cols[at:at] = intents
+    return pd.DataFrame(rows, columns=cols)
+
+
+def enqueue_round(store: Store, project: ProjectInfo, params: Mapping[str, Any]) -> JobView:
+    """Queue an alignment round with the admin's parameters.
+
+    Args:
+        params: a subset of :data:`ROUND_FIELDS`; the others keep their defaults.
+
+    Raises:
+        StudioError: an unknown or invalid parameter, no policy version yet, no comparison
+            to train on, or a training job already queued or running.
+    """
+    from fkpd.studio.rounds import RoundParams
+
+    unknown = sorted(set(params) - set(ROUND_FIELDS))
+    if unknown:
+        raise StudioError(f"unknown round parameter(s) {unknown}; allowed: {list(ROUND_FIELDS)}")
+    try:
+        RoundParams.from_params(dict(params))
+    except FKPDError as exc:
+        raise StudioError(str(exc)) from exc
+    if current_version(store, project) is None:
+        raise StudioError("the project has no policy yet: wait for the bootstrap to finish")
+    job = active_training_job(store, project)
+    if job is not None:
+        raise StudioError(f"{job_summary(job)}; wait for it to finish before starting another round")
+    if not store.count_training_pairs(project.id):
+        raise StudioError("no comparison to train on yet: label some pairs Left, Right or Equal first "
+                          "(skips are not trained on)")
+    return store.jobs.enqueue(project.id, "alignment_round", dict(params))
+
+
+# ------------------------------------------------------------------ data
+
+
+def export_bytes(store: Store, project: ProjectInfo, fmt: str) -> bytes:
+    """The project's comparisons with their segments as a Parquet or HDF5 file, in memory.
+
+    Raises:
+        StudioError: unknown format.
+    """
+    from fkpd.store.export import export_comparisons
+
+    if fmt not in ("parquet", "hdf5"):
+        raise StudioError(f"unknown export format {fmt!r}; choose parquet or hdf5")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / f"comparisons.{'h5' if fmt == 'hdf5' else 'parquet'}"
+        export_comparisons(store, project.id, fmt, out)
+        return out.read_bytes()
+
+
+__all__ = ["active_training_job", "current_version", "enqueue_round", "error_headline", "export_bytes", "job_summary",
+           "latest_training_job", "retry_bootstrap", "rounds_history", "version_label"]
