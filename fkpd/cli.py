@@ -116,7 +116,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     """Generate data (if missing), train BC (resuming), evaluate, write clips."""
-    from fkpd.envs.d4rl import own_dataset
+    from fkpd.envs import get_task
     from fkpd.data import DataRecipe, generate_dataset
     from fkpd.policy import PolicyConfig
     from fkpd.policy.rollout import evaluate
@@ -124,7 +124,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     root = Path(args.out) / args.task.replace("/", "_")
-    own = own_dataset(args.task)  # locomotion has no generator: its D4RL dataset, from D4RL's cache directory
+    own = get_task(args.task).own_dataset  # locomotion has no generator: its D4RL dataset, from D4RL's cache directory
     data = own or root / "data.hdf5"
     cfg = dataclass_from_args(BCConfig, args, task=args.task, dataset=str(data), out_dir=str(root / "bc"))
     if own:

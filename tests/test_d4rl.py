@@ -16,7 +16,7 @@ HOPPER = "d4rl/hopper-medium-v2"
 def _hopper_episodes(n_eps=3, steps=25, seed=0):
     """Random-action Hopper-v5 episodes recorded the way D4RL's v2 files are: observation,
     action, reward, done flags, next observation, and the simulator state in infos."""
-    from fkpd.envs.d4rl import LocomotionEnv
+    from fkpd.envs.locomotion import LocomotionEnv
 
     env = LocomotionEnv("hopper", max_episode_steps=steps)
     rng = np.random.default_rng(seed)
@@ -129,7 +129,8 @@ def test_nan_in_next_observations_names_key_and_row(tmp_path, hopper_rows):
 
 # -- dataset names and D4RL's cache directory ------------------------------------------------
 def test_dataset_name_resolves_in_d4rl_cache_dir(tmp_path, monkeypatch, hopper_rows):
-    from fkpd.envs.d4rl import _d4rl, dataset_file, resolve_dataset
+    from fkpd.data.d4rl import dataset_file, resolve_dataset
+    from fkpd.envs.d4rl import _d4rl
 
     monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
     url = _d4rl().infos.DATASET_URLS["hopper-medium-v2"]
@@ -176,7 +177,8 @@ def test_locomotion_has_no_generator():
 
 # -- normalised scores -----------------------------------------------------------------------
 def test_normalized_score_is_d4rls():
-    from fkpd.envs.d4rl import _d4rl, normalized_score, score_summary
+    from fkpd.envs import get_task
+    from fkpd.envs.d4rl import _d4rl, normalized_score
 
     d4rl = _d4rl()
     for name, ret in (("hopper-medium-v2", 1500.0), ("walker2d-expert-v2", 4000.0),
@@ -184,12 +186,12 @@ def test_normalized_score_is_d4rls():
         assert normalized_score(name, ret) == pytest.approx(100 * d4rl.get_normalized_score(name, ret))
     rets = [1000.0, 2000.0, 3000.0]
     expected = [100 * d4rl.get_normalized_score("hopper-medium-v2", r) for r in rets]
-    np.testing.assert_allclose(normalized_score(HOPPER, rets), expected)
-    s = score_summary(HOPPER, rets)
+    np.testing.assert_allclose(get_task(HOPPER).normalized_score(rets), expected)
+    s = get_task(HOPPER).score_summary(rets)
     assert s["d4rl_dataset"] == "hopper-medium-v2"
     assert s["d4rl_normalized_score"] == pytest.approx(np.mean(expected))
     assert s["d4rl_normalized_score_std"] == pytest.approx(np.std(expected))
-    assert score_summary("metaworld/door-open-v3", rets) == {}
+    assert get_task("metaworld/door-open-v3").score_summary(rets) == {}
     with pytest.raises(UnknownTaskError, match="no reference scores"):
         normalized_score("nope-v9", 1.0)
 
@@ -213,7 +215,7 @@ def test_eval_summary_reports_d4rl_score():
 def test_v5_observations_have_the_d4rl_v2_layout(env_name, nq, do, da, clipped):
     """D4RL v2 data came from gym's v3 envs, whose ``_get_obs`` is qpos without the torso's
     x position, then qvel (clipped to ±10 for hopper and walker2d, not for halfcheetah)."""
-    from fkpd.envs.d4rl import LOCOMOTION_ENVS, LocomotionEnv, observation_from_state
+    from fkpd.envs.locomotion import LOCOMOTION_ENVS, LocomotionEnv, observation_from_state
     from fkpd.envs import make_env
 
     assert LOCOMOTION_ENVS[env_name][1:] == (do, da)
@@ -249,7 +251,8 @@ def test_locomotion_bc_and_eval_from_the_d4rl_cache(tmp_path, monkeypatch, hoppe
     import json
 
     from fkpd.cli import main
-    from fkpd.envs.d4rl import dataset_file, normalized_score
+    from fkpd.data.d4rl import dataset_file
+    from fkpd.envs.d4rl import normalized_score
     from fkpd.policy import read_checkpoint_meta
 
     monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "d4rl"))
@@ -265,3 +268,25 @@ def test_locomotion_bc_and_eval_from_the_d4rl_cache(tmp_path, monkeypatch, hoppe
     assert "(hopper-medium-v2)" in capsys.readouterr().out
     ev = json.loads((tmp_path / "e.json").read_text())
     assert ev["d4rl_normalized_score"] == pytest.approx(normalized_score("hopper-medium-v2", ev["mean_return"]))
+
+
+# -- the task as a value -------------------------------------------------------------------------
+def test_task_spec_carries_its_family_behaviour():
+    """Family-specific behaviour is asked of the spec, not of the id's prefix."""
+    from fkpd.envs import find_task, get_task
+
+    door, maze, hopper = get_task("metaworld/door-open-v3"), get_task("d4rl/maze2d-umaze"), get_task(HOPPER)
+    assert get_task(door) is door and find_task("nope/x") is None and find_task("d4rl/hopper-medium-v0") is None
+    assert (door.family.name, maze.family.name, hopper.family.name) == ("metaworld", "maze2d", "locomotion")
+    assert [s.is_maze for s in (door, maze, hopper)] == [False, True, False]
+    assert [s.has_scripted_policy for s in (door, maze, hopper)] == [True, True, False]
+    assert [s.has_success for s in (door, maze, hopper)] == [True, True, False]
+    assert [s.own_dataset for s in (door, maze, hopper)] == ["", "", "hopper-medium-v2"]
+    assert [s.default_camera for s in (door, maze, hopper)] == ["corner", None, None]
+    assert door.intent_teachers == ("smooth", "high-gripper") and maze.intent_teachers == hopper.intent_teachers == (
+        "smooth",)
+    assert "robot arm" in door.instructions and "(door-open-v3)" in door.instructions
+    assert "red goal disc" in maze.instructions and "one-legged hopper robot (hopper-medium-v2)" in hopper.instructions
+    assert maze.score_summary([100.0])["d4rl_dataset"] == "maze2d-umaze-v1" and maze.score_summary([]) == {}
+    with pytest.raises(UnknownTaskError, match="no reference scores"):
+        door.normalized_score(1.0)

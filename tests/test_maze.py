@@ -11,7 +11,8 @@ import pytest
 
 from fkpd.data import dataset_info, generate_dataset, load_dataset
 from fkpd.envs import get_task, make_env, scripted_policy
-from fkpd.envs.maze import MAZES, MazeEnv, bfs_distances, cell_center, free_cells, from_d4rl_frame, maze_map
+from fkpd.data.d4rl import from_d4rl_frame
+from fkpd.envs.maze import MAZES, MazeEnv, bfs_distances, cell_center, free_cells, maze_map
 from fkpd.prefs.segments import load_preferences
 
 UMAZE = "d4rl/maze2d-umaze"

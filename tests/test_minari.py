@@ -76,7 +76,7 @@ def test_dict_observations_use_their_observation_entry(minari_root):
 
     import gymnasium as gym
 
-    from fkpd.envs.d4rl import quiet
+    from fkpd.envs._mujoco import quiet
     from fkpd.envs.maze import MazeOracle
 
     with quiet():

@@ -121,7 +121,7 @@ def _valid_q_starts(path: Path, count: int) -> list[int]:
 @pytest.mark.slow
 def test_locomotion_project_bootstraps_from_the_d4rl_cache_and_trains_on_imported_labels(
         store, tmp_path, monkeypatch):
-    from fkpd.envs.d4rl import dataset_file
+    from fkpd.data.d4rl import dataset_file
     from fkpd.store.export import import_pt_labels
 
     monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "d4rl"))

@@ -4,7 +4,7 @@ Minari (Farama Foundation, the maintained successor of D4RL's datasets) stores d
 under ``$MINARI_DATASETS_PATH`` (default ``~/.minari/datasets``) by id, e.g.
 ``mujoco/hopper/medium-v0`` or ``D4RL/pointmaze/umaze-v2``. This module reads them through
 the ``minari`` package (``minari.load_dataset(id, download=False)``: nothing is downloaded)
-and turns their episodes into the arrays of :mod:`fkpd.data`:
+and turns their episodes into the arrays of :mod:`fkpd.data.hdf5`:
 
 =====================  ===========================================================
 D4RL layout            from each Minari episode of T steps
@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from fkpd.data.hdf5 import OfflineDataset, validate_arrays, write_dataset
 from fkpd.errors import ConfigError, DatasetError
 
 DEFAULT_OBS_KEY = "observation"
@@ -141,8 +142,7 @@ def open_minari(dataset_id: str):
 
 
 def _read(dataset_id: str, task_id: str | None, obs_key: str | None):
-    from fkpd.data import validate_arrays
-
+    """``(arrays, infos, attrs, validated OfflineDataset)`` of a local Minari dataset."""
     ds = open_minari(dataset_id)
     arrays, infos = minari_arrays(ds, obs_key)
     attrs: dict[str, object] = {"source": "minari", "dataset_id": dataset_id,
@@ -156,7 +156,7 @@ def _read(dataset_id: str, task_id: str | None, obs_key: str | None):
     return arrays, infos, attrs, offline
 
 
-def load_minari(dataset_id: str, task_id: str | None = None, obs_key: str | None = None):
+def load_minari(dataset_id: str, task_id: str | None = None, obs_key: str | None = None) -> OfflineDataset:
     """Read a locally present Minari dataset as a validated :class:`fkpd.data.OfflineDataset`.
 
     Args:
@@ -181,7 +181,5 @@ def import_minari(dataset_id: str, out: Path | str, task_id: str | None = None, 
     Raises:
         DatasetError: see :func:`load_minari`.
     """
-    from fkpd.data import write_dataset
-
     arrays, infos, attrs, _ = _read(dataset_id, task_id, obs_key)
     return write_dataset(out, arrays, infos, attrs)

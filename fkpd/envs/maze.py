@@ -1,4 +1,5 @@
-"""Maze2d tasks: D4RL's maze2d on Gymnasium-Robotics' PointMaze, and a scripted planner.
+"""Maze2d tasks: ``d4rl/maze2d-<size>``, D4RL's maze2d on Gymnasium-Robotics' PointMaze,
+and a scripted planner.
 
 D4RL's maze2d (Fu et al., 2020) is a force-actuated point mass (2-D position and
 velocity) that must reach a fixed goal cell of a maze. Gymnasium-Robotics' PointMaze v3
@@ -21,9 +22,9 @@ reference scores (:func:`fkpd.envs.d4rl.normalized_score`). Observations are D4R
 Original D4RL maze2d files are in D4RL's frame, where ``qpos = (x, y)`` is in cell units
 with ``x`` along rows and ``y`` along columns and, a quirk of D4RL's model (the ball's
 body sits at (1.2, 1.2), the walls at (i + 1, j + 1)), the ball is physically 0.2 m past
-``qpos`` along both. :func:`from_d4rl_frame` maps their states and actions to the centred
-frame with the same physics (checked against D4RL's own model in ``tests/test_maze.py``),
-and :func:`fkpd.data.load_dataset` applies it to a maze2d file that FKPD Studio did not
+``qpos`` along both. :func:`fkpd.data.d4rl.from_d4rl_frame` maps their states and actions to
+the centred frame with the same physics (checked against D4RL's own model in
+``tests/test_maze.py``), and :func:`fkpd.data.load_dataset` applies it to a maze2d file that FKPD Studio did not
 write (no ``task_id`` attribute naming a maze2d task, not from Minari).
 
 The scripted policy (:class:`MazeOracle`) is D4RL's data-collection controller in
@@ -45,12 +46,13 @@ import math
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import gymnasium as gym
 import numpy as np
 
-from fkpd.envs.d4rl import _plain_scene, quiet
+from fkpd.envs._mujoco import plain_scene, quiet
+from fkpd.envs.spec import DEFAULT_RENDER_SIZE, TIE_SKIP, TaskFamily, TaskSpec
 
 #: D4RL's sparse-reward and success radius around the goal, metres.
 GOAL_RADIUS = 0.5
@@ -113,62 +115,6 @@ def cell_of(grid: Sequence[Sequence[int]], xy: Sequence[float]) -> tuple[int, in
     return min(max(i, 0), rows - 1), min(max(j, 0), cols - 1)
 
 
-def from_d4rl_frame(size: str, observations: np.ndarray | None = None, actions: np.ndarray | None = None,
-                    positions: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Map D4RL maze2d arrays to PointMaze's centred frame (same physical states).
-
-    Args:
-        size: ``umaze``, ``medium`` or ``large`` (sets the maze's rows L and columns W).
-        observations: (N, 4) D4RL ``(qpos_x, qpos_y, qvel_x, qvel_y)``.
-        actions: (N, 2) D4RL forces along its ``x`` (rows) and ``y`` (columns).
-        positions: (N, 2) D4RL positions alone (``infos/goal``, ``infos/qpos``).
-
-    Returns:
-        The given arrays, converted, under the same names: positions
-        ``x' = y + 0.2 + 0.5 − W/2``, ``y' = L/2 − 0.5 − (x + 0.2)``, velocities and
-        forces ``(v_y, −v_x)``.
-    """
-    grid = maze_map(size)
-    rows, cols = len(grid), len(grid[0])
-
-    def pos(p: np.ndarray) -> np.ndarray:
-        p = np.asarray(p, np.float64)
-        return np.stack([p[..., 1] + D4RL_BALL_OFFSET + 0.5 - cols / 2.0,
-                         rows / 2.0 - 0.5 - (p[..., 0] + D4RL_BALL_OFFSET)], axis=-1)
-
-    def vec(v: np.ndarray) -> np.ndarray:
-        v = np.asarray(v, np.float64)
-        return np.stack([v[..., 1], -v[..., 0]], axis=-1)
-
-    out: dict[str, np.ndarray] = {}
-    if observations is not None:
-        o = np.asarray(observations)
-        out["observations"] = np.concatenate([pos(o[..., :2]), vec(o[..., 2:4])], axis=-1).astype(o.dtype)
-    if actions is not None:
-        out["actions"] = vec(actions).astype(np.asarray(actions).dtype)
-    if positions is not None:
-        out["positions"] = pos(positions).astype(np.asarray(positions).dtype)
-    return out
-
-
-def convert_d4rl_dataset(ds, size: str):
-    """An :class:`fkpd.data.OfflineDataset` read from an original D4RL maze2d file, in
-    PointMaze's centred frame (:func:`from_d4rl_frame`); ``infos/goal`` and
-    ``infos/qpos``/``infos/qvel`` are converted too, and attr ``frame`` records it."""
-    import dataclasses
-
-    conv = from_d4rl_frame(size, ds.observations, ds.actions)
-    infos = dict(ds.infos)
-    for k in ("goal", "qpos"):
-        if k in infos and np.shape(infos[k])[-1:] == (2,):
-            infos[k] = from_d4rl_frame(size, positions=infos[k])["positions"]
-    if "qvel" in infos and np.shape(infos["qvel"])[-1:] == (2,):
-        infos["qvel"] = from_d4rl_frame(size, actions=infos["qvel"])["actions"]
-    attrs = {**ds.attrs, "frame": "converted from D4RL maze2d to PointMaze (fkpd.envs.maze.from_d4rl_frame)"}
-    return dataclasses.replace(ds, observations=conv["observations"], actions=conv["actions"], infos=infos,
-                               attrs=attrs)
-
-
 def free_cells(grid: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
     """Every free cell, in row-major order."""
     return [(i, j) for i, row in enumerate(grid) for j, c in enumerate(row) if c == 0]
@@ -228,15 +174,17 @@ class MazeOracle:
         return cell_center(self.grid, nxt)
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
+        """The PD force toward :meth:`waypoint`: ``obs (4,) -> action (2,) float32`` in [-1, 1]."""
         obs = np.asarray(obs, np.float64)
         target = self.waypoint(obs[:2])
         return np.clip(self.p_gain * (target - obs[:2]) + self.d_gain * obs[2:4], -1.0, 1.0).astype(np.float32)
 
 
-def wrong_goal(oracle: MazeOracle, env: "MazeEnv", recipe, rng: np.random.Generator) -> MazeOracle:
+def wrong_goal(oracle: MazeOracle, env: "MazeEnv", rng: np.random.Generator) -> MazeOracle:
     """The miscalibrated maze policy of :class:`fkpd.data.DataRecipe`: the planner believes
-    the goal is in a uniformly drawn free cell other than the true goal cell and the
-    ball's start cell, goes there and stays."""
+    the goal is in a free cell drawn uniformly from ``rng``, other than the true goal cell and
+    the ball's start cell (``env.position``, just reset), goes there and stays. The oracle
+    itself when no such cell exists."""
     start = cell_of(oracle.grid, env.position)
     choices = [c for c in free_cells(oracle.grid) if c not in (oracle.goal_cell, start)]
     if not choices:
@@ -271,7 +219,7 @@ class MazeEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"]}
 
     def __init__(self, size: str = "umaze", max_episode_steps: int | None = None,
-                 render_size: tuple[int, int] = (224, 224), camera: str | None = None,
+                 render_size: tuple[int, int] = DEFAULT_RENDER_SIZE, camera: str | None = None,
                  shadows: bool = False) -> None:
         with quiet():
             from gymnasium_robotics.envs.maze import maps
@@ -352,7 +300,7 @@ class MazeEnv(gym.Env):
         """An upright ``(H, W, 3) uint8`` frame; top-down over the whole maze by default."""
         if not self._render_ready:
             renderer = self._env.point_env.mujoco_renderer
-            _plain_scene(renderer, self._shadows)
+            plain_scene(renderer, self._shadows)
             if self._camera != "free":
                 viewer = renderer._get_viewer("rgb_array")
                 rows, cols = len(self.grid), len(self.grid[0])
@@ -367,4 +315,65 @@ class MazeEnv(gym.Env):
         return np.ascontiguousarray(self._env.render())
 
     def close(self) -> None:
+        """Release the simulator and its renderer."""
         self._env.close()
+
+
+#: The id prefix of a maze2d task's name: ``d4rl/maze2d-<size>``.
+_NAME_PREFIX = "maze2d-"
+
+
+def maze_of(spec: TaskSpec) -> MazeSpec:
+    """The :class:`MazeSpec` of a maze2d task's spec (``d4rl/maze2d-umaze`` -> ``MAZES["umaze"]``).
+
+    Raises:
+        KeyError: ``spec`` is not a maze2d task.
+    """
+    return MAZES[spec.name[len(_NAME_PREFIX):]]
+
+
+class Maze2dFamily(TaskFamily):
+    """The ``d4rl/maze2d-<size>`` tasks: Do = 4, Da = 2, D4RL's horizon, whole-episode
+    segments (sparse reward), top-down camera, the waypoint planner as scripted policy."""
+
+    name = "maze2d"
+    prefix = "d4rl"
+    is_maze = True
+
+    def task_names(self) -> list[str]:
+        """``maze2d-umaze``, ``maze2d-medium``, ``maze2d-large``."""
+        return [f"{_NAME_PREFIX}{m}" for m in MAZES]
+
+    def spec(self, name: str) -> TaskSpec | None:
+        """The spec of ``d4rl/<name>``, or None when ``name`` is no maze2d task; ``d4rl_name``
+        is D4RL's ``maze2d-<size>-v1``, whose reference returns normalise scores."""
+        if not name.startswith(_NAME_PREFIX) or name[len(_NAME_PREFIX):] not in MAZES:
+            return None
+        m = MAZES[name[len(_NAME_PREFIX):]]
+        return TaskSpec(task_id=f"d4rl/{name}", obs_dim=4, action_dim=2, max_episode_steps=m.horizon,
+                        d4rl_name=m.d4rl_name, segment_length=m.horizon, name=name, family=self)
+
+    def make_env(self, spec: TaskSpec, max_episode_steps: int, render_size: tuple[int, int],
+                 camera: str | None, shadows: bool) -> MazeEnv:
+        """A :class:`MazeEnv` of the task's maze."""
+        return MazeEnv(maze_of(spec).size, max_episode_steps=max_episode_steps, render_size=render_size,
+                       camera=camera, shadows=shadows)
+
+    def scripted_policy(self, spec: TaskSpec) -> Callable[[np.ndarray], np.ndarray]:
+        """The waypoint planner with PD control toward the task's goal (:class:`MazeOracle`)."""
+        return MazeOracle.for_maze(maze_of(spec).size)
+
+    def miscalibrated_policy(self, spec: TaskSpec, oracle: Callable, env: Any, rng: np.random.Generator,
+                             radius: tuple[float, float]) -> Callable[[np.ndarray], np.ndarray]:
+        """:func:`wrong_goal` (``radius`` is unused)."""
+        return wrong_goal(oracle, env, rng)
+
+    def instructions(self, spec: TaskSpec) -> str:
+        """The ball heading for the red goal disc, seen from above."""
+        return ("Watch both clips of the ball rolling through the maze, seen from above. Choose the clip whose "
+                "behaviour you prefer: the one that heads for the red goal disc more directly, moving the way "
+                f"you would want it to. {TIE_SKIP}")
+
+
+#: The maze2d family, registered by :mod:`fkpd.envs.registry`.
+MAZE2D = Maze2dFamily()

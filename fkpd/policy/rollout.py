@@ -167,7 +167,7 @@ class EvalResult:
 
     def summary(self) -> dict[str, object]:
         """Success rate with its CI, return statistics, clips; for ``d4rl/`` tasks also the
-        D4RL normalised score (:func:`fkpd.envs.d4rl.score_summary`, 0-100 scale)."""
+        D4RL normalised score (:meth:`fkpd.envs.TaskSpec.score_summary`, 0-100 scale)."""
         lo, hi = self.success_ci
         out = {
             "task_id": self.task_id,
@@ -178,10 +178,7 @@ class EvalResult:
             "std_return": float(np.std(self.returns)) if self.returns else float("nan"),
             "videos": list(self.videos),
         }
-        if self.task_id.startswith("d4rl/"):
-            from fkpd.envs.d4rl import score_summary
-
-            out.update(score_summary(self.task_id, self.returns))
+        out.update(get_task(self.task_id).score_summary(self.returns))
         return out
 
     def format(self) -> str:
@@ -189,10 +186,8 @@ class EvalResult:
         text = (f"{self.task_id}: success rate {self.success_rate:.1%} "
                 f"(95% CI {lo:.1%}-{hi:.1%}, n={len(self.successes)}), "
                 f"mean return {self.mean_return:.1f}")
-        if self.task_id.startswith("d4rl/") and self.returns:
-            from fkpd.envs.d4rl import score_summary
-
-            s = score_summary(self.task_id, self.returns)
+        s = get_task(self.task_id).score_summary(self.returns)
+        if s:
             text += f", D4RL normalised score {s['d4rl_normalized_score']:.1f} ({s['d4rl_dataset']})"
         return text
 

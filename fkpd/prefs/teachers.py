@@ -39,6 +39,7 @@ from typing import Sequence, TypeVar
 
 import numpy as np
 
+from fkpd.envs import get_task
 from fkpd.errors import ConfigError
 from fkpd.prefs.segments import Segment, check_p_left
 from fkpd.store.outcomes import OUTCOME_VALUES, outcome_to_p_left
@@ -231,9 +232,10 @@ TEACHERS: dict[str, tuple[type[ScriptedTeacher], dict]] = {
 }
 
 
-#: Intent teachers whose scores every evaluation of the app records, with the task
-#: families they mean something on (the hand height is MetaWorld's ``obs[2]``).
-INTENT_TEACHERS: dict[str, tuple[str, ...]] = {"smooth": ("metaworld", "d4rl"), "high-gripper": ("metaworld",)}
+#: Intent teachers whose scores every evaluation of the app records, where they apply: a
+#: task's :attr:`fkpd.envs.TaskSpec.intent_teachers` says which mean something on it
+#: (``high-gripper``, the hand height, is MetaWorld's ``obs[2]``).
+INTENT_TEACHERS: tuple[str, ...] = ("smooth", "high-gripper")
 
 
 def intent_scores(segments: Sequence[Segment], task_id: str) -> dict[str, float]:
@@ -241,21 +243,23 @@ def intent_scores(segments: Sequence[Segment], task_id: str) -> dict[str, float]
 
     Args:
         segments: episodes (or segments) of one policy, as :class:`Segment`.
-        task_id: their task; decides which intent teachers apply (:data:`INTENT_TEACHERS`).
+        task_id: their task; its spec's :attr:`~fkpd.envs.TaskSpec.intent_teachers`
+            decide which intent teachers apply.
 
     Returns:
         ``{"intent_smooth": ..., "intent_high_gripper": ...}`` (keys with ``-`` turned
         into ``_``); units as in each teacher's :meth:`ScriptedTeacher.intent_score`;
         empty without segments.
+
+    Raises:
+        UnknownTaskError: ``task_id`` is not registered.
     """
-    family = task_id.split("/", 1)[0]
     out: dict[str, float] = {}
     if not segments:
         return out
-    for name, families in INTENT_TEACHERS.items():
-        if family in families:
-            teacher = make_teacher(name)
-            out[f"intent_{name.replace('-', '_')}"] = float(np.mean([teacher.intent_score(s) for s in segments]))
+    for name in get_task(task_id).intent_teachers:
+        teacher = make_teacher(name)
+        out[f"intent_{name.replace('-', '_')}"] = float(np.mean([teacher.intent_score(s) for s in segments]))
     return out
 
 

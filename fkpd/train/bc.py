@@ -30,7 +30,6 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from fkpd.config import from_json_dict, save_json, to_json_dict
-from fkpd.envs.d4rl import own_dataset
 from fkpd.data import WindowSampler, load_dataset
 from fkpd.envs import get_task
 from fkpd.errors import CheckpointError, ConfigError, FKPDError
@@ -181,7 +180,7 @@ def train_bc(cfg: BCConfig, policy_cfg: PolicyConfig | None = None, progress: bo
     """
     spec = get_task(cfg.task)
     if not cfg.dataset:  # a locomotion task's own D4RL dataset, from D4RL's cache directory ("" otherwise)
-        cfg = dataclasses.replace(cfg, dataset=own_dataset(cfg.task))
+        cfg = dataclasses.replace(cfg, dataset=spec.own_dataset)
     if not cfg.dataset:
         raise ConfigError("no dataset given: pass --dataset FILE (make one with `fkpd data generate`)")
     ds = load_dataset(cfg.dataset, task_id=cfg.task)

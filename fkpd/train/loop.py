@@ -42,7 +42,6 @@ from tqdm.auto import tqdm
 from fkpd.config import save_json, to_json_dict
 from fkpd.data import OfflineDataset, generate_dataset, load_dataset, names_a_dataset
 from fkpd.envs import DEFAULT_TASK, get_task, make_env
-from fkpd.envs.d4rl import own_dataset
 from fkpd.errors import CheckpointError, ConfigError
 from fkpd.io import atomic_path
 from fkpd.policy import DiffusionPolicy, PolicyConfig, read_checkpoint_meta
@@ -181,7 +180,7 @@ def run_loop(cfg: LoopConfig, align_cfg: AlignConfig | None = None, policy_cfg: 
         dataset: Path | str = cfg.dataset
         if not names_a_dataset(cfg.dataset):
             raise ConfigError(f"--dataset {cfg.dataset!r} does not exist; drop the flag to generate one")
-    elif own := own_dataset(cfg.task):
+    elif own := spec.own_dataset:
         dataset = own  # no generator: the task's own D4RL dataset, from D4RL's cache directory
     else:
         dataset = out / "data.hdf5"
