@@ -53,7 +53,8 @@ import torch
 
 from fkpd.train.align import AlignConfig
 from fkpd.data import generate_dataset
-from fkpd.train.loop import LoopConfig, json_safe, run_loop
+from fkpd.config import json_safe
+from fkpd.train.loop import LoopConfig, run_loop
 from fkpd.train.bc import BCConfig, train_bc
 
 METHODS = {"forward": "FKPD (forward KL)", "none": "Diffusion-DPO (no reg.)", "reverse": "DPO + reverse KL"}

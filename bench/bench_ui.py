@@ -92,7 +92,7 @@ def main() -> None:
     with cfg.open_store() as store:
         project, job = open_project(store, cfg)
         print(f"bootstrapping {args.pairs} pairs of 64-step 224x224 clips ...", flush=True)
-        run_worker(store, once=True, handler_modules=["fkpd.studio.rounds"], stale_after_s=None)
+        run_worker(store, once=True, handler_modules=["fkpd.studio"], stale_after_s=None)
         assert store.jobs.get(job.id).status == "succeeded", store.jobs.get(job.id).error
     print(f"bootstrap took {time.time() - t0:.0f} s", flush=True)
     sizes = [p.stat().st_size for p in (root / "artifacts").rglob("*.mp4")]

@@ -14,7 +14,7 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Mapping, TypeVar
 
 T = TypeVar("T")
 
@@ -105,3 +105,19 @@ def save_json(path: Path, data: dict[str, Any]) -> None:
 
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` as strict JSON values: NaN/inf floats become None, numpy scalars Python
+    numbers, tuples lists and mapping keys strings (PostgreSQL refuses NaN in JSON)."""
+    import math
+
+    if isinstance(obj, Mapping):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and type(obj).__module__ == "numpy":  # numpy scalars, without importing numpy
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj

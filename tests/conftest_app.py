@@ -44,7 +44,7 @@ def bootstrapped_project(tmp_path_factory) -> Path:
     with cfg.open_store() as store:
         project, job = open_project(store, cfg)
         assert job is not None and job.kind == "bootstrap"
-        assert run_worker(store, once=True, handler_modules=["fkpd.studio.rounds", "fkpd.studio"], heartbeat_s=0.5,
+        assert run_worker(store, once=True, handler_modules=["fkpd.studio"], heartbeat_s=0.5,
                           stale_after_s=None) == 1
         done = store.jobs.get(job.id)
         assert done.status == "succeeded", done.error

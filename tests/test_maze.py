@@ -176,7 +176,8 @@ def test_maze_segments_default_to_whole_episodes():
     """Sparse reward: maze2d clips are whole episodes unless set; other tasks keep L = 64."""
     from fkpd.errors import ConfigError
     from fkpd.train.loop import LoopConfig
-    from fkpd.studio.rounds import BatchSettings, RoundError
+    from fkpd.studio.errors import RoundError
+    from fkpd.studio.params import BatchSettings
 
     for size, m in MAZES.items():
         assert get_task(f"d4rl/maze2d-{size}").segment_length == m.horizon

@@ -1,4 +1,4 @@
-"""The ``bootstrap`` and ``alignment_round`` jobs (``fkpd.studio.rounds``) against a real store.
+"""The ``bootstrap`` and ``alignment_round`` jobs (``fkpd.studio.bootstrap``, ``fkpd.studio.alignment``) against a real store.
 
 Every test runs on an SQLite file and, with ``FKPD_TEST_DATABASE_URL`` set, on
 PostgreSQL (``db_url`` from ``tests/conftest_store.py``). Nothing is mocked: data
@@ -29,7 +29,7 @@ from sqlalchemy import select
 
 from conftest_store import db_url, wait_for  # noqa: F401  (fixtures are used by name)
 from fkpd.policy import DiffusionPolicy, read_checkpoint_meta
-from fkpd.studio.rounds import ALIGNMENT_ROUND, BOOTSTRAP
+from fkpd.studio.params import ALIGNMENT_ROUND, BOOTSTRAP
 from fkpd.prefs.segments import Segment
 from fkpd.store import JobContext, Store, Worker, run_worker, sha256_file
 from fkpd.store import models as m
@@ -50,7 +50,7 @@ WORKER = """
 import sys
 from fkpd.store import Store, run_worker
 with Store(sys.argv[1], sys.argv[2]) as store:
-    run_worker(store, handler_modules=["fkpd.studio.rounds"], poll_s=0.1, worker_id="doomed", heartbeat_s=0.2,
+    run_worker(store, handler_modules=["fkpd.studio"], poll_s=0.1, worker_id="doomed", heartbeat_s=0.2,
                stale_after_s=None)
 """
 
@@ -91,7 +91,7 @@ def fresh_store(db_url, tmp_path):  # noqa: F811
 def run_job(store: Store, kind: str, params: dict | None = None):
     """Enqueue one job and run it with the worker the ``fkpd worker`` command runs."""
     job = store.jobs.enqueue(PROJECT, kind, params or {})
-    assert run_worker(store, once=True, handler_modules=["fkpd.studio.rounds"], heartbeat_s=0.2, stale_after_s=None) == 1
+    assert run_worker(store, once=True, handler_modules=["fkpd.studio"], heartbeat_s=0.2, stale_after_s=None) == 1
     return store.jobs.get(job.id)
 
 
@@ -376,7 +376,7 @@ def test_a_retried_round_whose_version_was_registered_only_renders_its_batch(sto
     assert store.batch_progress(PROJECT, 2) == (0, 0)
     assert store.next_pair(PROJECT, store.get_or_create_annotator("ann")).round == 1, "the old batch is served"
 
-    assert run_worker(store, once=True, handler_modules=["fkpd.studio.rounds"], heartbeat_s=0.2, stale_after_s=None) == 1
+    assert run_worker(store, once=True, handler_modules=["fkpd.studio"], heartbeat_s=0.2, stale_after_s=None) == 1
     done = store.jobs.get(job.id)
     assert done.status == "succeeded", done.error
     assert done.result["policy_version_id"] == v1.id and len(done.result["pair_ids"]) == PAIRS

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from fkpd.studio.rounds import ALIGNMENT_ROUND, BOOTSTRAP, BootstrapParams, RoundError
+from fkpd.studio.errors import RoundError
+from fkpd.studio.params import ALIGNMENT_ROUND, BOOTSTRAP, BootstrapParams
 from fkpd.prefs.segments import Segment
 from fkpd.store import Store, run_worker, sha256_file
 from fkpd.store import models as m
@@ -40,7 +41,7 @@ HOPPER = "d4rl/hopper-medium-v2"
 def run_job(store: Store, project: str, kind: str, params: dict):
     """Enqueue one job and run it with the worker ``fkpd worker`` runs."""
     job = store.jobs.enqueue(project, kind, params)
-    assert run_worker(store, once=True, handler_modules=["fkpd.studio.rounds"], heartbeat_s=0.2, stale_after_s=None) == 1
+    assert run_worker(store, once=True, handler_modules=["fkpd.studio"], heartbeat_s=0.2, stale_after_s=None) == 1
     return store.jobs.get(job.id)
 
 
@@ -106,7 +107,7 @@ def _valid_q_starts(path: Path, count: int) -> list[int]:
     """``count`` start indices (in d4rl.qlearning_dataset rows) of L-step segments that
     stay inside one episode of the file."""
     from fkpd.data import load_dataset
-    from fkpd.store.export import d4rl_qlearning_rows
+    from fkpd.prefs.importers import d4rl_qlearning_rows
 
     ds = load_dataset(path)
     rows = d4rl_qlearning_rows(ds.timeouts)
@@ -122,7 +123,7 @@ def _valid_q_starts(path: Path, count: int) -> list[int]:
 def test_locomotion_project_bootstraps_from_the_d4rl_cache_and_trains_on_imported_labels(
         store, tmp_path, monkeypatch):
     from fkpd.data.d4rl import dataset_file
-    from fkpd.store.export import import_pt_labels
+    from fkpd.prefs.importers import import_pt_labels
 
     monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "d4rl"))
     path = dataset_file("hopper-medium-v2")

@@ -2,7 +2,6 @@
 
 import streamlit as st
 
-from fkpd.train.align import AlignConfig
 from fkpd.studio import (
     StudioError,
     active_training_job,
@@ -11,11 +10,13 @@ from fkpd.studio import (
     error_headline,
     job_summary,
     latest_training_job,
+    round_defaults,
     rounds_history,
 )
 from studio_ui import admin_sign_in, studio
 
 s = studio()
+defaults = round_defaults()
 st.title("Alignment rounds")
 
 latest = current_version(s.store, s.project)
@@ -39,9 +40,9 @@ else:
             regularizer = st.selectbox("Regulariser", ["forward", "reverse", "none"],
                                        help="forward: FKPD (BC loss on the offline data); reverse: DPOK-style "
                                             "KL on the policy's own samples; none: Diffusion-DPO only")
-            beta = st.number_input("β (DPO temperature)", min_value=0.001, value=float(AlignConfig.beta))
-            lam = st.number_input("λ (regulariser weight)", min_value=0.0, value=float(AlignConfig.lam))
-            steps = st.number_input("Steps", min_value=1, max_value=100_000, value=int(AlignConfig.steps), step=50)
+            beta = st.number_input("β (DPO temperature)", min_value=0.001, value=float(defaults["beta"]))
+            lam = st.number_input("λ (regulariser weight)", min_value=0.0, value=float(defaults["lam"]))
+            steps = st.number_input("Steps", min_value=1, max_value=100_000, value=int(defaults["steps"]), step=50)
         if st.form_submit_button("Run alignment round", type="primary"):
             try:
                 job = enqueue_round(s.store, s.project, {"regularizer": regularizer, "beta": float(beta),

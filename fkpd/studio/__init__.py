@@ -4,11 +4,14 @@ One concern per module: :mod:`~fkpd.studio.config` (configuration, first start, 
 worker, shared constants), :mod:`~fkpd.studio.auth` (admin and annotator),
 :mod:`~fkpd.studio.labelling` (pairs for the browser, answers), :mod:`~fkpd.studio.history`
 (versions, training jobs, rounds history, export), :mod:`~fkpd.studio.compare` (the
-``compare`` job) and :mod:`~fkpd.studio.rounds` (the ``bootstrap`` and
-``alignment_round`` jobs). Importing this package registers the ``compare`` handler, so a
-worker started with ``handler_modules=["fkpd.studio.rounds", "fkpd.studio"]`` runs it.
+``compare`` job), :mod:`~fkpd.studio.params` (typed job parameters),
+:mod:`~fkpd.studio.batches` (the round engine wired to the store),
+:mod:`~fkpd.studio.bootstrap` and :mod:`~fkpd.studio.alignment` (the ``bootstrap`` and
+``alignment_round`` jobs). Importing this package registers the three job handlers, so
+``fkpd worker`` (``handler_modules=["fkpd.studio"]``) runs them.
 """
 
+from fkpd.studio import alignment, bootstrap  # noqa: F401 (register the job handlers)
 from fkpd.studio.auth import AdminAuth, clean_annotator_name
 from fkpd.studio.compare import COMPARE, CompareParams, compare, compare_videos, enqueue_compare
 from fkpd.studio.config import (
@@ -36,11 +39,14 @@ from fkpd.studio.history import (
     version_label,
 )
 from fkpd.studio.labelling import DisplayPair, clip_video_b64, lease_for_display, record_answers
-from fkpd.studio.rounds import served_versions
+from fkpd.studio.batches import served_versions
+from fkpd.studio.errors import ParamError, RoundError
+from fkpd.studio.params import BatchSettings, BootstrapParams, RoundParams, round_defaults
 
 __all__ = ['COMPARE', 'TRAINING_KINDS', 'ACTIVE', 'OUTCOMES', 'ROUND_FIELDS', 'DEFAULT_INSTRUCTIONS', 'default_instructions',
            'StudioError', 'StudioConfig', 'open_project', 'current_version', 'served_versions', 'retry_bootstrap',
            'active_training_job', 'latest_training_job', 'job_summary', 'error_headline', 'start_local_worker',
            'AdminAuth', 'clean_annotator_name', 'DisplayPair', 'clip_video_b64', 'lease_for_display', 'record_answers',
            'rounds_history', 'enqueue_round', 'export_bytes', 'CompareParams', 'enqueue_compare', 'compare',
-           'compare_videos', 'version_label']
+           'compare_videos', 'version_label', 'ParamError', 'RoundError', 'BatchSettings', 'BootstrapParams',
+           'RoundParams', 'round_defaults']

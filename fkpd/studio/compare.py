@@ -13,7 +13,8 @@ from typing import Any
 
 from fkpd.store import ArtifactPathError, JobContext, JobView, ProjectInfo, Store, register_handler
 from fkpd.studio.config import StudioError
-from fkpd.studio.rounds import served_versions
+from fkpd.studio.batches import checkpoint_dir, served_versions
+from fkpd.studio.params import RoundParams
 
 COMPARE = "compare"
 
@@ -85,7 +86,6 @@ def compare(ctx: JobContext) -> dict[str, Any]:
     from fkpd.envs import get_task, make_env
     from fkpd.policy import DiffusionPolicy
     from fkpd.policy.rollout import write_video
-    from fkpd.studio.rounds import _checkpoint_dir
     from fkpd.policy.rollout import ClipRequest, rollout_clips
 
     store = ctx.store
@@ -101,7 +101,7 @@ def compare(ctx: JobContext) -> dict[str, Any]:
     try:
         for side_i, (side, vid) in enumerate((("a", params.version_a), ("b", params.version_b))):
             version = store.get_policy_version(vid)
-            policy = DiffusionPolicy.load(_checkpoint_dir(store, version), task_id=project.task_id)
+            policy = DiffusionPolicy.load(checkpoint_dir(store, version), task_id=project.task_id)
             requests = [ClipRequest(s, 1000 + s, max_steps=horizon, render_from=0) for s in seeds]
             for b0 in range(0, len(requests), len(envs)):
                 episodes = rollout_clips(policy, envs, requests[b0:b0 + len(envs)])
@@ -123,7 +123,6 @@ def compare(ctx: JobContext) -> dict[str, Any]:
 def _project_horizon(store: Store, project: ProjectInfo) -> int:
     """The episode length the project was bootstrapped with: the batch settings recorded
     with its first version that has a checkpoint, as alignment rounds read them."""
-    from fkpd.studio.rounds import RoundParams
 
     versions = served_versions(store, project)
     recorded = (versions[0].metrics.get("bootstrap") or {}).get("settings") if versions else None

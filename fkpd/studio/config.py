@@ -23,17 +23,14 @@ from typing import Any, Mapping
 
 from fkpd.envs import DEFAULT_TASK, get_task
 from fkpd.envs.metaworld import INSTRUCTIONS as DEFAULT_INSTRUCTIONS  # noqa: F401 (re-exported)
-from fkpd.errors import FKPDError
 from fkpd.store import JobView, ProjectInfo, Store
 from fkpd.store.db import labels_dir
+from fkpd.studio.errors import StudioError
+from fkpd.studio.params import ROUND_FIELDS, TRAINING_KINDS, BootstrapParams  # noqa: F401 (re-exported)
 
-TRAINING_KINDS = ("bootstrap", "alignment_round")
 ACTIVE = ("queued", "running")
 #: Answers the label page accepts; the keyboard shortcuts map onto them.
 OUTCOMES = ("left", "right", "equal", "skip")
-#: Alignment parameters an admin may set from the Rounds page (everything else keeps
-#: AlignConfig's defaults); see :class:`fkpd.studio.rounds.RoundParams`.
-ROUND_FIELDS = ("regularizer", "beta", "lam", "steps", "lr", "pairs_per_batch", "eval_episodes")
 
 
 def default_instructions(task_id: str) -> str:
@@ -49,10 +46,6 @@ def default_instructions(task_id: str) -> str:
 
 
 
-class StudioError(FKPDError, ValueError):
-    """Bad input from the app (an empty annotator name, a bad round parameter, ...)."""
-
-
 # ------------------------------------------------------------------ configuration
 
 
@@ -66,7 +59,7 @@ class StudioConfig:
         project: project name shown and labelled.
         task: task id of the project when it is created.
         bootstrap: parameters of the bootstrap job queued on first start
-            (:class:`fkpd.studio.rounds.BootstrapParams`, flat).
+            (:class:`fkpd.studio.params.BootstrapParams`, flat).
         start_worker: start a local ``fkpd worker`` child process.
         worker_threads: torch threads of that worker (0: torch's default); 1 leaves a
             core to the app on a 2-core machine.
@@ -131,7 +124,7 @@ def open_project(store: Store, cfg: StudioConfig) -> tuple[ProjectInfo, JobView 
 
     A later start finds the project and queues nothing: a bootstrap that was running when
     the last app stopped is requeued by the worker's stale-job recovery and resumes from
-    its saved dataset and BC state (:func:`fkpd.studio.rounds.bootstrap`). A bootstrap that
+    its saved dataset and BC state (:func:`fkpd.studio.bootstrap.bootstrap`). A bootstrap that
     *failed* is not retried automatically; the Label page shows its error and an admin
     can retry (:func:`retry_bootstrap`).
 
@@ -142,10 +135,9 @@ def open_project(store: Store, cfg: StudioConfig) -> tuple[ProjectInfo, JobView 
         UnknownTaskError: the configured task does not exist.
     """
     from fkpd.envs import get_task
-    from fkpd.studio.rounds import BootstrapParams
 
     get_task(cfg.task)  # a clear error for a typo in FKPD_TASK
-    BootstrapParams.from_params(cfg.bootstrap)  # and for a bad FKPD_BOOTSTRAP
+    BootstrapParams.from_params(cfg.bootstrap)  # and for a bad FKPD_BOOTSTRAP (ParamError, NaN included)
     existing = {p.name: p for p in store.list_projects()}
     if cfg.project in existing:
         return existing[cfg.project], None
@@ -156,7 +148,7 @@ def open_project(store: Store, cfg: StudioConfig) -> tuple[ProjectInfo, JobView 
                                        instructions=default_instructions(cfg.task))
     except AlreadyExistsError:  # another app process created it a moment ago
         return store.get_project(cfg.project), None
-    job = store.jobs.enqueue(project.id, "bootstrap", cfg.bootstrap)
+    job = store.jobs.enqueue(project.id, "bootstrap", dict(cfg.bootstrap))
     return project, job
 
 

@@ -15,11 +15,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-from fkpd.errors import FKPDError
 from fkpd.store import JobView, ProjectInfo, Store
 from fkpd.studio.compare import COMPARE
 from fkpd.studio.config import ACTIVE, ROUND_FIELDS, TRAINING_KINDS, StudioError
-from fkpd.studio.rounds import served_versions
+from fkpd.studio.batches import served_versions
+from fkpd.studio.params import RoundParams
 
 
 def current_version(store: Store, project: ProjectInfo):
@@ -138,15 +138,11 @@ def enqueue_round(store: Store, project: ProjectInfo, params: Mapping[str, Any])
         StudioError: an unknown or invalid parameter, no policy version yet, no comparison
             to train on, or a training job already queued or running.
     """
-    from fkpd.studio.rounds import RoundParams
 
     unknown = sorted(set(params) - set(ROUND_FIELDS))
     if unknown:
         raise StudioError(f"unknown round parameter(s) {unknown}; allowed: {list(ROUND_FIELDS)}")
-    try:
-        RoundParams.from_params(dict(params))
-    except FKPDError as exc:
-        raise StudioError(str(exc)) from exc
+    job_params = RoundParams.from_params(params).to_params()  # ParamError (a StudioError) on a bad value
     if current_version(store, project) is None:
         raise StudioError("the project has no policy yet: wait for the bootstrap to finish")
     job = active_training_job(store, project)
@@ -155,7 +151,7 @@ def enqueue_round(store: Store, project: ProjectInfo, params: Mapping[str, Any])
     if not store.count_training_pairs(project.id):
         raise StudioError("no comparison to train on yet: label some pairs Left, Right or Equal first "
                           "(skips are not trained on)")
-    return store.jobs.enqueue(project.id, "alignment_round", dict(params))
+    return store.jobs.enqueue(project.id, "alignment_round", job_params)
 
 
 # ------------------------------------------------------------------ data

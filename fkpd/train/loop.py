@@ -29,7 +29,6 @@ Reset seeds: evaluation uses ``10_000 + i`` (as :func:`fkpd.policy.rollout.evalu
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fkpd.config import save_json, to_json_dict
+from fkpd.config import json_safe, save_json, to_json_dict
 from fkpd.data import OfflineDataset, generate_dataset, load_dataset, names_a_dataset
 from fkpd.envs import DEFAULT_TASK, get_task, make_env
 from fkpd.errors import CheckpointError, ConfigError
@@ -281,19 +280,6 @@ def run_loop(cfg: LoopConfig, align_cfg: AlignConfig | None = None, policy_cfg: 
         env.close()
     write()
     return summary
-
-
-def json_safe(obj: Any) -> Any:
-    """``obj`` with NaN/inf floats as None and numpy scalars as Python numbers (strict JSON)."""
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, (np.floating, np.integer)):
-        return json_safe(obj.item())
-    return obj
 
 
 def _format_row(row: dict[str, Any]) -> str:

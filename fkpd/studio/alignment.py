@@ -1,0 +1,166 @@
+"""The ``alignment_round`` job: one round of the round engine, with people as labellers.
+
+Run by a worker (``fkpd worker``); the Rounds page only enqueues it
+(:func:`fkpd.studio.enqueue_round`). The round itself is :class:`fkpd.train.engine.RoundEngine`'s, the
+same code ``fkpd loop`` runs; :mod:`fkpd.studio.batches` wires it to the store.
+
+**alignment_round** (DESIGN.md §1, steps 3-4), for the latest version π_{r−1} (round r−1):
+
+1. read every non-skip comparison of the project (:meth:`Store.training_pairs`), load
+   its segments (sha256-checked) and convert the labels to winner-first pairs
+   (:func:`fkpd.train.align.pairs_from_labels`);
+2. :func:`fkpd.train.align.align` with reference = the round-0 BC version and init = π_{r−1},
+   into a directory of its own, ``projects/<id>/rounds/round<r>-job<j>-a<k>-<token>/``;
+3. a short evaluation of the new checkpoint;
+4. only then register policy version r (parent π_{r−1}, metrics: implicit accuracy,
+   success rate, labels used, ...);
+5. render the next batch from version r and register its clips, then its pairs, for
+   round r+1.
+
+Why this order is crash-safe (a worker may be SIGKILLed at any instruction):
+
+* Nothing is registered before the file it names is complete: datasets, checkpoints,
+  segments and videos are written under a temporary name and renamed
+  (:meth:`Store.write_artifact_atomic`, :meth:`DiffusionPolicy.save`,
+  :func:`fkpd.data.generate_dataset`), and rows are added after the rename. A crash
+  leaves at most an unregistered directory or temporary file behind.
+* The served policy is the latest registered version. A new version is registered after
+  its checkpoint was written *and* evaluated, in one transaction, so a crash before
+  step 4 leaves the previous version served; the previous checkpoint is only ever read.
+* Jobs never change or delete comparisons or pairs; they only add rows. The previous
+  batch stays open and is what :meth:`Store.next_pair` hands out (the latest round with
+  open pairs) until the new batch's pairs are added, in one transaction, at the very
+  end. A crash between registering the clips and the pairs leaves clip rows whose files
+  exist but that no pair uses: harmless.
+* Re-running is safe. A retried ``alignment_round`` job that finds a version registered
+  by its own earlier attempt (``metrics["job_id"]``) skips to step 5; a batch is
+  rendered only when its round has no pairs yet; ``bootstrap`` reuses version 0.
+
+Long work (data generation, BC, alignment) runs in the job's thread: the trainers call
+back after every step (``on_step`` / ``on_episode``), and :class:`~fkpd.studio.batches.Watch` turns that into
+``ctx.progress(fraction, "training BC: step i/N")`` and checks whether the job was
+cancelled or taken away; :class:`fkpd.store.JobCancelled` /
+``JobLostError`` raised there stop the trainer between two steps, and its output is
+never registered (the worker's heartbeat runs in its own thread meanwhile). A cut-off BC
+resumes from its last saved state. Cancellation is honoured until the new version is
+registered; the batch rendering that follows runs to the end.
+
+Shapes follow DESIGN.md §3: L segment length, Do/Da observation/action dims.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from fkpd.config import json_safe
+from fkpd.store import JobContext, PolicyVersionInfo, ProjectInfo, register_handler
+from fkpd.studio.batches import (Stage, Watch, apply_threads, checkpoint_dir, ensure_sole_training_job,
+                                 render_if_missing, round_engine, served_versions)
+from fkpd.studio.errors import RoundError
+from fkpd.studio.params import ALIGNMENT_ROUND, BatchSettings, RoundParams
+from fkpd.train.engine import NoLabelsError, RoundEngine, RoundResult
+
+log = logging.getLogger(__name__)
+
+
+@register_handler(ALIGNMENT_ROUND)
+def alignment_round(ctx: JobContext) -> dict[str, Any]:
+    """Job handler: align on all comparisons → evaluate → register version r → next batch.
+
+    See the module docstring for the order of operations and why it is crash-safe.
+    Parameters: :class:`RoundParams` (flat): AlignConfig fields (``regularizer``,
+    ``beta``, ``lam``, ``steps``, ...) and BatchSettings overrides (``pairs_per_batch``,
+    ``eval_episodes``, ...).
+
+    Returns:
+        JSON result: ``policy_version_id``, ``round``, ``parent_id``, ``reference_id``,
+        ``labels_used``, ``implicit_acc`` (0..1, None with only ties),
+        ``success_rate`` (0..1), ``mean_return``, ``next_round`` and ``pair_ids`` (the
+        pairs this run added).
+
+    Raises:
+        RoundError: bad parameters, no policy version yet (run bootstrap first), no
+            comparisons to train on, another training job running, or another version
+            registered while this round trained.
+        TrainingError: a NaN/inf loss; nothing is registered and the previous
+            checkpoint is untouched.
+        FKPDError: other alignment, checkpoint or artifact errors.
+    """
+    store = ctx.store
+    params = RoundParams.from_params(ctx.params)
+    project = store.get_project(ctx.job.project_id)
+    ensure_sole_training_job(ctx)
+    versions = served_versions(store, project)
+    reference = next((v for v in versions if v.round == 0), None)
+    if reference is None:
+        raise RoundError(f"project {project.name!r} has no round-0 policy version with a checkpoint; run a "
+                         "bootstrap job first")
+    settings = params.settings((reference.metrics.get("bootstrap") or {}).get("settings"))
+    apply_threads(settings.threads)
+    engine = round_engine(store, project, settings, reference, ctx.job_id, params.align_config(settings))
+    mine = [v for v in versions if v.metrics.get("job_id") == ctx.job_id and v.metrics.get("kind") == ALIGNMENT_ROUND]
+    if mine:  # an earlier attempt of this job registered the version, then died before its batch
+        version = mine[-1]
+        ctx.progress(0.85, f"version {version.id} was registered by an earlier attempt; rendering its batch")
+    else:
+        version = _train_and_register(ctx, engine, project, settings, previous=versions[-1])
+    pair_ids = render_if_missing(ctx, engine, project, version, 0.85)
+    m = version.metrics
+    return json_safe({
+        "policy_version_id": version.id, "round": version.round, "parent_id": version.parent_id,
+        "reference_id": m.get("reference_id"), "labels_used": m.get("labels_used"),
+        "implicit_acc": m.get("implicit_acc"), "success_rate": m.get("success_rate"),
+        "mean_return": m.get("mean_return"), "next_round": version.round + 1, "pair_ids": pair_ids})
+
+
+def _train_and_register(ctx: JobContext, engine: RoundEngine, project: ProjectInfo, settings: BatchSettings,
+                        previous: PolicyVersionInfo) -> PolicyVersionInfo:
+    """Steps 1-4 of a round (see the module docstring), through
+    :meth:`fkpd.train.engine.RoundEngine.run_round`; returns the registered version."""
+    store = ctx.store
+    round_ = previous.round + 1
+    reference_id = next(v.id for v in served_versions(store, project) if v.round == 0)
+    ctx.progress(0.0, "loading comparisons")
+    init_dir = checkpoint_dir(store, previous)
+    out = store.resolve(f"projects/{project.id}/rounds/round{round_:03d}-job{ctx.job_id}-a{ctx.job.attempts}-"
+                        f"{uuid.uuid4().hex[:8]}")
+    steps = engine.align_cfg.steps
+    stage = Stage(ctx, 0.05, 0.75)
+
+    def started(n_pairs: int, n_labels: int) -> None:
+        stage(0.0, f"aligning: step 0/{steps} ({n_pairs} pairs from {n_labels} comparisons)")
+
+    def register(result: RoundResult) -> PolicyVersionInfo:
+        ctx.check_cancelled()
+        latest = served_versions(store, project)[-1]
+        if latest.id != previous.id:
+            raise RoundError(f"policy version {latest.id} was registered while this round trained from version "
+                             f"{previous.id}; this round's checkpoint {out} is left unregistered. Enqueue a new "
+                             "round.")
+        cfg, a = result.config, result.alignment
+        checkpoint = (result.checkpoint / "model.safetensors").relative_to(store.artifact_dir).as_posix()
+        return store.add_policy_version(project.id, checkpoint, parent_id=previous.id, round=round_,
+                                        metrics=json_safe({
+            "kind": ALIGNMENT_ROUND, "job_id": ctx.job_id, "reference_id": reference_id,
+            "regularizer": cfg.regularizer, "beta": cfg.beta, "lam": cfg.lam, "steps": cfg.steps,
+            "labels_used": result.labels_used, "trained_pairs": result.trained_pairs,
+            "implicit_acc": a.after.get("implicit_acc"), "implicit_acc_before": a.before.get("implicit_acc"),
+            "reward_margin": a.after.get("reward_margin"), "dpo_loss": a.after.get("dpo"),
+            "train": a.metrics, **result.evaluation, "align_s": result.align_s, "eval_s": result.eval_s,
+            "steps_per_s": a.steps_per_s}))
+
+    try:
+        result = engine.run_round(round_, init_dir, out, register=register, on_start=started,
+                                  on_step=Watch(ctx, stage, "aligning"), eval_progress=Stage(ctx, 0.75, 0.85))
+    except NoLabelsError:
+        answered, total = store.batch_progress(project.id)
+        raise RoundError(
+            f"no comparisons to train on in project {project.name!r}: no pair was answered left, right or equal "
+            f"yet (skips are never trained on; latest batch: {answered}/{total} answers). Label some pairs, "
+            f"then enqueue the round again. Version {previous.id} stays the served policy.") from None
+    version = result.registered
+    log.info("job %s registered policy version %s (round %s) of project %s", ctx.job_id, version.id, round_,
+             project.name)
+    return version

@@ -1,0 +1,288 @@
+"""The round engine wired to the preference store: batches for people, their answers as labels.
+
+The worker's jobs (:mod:`fkpd.studio.bootstrap`, :mod:`fkpd.studio.alignment`) run
+rounds through :class:`fkpd.train.engine.RoundEngine`, as ``fkpd loop`` does; this
+module supplies the store side:
+
+* :class:`StoreLabeller`: a batch's clips are written as artifacts while they are
+  rolled out (:meth:`StoreLabeller.clip_writer`), then registered, clips then pairs,
+  each in one transaction (:meth:`StoreLabeller.request`); the labels are every
+  non-skip comparison people stored (:meth:`StoreLabeller.labels`);
+* :func:`round_engine`: the engine of a project (reference = version 0, its dataset,
+  its batch settings);
+* progress adapters that map a stage's progress into the job's and honour
+  cancellation (:class:`Stage`, :class:`Watch`), and the version helpers shared by the
+  jobs and the app (:func:`served_versions`, :func:`checkpoint_dir`).
+
+Shapes follow DESIGN.md §3: L segment length, Do/Da observation/action dims.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from fkpd.envs import get_task, make_env
+from fkpd.policy.rollout import write_video
+from fkpd.prefs.labellers import Label, Labeller
+from fkpd.prefs.pairs import RolledClip, RolloutPairSource
+from fkpd.prefs.segments import Segment
+from fkpd.store import JobContext, PolicyVersionInfo, ProjectInfo, Store
+from fkpd.studio.errors import RoundError
+from fkpd.studio.params import TRAINING_KINDS, BatchSettings
+from fkpd.train.align import AlignConfig
+from fkpd.train.engine import RoundEngine
+from fkpd.train.evaluate import Evaluator
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------ progress
+
+
+class Stage:
+    """Maps one stage's own progress (0..1) into ``[lo, hi]`` of the job's progress."""
+
+    def __init__(self, ctx: JobContext, lo: float, hi: float) -> None:
+        self.ctx, self.lo, self.hi = ctx, lo, hi
+
+    def __call__(self, fraction: float, message: str) -> None:
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        self.ctx.progress(self.lo + (self.hi - self.lo) * fraction, message)
+
+
+class Watch:
+    """The ``on_step`` / ``on_episode`` callback of a trainer running inside a job: every
+    call reports ``"<what>: <unit> i/N"`` through ``stage`` (``JobContext.progress``
+    writes to the store at most every few seconds) and checks for cancellation.
+
+    Raises (from the call):
+        JobCancelled / JobLostError / WorkerStopping: the job was cancelled, taken away,
+            or its worker is stopping (from :meth:`JobContext.check_cancelled`); the
+            trainer stops there.
+    """
+
+    def __init__(self, ctx: JobContext, stage: Stage, what: str, unit: str = "step") -> None:
+        self.ctx, self.stage, self.what, self.unit = ctx, stage, what, unit
+
+    def __call__(self, done: int, total: int) -> None:
+        self.stage(done / total, f"{self.what}: {self.unit} {done}/{total}")
+        self.ctx.check_cancelled()
+
+
+# ------------------------------------------------------------------ versions and jobs
+
+
+def ensure_sole_training_job(ctx: JobContext) -> None:
+    """Raise unless this job is the project's only running bootstrap/alignment round.
+
+    Raises:
+        RoundError: another training job of the project is running.
+    """
+    others = [j for j in ctx.store.jobs.list(ctx.job.project_id, status="running")
+              if j.kind in TRAINING_KINDS and j.id != ctx.job_id]
+    if others:
+        other = others[0]
+        raise RoundError(
+            f"job {other.id} ({other.kind}) is still running for this project (last heartbeat "
+            f"{other.heartbeat_at}); only one bootstrap/alignment_round job runs per project at a time. "
+            "Wait for it to finish, or cancel it (a job whose worker died is failed by stale recovery).")
+
+
+def served_versions(store: Store, project: ProjectInfo) -> list[PolicyVersionInfo]:
+    """The project's policy versions that have a checkpoint (can be rolled out), oldest
+    first; versions that only hold imported labels are left out."""
+    return [v for v in store.list_policy_versions(project.id) if v.checkpoint_path is not None]
+
+
+def checkpoint_dir(store: Store, version: PolicyVersionInfo) -> Path:
+    """The checkpoint directory of a version, after checking the file's sha256.
+
+    Raises:
+        RoundError: the version has no checkpoint.
+        ArtifactIntegrityError: the checkpoint file is missing or was changed.
+    """
+    if version.checkpoint_path is None:
+        raise RoundError(f"policy version {version.id} has no checkpoint (imported data?); it cannot be rolled "
+                         "out or trained from")
+    if version.checkpoint_sha256:
+        path = store.artifacts.verify(version.checkpoint_path, version.checkpoint_sha256)
+    else:
+        path = store.resolve(version.checkpoint_path)
+    return path.parent
+
+
+def make_envs(task: str, settings: BatchSettings, count: int) -> list:
+    """``min(n_envs, count)`` (at least 1) environments of ``task`` with the settings'
+    horizon and render size."""
+    horizon = settings.horizon(task)
+    return [make_env(task, max_episode_steps=horizon, render_size=settings.render_size)
+            for _ in range(max(1, min(settings.n_envs, count)))]
+
+
+def apply_threads(threads: int) -> None:
+    """``torch.set_num_threads(threads)`` when ``threads > 0``."""
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------ the store as labeller
+
+
+class StoreLabeller(Labeller):
+    """People label through the store: batches become clips and pairs for annotators,
+    comparisons come back as labels.
+
+    Args:
+        store: the store.
+        project: the project.
+        job_id: recorded in each clip's ``meta``.
+    """
+
+    def __init__(self, store: Store, project: ProjectInfo, job_id: int | None = None) -> None:
+        self.store, self.project, self.job_id = store, project, job_id
+        self._clips: dict[int, list[dict[str, Any]]] = {}
+        self.pair_ids: dict[int, list[int]] = {}
+
+    def clip_writer(self, version: PolicyVersionInfo, round_: int, total: int,
+                    progress: Callable[[float, str], None] | None = None) -> Callable[[RolledClip], None]:
+        """A clip sink for the batch of ``round_`` rolled out from ``version``: writes each
+        clip's H.264 MP4 (L + 1 frames) and segment ``.npz`` atomically to a new folder
+        ``projects/<id>/batches/round<r>-v<version>-<token>/`` and keeps its row
+        (ground-truth return and success included, never shown to annotators) for
+        :meth:`request`.
+
+        Args:
+            version: the version the clips come from.
+            round_: the round they are labelled for.
+            total: clips in the batch (for progress messages).
+            progress: optional ``(fraction, message)`` callback, once per clip.
+        """
+        task = self.project.task_id
+        fps = get_task(task).fps
+        folder = f"projects/{self.project.id}/batches/round{round_:03d}-v{version.id}-{uuid.uuid4().hex[:8]}"
+        clips = self._clips.setdefault(round_, [])
+        store = self.store
+
+        def write(clip: RolledClip) -> None:
+            k, j, seg = clip.pair, clip.side, clip.segment
+            stem = f"{folder}/p{k:03d}_{'ab'[j]}"
+            video, video_sha = store.write_artifact_atomic(
+                f"{stem}.mp4", lambda path, frames=clip.episode.frames: write_video(frames, path, fps=fps),
+                to_path=True)
+            seg.video = video
+            segment, segment_sha = store.write_artifact_atomic(f"{stem}.npz", seg.save, to_path=True)
+            clips.append(dict(
+                policy_version_id=version.id, segment_path=segment, segment_sha256=segment_sha,
+                video_path=video, video_sha256=video_sha, length=len(seg), fps=float(fps),
+                reset_seed=int(clip.request.reset_seed), gt_return=seg.ret, gt_success=seg.succeeded,
+                meta={"round": round_, "pair": k, "side": "ab"[j], "start": int(seg.start),
+                      "noise_seed": int(clip.request.noise_seed), "job_id": self.job_id}))
+            if progress is not None:
+                progress(len(clips) / total, f"rendering batch: clip {len(clips)}/{total}")
+
+        return write
+
+    def request(self, round_: int, pairs: Sequence[tuple[Segment, Segment]]) -> None:
+        """Register the clips written by :meth:`clip_writer` for ``round_`` in one
+        transaction, then its pairs in another; the new pair ids go to
+        ``pair_ids[round_]``."""
+        clips = self._clips.pop(round_, [])
+        if len(clips) != 2 * len(pairs):
+            raise RoundError(f"round {round_}: {len(clips)} clip files were written for {len(pairs)} pairs; "
+                             "roll the batch out with this labeller's clip_writer")
+        ids = [c.id for c in self.store.add_clips(clips)]
+        self.pair_ids[round_] = self.store.add_pairs(
+            self.project.id, [(ids[2 * k], ids[2 * k + 1]) for k in range(len(pairs))], round=round_)
+
+    def labels(self) -> list[Label]:
+        """Every non-skip comparison of the project as ``(left, right, p_left)``.
+
+        Segments are loaded once per clip, after their sha256 is checked; segments
+        without per-step success flags (imported data) get ``success = False``.
+
+        Raises:
+            ArtifactIntegrityError: a segment file is missing or was changed.
+            PreferenceError: a segment file holds malformed arrays.
+        """
+        store = self.store
+        cache: dict[int, Segment] = {}
+
+        def segment(clip) -> Segment:
+            if clip.id not in cache:
+                arrays = store.artifacts.load_segment(clip.segment_path, clip.segment_sha256)
+                length = len(arrays["actions"])
+                cache[clip.id] = Segment(
+                    arrays["observations"], arrays["actions"], arrays["rewards"],
+                    arrays.get("success", np.zeros(length, bool)),
+                    reset_seed=-1 if clip.reset_seed is None else int(clip.reset_seed),
+                    start=int(arrays.get("start", 0)), task_id=str(arrays.get("task_id", "")),
+                    path=store.resolve(clip.segment_path))
+            return cache[clip.id]
+
+        return [(segment(tp.left), segment(tp.right), tp.p_left) for tp in store.training_pairs(self.project.id)]
+
+
+def evaluator(task: str, settings: BatchSettings) -> Evaluator:
+    """The short evaluation of a project's versions: ``settings.eval_episodes`` episodes
+    with the settings' seed, horizon and ``n_envs`` (environments made per evaluation)."""
+    return Evaluator(lambda n: make_envs(task, settings, n), settings.eval_episodes, settings.seed)
+
+
+def round_engine(store: Store, project: ProjectInfo, settings: BatchSettings, reference: PolicyVersionInfo,
+                 job_id: int | None = None, align_cfg: AlignConfig | None = None) -> RoundEngine:
+    """The round engine of ``project``: reference = version 0 (``reference``, its
+    checkpoint sha256-checked), the dataset it was cloned from, current-policy pairs of
+    the batch settings rendered for people, the store as labeller, and a short
+    evaluation (``settings.eval_episodes``)."""
+    task = project.task_id
+    boot = reference.metrics.get("bootstrap") or {}
+    # generated data lives in the artifact directory; a named dataset is read where it is
+    dataset = str(store.resolve(boot["dataset"])) if boot.get("dataset") else str(boot.get("dataset_source") or "")
+    source = RolloutPairSource(lambda n: make_envs(task, settings, n), settings.pairs_per_batch,
+                               settings.length(task), seed=settings.seed,
+                               start=None if settings.segment_start < 0 else settings.segment_start, render=True,
+                               task_id=task)
+    return RoundEngine(task, checkpoint_dir(store, reference), dataset, settings.seed, source,
+                       StoreLabeller(store, project, job_id), evaluator(task, settings), align_cfg)
+
+
+def render_batch(engine: RoundEngine, version: PolicyVersionInfo, round_: int, *,
+                 progress: Callable[[float, str], None] | None = None) -> list[int]:
+    """Roll out, save and register the labelling batch of ``round_`` from ``version``
+    (:meth:`fkpd.train.engine.RoundEngine.make_batch` with the store's clip writer).
+
+    Pair ``i`` is two clips of ``version`` from the reset seed
+    :func:`fkpd.prefs.pairs.pair_seed` ``(seed, round_, i)`` with different sampling
+    noise, cut at the same L steps (DESIGN.md §3). Clips are rolled out ``n_envs`` at a
+    time, so only their frames are held in memory.
+
+    Returns:
+        The new pair ids, in order.
+
+    Raises:
+        ArtifactIntegrityError: the version's checkpoint is missing or changed.
+        CheckpointError: the checkpoint is corrupt or for another task.
+    """
+    from fkpd.policy import DiffusionPolicy
+
+    labeller: StoreLabeller = engine.labeller  # type: ignore[assignment]
+    policy = DiffusionPolicy.load(checkpoint_dir(labeller.store, version), task_id=engine.task_id)
+    total = 2 * engine.source.pairs  # type: ignore[attr-defined]
+    engine.make_batch(policy, round_, on_clip=labeller.clip_writer(version, round_, total, progress))
+    return labeller.pair_ids.pop(round_)
+
+
+def render_if_missing(ctx: JobContext, engine: RoundEngine, project: ProjectInfo, version: PolicyVersionInfo,
+                      progress_from: float) -> list[int]:
+    """Render the batch of round ``version.round + 1`` unless that round has pairs;
+    returns the pair ids added."""
+    if ctx.store.batch_progress(project.id, version.round + 1)[1] > 0:
+        return []
+    return render_batch(engine, version, version.round + 1, progress=Stage(ctx, progress_from, 1.0))
