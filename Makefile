@@ -32,7 +32,9 @@ run: venv
 pipeline: venv
 	$(VENV)/bin/fkpd pipeline --task $(TASK)
 
+# The layer contracts of pyproject.toml [tool.importlinter] (no import circles), then the tests.
 test: venv
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 bench: venv
