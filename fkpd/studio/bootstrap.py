@@ -21,33 +21,8 @@ episodes, horizon, seed, BC and policy settings; or the named dataset instead of
 generation settings), so a re-run with the same parameters reuses the finished dataset
 and checkpoint, and one with other parameters never mixes with them.
 
-Why this order is crash-safe (a worker may be SIGKILLed at any instruction):
-
-* Nothing is registered before the file it names is complete: datasets, checkpoints,
-  segments and videos are written under a temporary name and renamed
-  (:meth:`Store.write_artifact_atomic`, :meth:`DiffusionPolicy.save`,
-  :func:`fkpd.data.generate_dataset`), and rows are added after the rename. A crash
-  leaves at most an unregistered directory or temporary file behind.
-* The served policy is the latest registered version. A new version is registered after
-  its checkpoint was written *and* evaluated, in one transaction, so a crash before
-  step 4 leaves the previous version served; the previous checkpoint is only ever read.
-* Jobs never change or delete comparisons or pairs; they only add rows. The previous
-  batch stays open and is what :meth:`Store.next_pair` hands out (the latest round with
-  open pairs) until the new batch's pairs are added, in one transaction, at the very
-  end. A crash between registering the clips and the pairs leaves clip rows whose files
-  exist but that no pair uses: harmless.
-* Re-running is safe. A retried ``alignment_round`` job that finds a version registered
-  by its own earlier attempt (``metrics["job_id"]``) skips to step 5; a batch is
-  rendered only when its round has no pairs yet; ``bootstrap`` reuses version 0.
-
-Long work (data generation, BC, alignment) runs in the job's thread: the trainers call
-back after every step (``on_step`` / ``on_episode``), and :class:`~fkpd.studio.batches.Watch` turns that into
-``ctx.progress(fraction, "training BC: step i/N")`` and checks whether the job was
-cancelled or taken away; :class:`fkpd.store.JobCancelled` /
-``JobLostError`` raised there stop the trainer between two steps, and its output is
-never registered (the worker's heartbeat runs in its own thread meanwhile). A cut-off BC
-resumes from its last saved state. Cancellation is honoured until the new version is
-registered; the batch rendering that follows runs to the end.
+Why this order is crash-safe, and how long work reports progress and stops: see
+:mod:`fkpd.studio.batches`.
 
 Shapes follow DESIGN.md §3: L segment length, Do/Da observation/action dims.
 """
