@@ -229,7 +229,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 def _cmd_labels_import(args: argparse.Namespace) -> int:
     """Import Preference Transformer / Uni-RLHF labels into a project of the preference store."""
     from fkpd.store import Store
-    from fkpd.store.export import import_pt_labels
+    from fkpd.prefs.importers import import_pt_labels
 
     with Store(args.database_url, args.artifact_dir) as store:
         summary = import_pt_labels(

@@ -24,7 +24,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from fkpd.store import ProjectInfo, Store
-from fkpd.store.jobs import register_handler, run_worker
+from fkpd.store.queue import register_handler
+from fkpd.store.worker import run_worker
 
 PG_ENV = "FKPD_TEST_DATABASE_URL"
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]

@@ -27,7 +27,8 @@ from conftest_store import (  # noqa: F401  (fixtures are used by name)
     wait_for,
 )
 from fkpd.store import JobLostError, NotFoundError, StoreInputError
-from fkpd.store.jobs import HANDLERS, JobContext, Worker, register_handler, run_worker
+from fkpd.store.queue import HANDLERS, register_handler
+from fkpd.store.worker import JobContext, Worker, run_worker
 
 SPAWN = mp.get_context("spawn")
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)

@@ -2,10 +2,13 @@
 
 * :class:`Store` — projects, annotators, policy versions, clips, pairs, leased
   assignment (:meth:`Store.next_pair`), idempotent answers (:meth:`Store.answer`),
-  reports and training data; SQLite by default, PostgreSQL by URL.
-* :mod:`fkpd.store.jobs` — the job queue (``store.jobs``) and :func:`run_worker`.
-* :mod:`fkpd.store.export` — export to Parquet/HDF5, import of Preference Transformer /
-  Uni-RLHF label files.
+  reports and training data; SQLite by default, PostgreSQL by URL (:mod:`fkpd.store.store`
+  lists the module of each concern).
+* :mod:`fkpd.store.queue` — the job queue (``store.jobs``) and the handler registry
+  (:func:`register_handler`); :mod:`fkpd.store.worker` — :class:`Worker` and
+  :func:`run_worker`, the body of ``fkpd worker``.
+* :mod:`fkpd.store.export` — export to Parquet/HDF5 (import of Preference Transformer /
+  Uni-RLHF label files is :mod:`fkpd.prefs.importers`).
 * :func:`outcome_to_p_left` — the one mapping from an answer to the label ``p_left``.
 
 Quick start::
@@ -42,8 +45,8 @@ from fkpd.store.errors import (
     StoreInputError,
     WorkerStopping,
 )
-from fkpd.store.jobs import HANDLERS, JobContext, JobQueue, JobView, Worker, register_handler, run_worker
 from fkpd.store.outcomes import Outcome, outcome_to_p_left
+from fkpd.store.queue import HANDLERS, JobQueue, JobView, register_handler
 from fkpd.store.store import DEFAULT_SETTINGS, Store
 from fkpd.store.views import (
     AnnotatorInfo,
@@ -55,6 +58,7 @@ from fkpd.store.views import (
     ProjectInfo,
     TrainingPair,
 )
+from fkpd.store.worker import JobContext, Worker, run_worker
 
 __all__ = [
     "AlreadyExistsError",

@@ -226,7 +226,7 @@ class Comparison(Base):
 
 
 class Job(Base):
-    """A background job (training, rendering) run by a worker; see :mod:`fkpd.store.jobs`."""
+    """A background job (training, rendering) run by a worker; see :mod:`fkpd.store.queue`."""
 
     __tablename__ = "jobs"
     __table_args__ = (

@@ -188,3 +188,65 @@ class TrainingPair(NamedTuple):
     left: ClipRecord
     right: ClipRecord
     p_left: float
+
+
+#: Statuses a job never leaves.
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A snapshot of one job.
+
+    Attributes:
+        progress: fraction done, 0..1.
+        heartbeat_at: last sign of life from the worker (UTC), None unless started.
+        error: failure text (exception and traceback, or the stale-recovery reason).
+        attempts: how many times the job was claimed.
+        cancel_requested: :meth:`fkpd.store.queue.JobQueue.cancel` was called while it ran.
+        result: the handler's JSON result once succeeded.
+    """
+
+    id: int
+    project_id: int
+    kind: str
+    params: dict[str, Any]
+    status: str
+    progress: float
+    message: str
+    heartbeat_at: datetime | None
+    error: str | None
+    worker_id: str | None
+    attempts: int
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    result: dict[str, Any] | None
+
+    @property
+    def done(self) -> bool:
+        """True once the job reached succeeded, failed or cancelled."""
+        return self.status in TERMINAL_STATUSES
+
+    @classmethod
+    def of(cls, row: m.Job) -> "JobView":
+        """A detached snapshot of a job row."""
+        return cls(
+            id=row.id,
+            project_id=row.project_id,
+            kind=row.kind,
+            params=dict(row.params or {}),
+            status=row.status,
+            progress=row.progress,
+            message=row.message,
+            heartbeat_at=row.heartbeat_at,
+            error=row.error,
+            worker_id=row.worker_id,
+            attempts=row.attempts,
+            cancel_requested=row.cancel_requested,
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+            result=None if row.result is None else dict(row.result),
+        )

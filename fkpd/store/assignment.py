@@ -1,0 +1,352 @@
+"""Leased assignment of pairs to annotators, and their answers.
+
+:class:`AssignmentMixin` is part of :class:`fkpd.store.Store`.
+
+Assignment rules (:meth:`Store.next_pair` / :meth:`Store.answer`):
+
+* An annotator is offered pairs of the **latest round that still has open pairs**, oldest
+  pair first, that they have not answered, and whose answers plus other annotators'
+  unexpired leases are fewer than the project's ``labels_per_pair``.
+* The pair is **leased** to the annotator for ``lease_seconds``. While the lease runs,
+  calling :meth:`~Store.next_pair` again returns the same pair (and extends the lease), and
+  nobody else gets it once it is fully leased (with ``labels_per_pair=1``: nobody else at
+  all). Expired leases are ignored, so an abandoned pair returns to the pool.
+* :meth:`~Store.answer` is idempotent per (pair, annotator): a double click, a page rerun
+  or a retry after a lost reply returns the stored answer instead of adding a second one
+  (unique constraint, ``ON CONFLICT DO NOTHING``). A new answer is refused once the pair
+  already holds ``labels_per_pair`` answers, so a pair never gets more than that.
+* **Every answer counts toward completion, skips included**: a pair is ``done`` after
+  ``labels_per_pair`` answers of any outcome. A skip usually means the pair is not worth
+  judging (both clips equally broken, nothing happens); handing it to more people wastes
+  their time and would keep a round from ever finishing. Skips are stored and reported
+  (:meth:`~Store.annotator_stats`) but never trained on (:meth:`~Store.training_pairs`).
+* Late answers are accepted while the pair has room: if a lease expired and nobody else
+  filled the pair, the answer is stored.
+
+Concurrency: on PostgreSQL a candidate pair is locked with ``SELECT … FOR UPDATE SKIP
+LOCKED`` and re-checked with a fresh statement after the lock is held (under READ
+COMMITTED a fresh statement sees every lease committed before the lock was granted);
+answers take the pair's row lock too, so every change to a pair's leases and answers is
+serialised per pair. On SQLite every writing transaction starts with ``BEGIN IMMEDIATE``
+(see :mod:`fkpd.store.db`), which serialises writers across threads and processes, and
+writers queue on a file lock so none of them starves
+(:class:`fkpd.store.db.SqliteWriteGate`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, delete, exists, func, select
+from sqlalchemy.orm import Session
+
+from fkpd.store import models as m
+from fkpd.store.core import StoreCore, validate_settings
+from fkpd.store.errors import NotFoundError, PairUnavailableError, StoreInputError
+from fkpd.store.models import as_utc
+from fkpd.store.outcomes import Outcome
+from fkpd.store.views import ClipView, ComparisonRecord, PairView
+
+
+class AssignmentMixin(StoreCore):
+    """Leasing pairs to annotators and storing their answers (part of
+    :class:`fkpd.store.Store`; rules in the module docstring)."""
+
+    @staticmethod
+    def _available(annotator_id: int, labels_per_pair: int, now: datetime) -> ColumnElement[bool]:
+        """SQL condition: ``Pair`` is open, unanswered by the annotator, and has room."""
+        answers = (
+            select(func.count(m.Comparison.id))
+            .where(m.Comparison.pair_id == m.Pair.id)
+            .scalar_subquery()
+        )
+        others_leases = (
+            select(func.count(m.Lease.id))
+            .where(
+                m.Lease.pair_id == m.Pair.id,
+                m.Lease.expires_at > now,
+                m.Lease.annotator_id != annotator_id,
+            )
+            .scalar_subquery()
+        )
+        answered_by_me = exists().where(
+            m.Comparison.pair_id == m.Pair.id, m.Comparison.annotator_id == annotator_id
+        )
+        return and_(
+            m.Pair.status == "open",
+            ~answered_by_me,
+            answers + others_leases < labels_per_pair,
+        )
+
+    def next_pair(self, project: Any, annotator: Any) -> PairView | None:
+        """Lease the next pair to label to ``annotator``, or return None if none is free.
+
+        Returns the pair of the latest round with open pairs that the annotator already
+        holds (extending its lease) if there is one; otherwise leases the oldest eligible
+        pair of that round (see the module docstring for the rules) for the project's
+        ``lease_seconds``. Same as ``lease_pairs(project, annotator, 1)``.
+
+        Raises:
+            NotFoundError: unknown project or annotator.
+        """
+        pairs = self.lease_pairs(project, annotator, 1)
+        return pairs[0] if pairs else None
+
+    def lease_pairs(self, project: Any, annotator: Any, count: int = 2) -> list[PairView]:
+        """Lease up to ``count`` pairs to ``annotator``: the one to show now, then the next.
+
+        The labelling page asks for two so that it can load the next pair's videos while
+        the annotator judges the current one (prefetching). The pairs the annotator
+        already holds come first, oldest first, with their leases extended; the rest are
+        newly leased under the rules of :meth:`next_pair`. After answering the first
+        pair, the next call returns the second one first, so the order is stable.
+
+        Returns:
+            Between 0 and ``count`` pairs; fewer when the batch is running out.
+
+        Raises:
+            StoreInputError: ``count`` < 1.
+            NotFoundError: unknown project or annotator.
+        """
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise StoreInputError(f"count must be an int >= 1, got {count!r}")
+        now = self.now()
+        with self.session(write=True) as s:
+            proj = self.project_row(s, project)
+            ann = self.annotator_row(s, annotator)
+            settings = validate_settings(proj.settings)
+            expires = now + timedelta(seconds=settings["lease_seconds"])
+            round_ = self._latest_round(s, proj.id, open_only=True)
+            if round_ is None:
+                return []
+            pairs = self._renew_held_leases(s, proj.id, ann.id, now, expires, count, round_)
+            while len(pairs) < count:
+                pair = self._lease_new(s, ann.id, proj.id, round_, settings["labels_per_pair"], now, expires,
+                                       exclude=[p.id for p in pairs])
+                if pair is None:
+                    break
+                pairs.append(pair)
+            return [self._pair_view(s, p, expires) for p in pairs]
+
+    def _lease_new(self, s: Session, annotator_id: int, project_id: int, round_: int, labels_per_pair: int,
+                   now: datetime, expires: datetime, exclude: list[int]) -> m.Pair | None:
+        """Lease the oldest available pair of ``round_`` not in ``exclude``; None if none."""
+        available = self._available(annotator_id, labels_per_pair, now)
+        rejected = list(exclude)
+        while True:
+            query = (
+                select(m.Pair)
+                .where(m.Pair.project_id == project_id, m.Pair.round == round_, available)
+                .order_by(m.Pair.id)
+                .limit(1)
+                .with_for_update(skip_locked=True, of=m.Pair)
+                .execution_options(populate_existing=True)
+            )
+            if rejected:
+                query = query.where(m.Pair.id.not_in(rejected))
+            pair = s.scalars(query).first()
+            if pair is None:
+                return None
+            # We hold the row lock now. On PostgreSQL the statement above ran on a
+            # snapshot taken before the lock was granted; a fresh statement sees any
+            # lease or answer committed by the transaction that held it before us.
+            # (SQLite needs no re-check: the transaction holds the database lock.)
+            if self.backend == "postgresql" and s.scalar(
+                select(m.Pair.id).where(m.Pair.id == pair.id, available)
+            ) is None:
+                rejected.append(pair.id)
+                continue
+            lease = m.Lease.__table__
+            s.execute(delete(lease).where(lease.c.pair_id == pair.id, lease.c.expires_at <= now))
+            s.execute(
+                self.insert(lease)
+                .values(pair_id=pair.id, annotator_id=annotator_id, leased_at=now, expires_at=expires)
+                .on_conflict_do_update(
+                    index_elements=["pair_id", "annotator_id"],
+                    set_={"leased_at": now, "expires_at": expires},
+                )
+            )
+            return pair
+
+    def _renew_held_leases(
+        self, s: Session, project_id: int, annotator_id: int, now: datetime, expires: datetime, limit: int,
+        round_: int,
+    ) -> list[m.Pair]:
+        """Renew (and return, oldest first) up to ``limit`` live leases of the annotator on
+        open pairs of ``round_``; leases on older rounds are left to expire, so a new batch
+        takes over from the previous one at once."""
+        leases = m.Lease.__table__
+        held = s.scalars(
+            select(leases.c.pair_id)
+            .where(leases.c.annotator_id == annotator_id, leases.c.expires_at > now)
+            .order_by(leases.c.pair_id)
+        ).all()
+        renewed_pairs: list[m.Pair] = []
+        for pair_id in held:
+            if len(renewed_pairs) >= limit:
+                break
+            pair = self._lock_pair(s, pair_id)
+            if pair is None or pair.project_id != project_id or pair.status != "open" or pair.round != round_:
+                continue
+            # Under the pair lock, a fresh statement: renew only a lease that is still live.
+            renewed = s.execute(
+                leases.update()
+                .where(
+                    leases.c.pair_id == pair_id,
+                    leases.c.annotator_id == annotator_id,
+                    leases.c.expires_at > now,
+                )
+                .values(expires_at=expires)
+            ).rowcount
+            if renewed:
+                renewed_pairs.append(pair)
+        return renewed_pairs
+
+    def _pair_view(self, s: Session, pair: m.Pair, expires: datetime) -> PairView:
+        clips = {
+            c.id: c
+            for c in s.scalars(
+                select(m.Clip).where(m.Clip.id.in_((pair.left_clip_id, pair.right_clip_id)))
+            )
+        }
+        left, right = clips[pair.left_clip_id], clips[pair.right_clip_id]
+        return PairView(
+            id=pair.id,
+            project_id=pair.project_id,
+            round=pair.round,
+            policy_version_id=left.policy_version_id,
+            left=self._clip_view(left),
+            right=self._clip_view(right),
+            lease_expires_at=expires,
+        )
+
+    def _clip_view(self, clip: m.Clip) -> ClipView:
+        return ClipView(
+            id=clip.id,
+            video_file=None if clip.video_path is None else self.artifacts.resolve(clip.video_path),
+            video_sha256=clip.video_sha256,
+            fps=clip.fps,
+            length=clip.length,
+        )
+
+    def release(self, pair_id: int, annotator: Any) -> bool:
+        """Give a leased pair back without answering; True if a lease was dropped."""
+        with self.session(write=True) as s:
+            ann = self.annotator_row(s, annotator)
+            lease = m.Lease.__table__
+            result = s.execute(
+                delete(lease).where(lease.c.pair_id == pair_id, lease.c.annotator_id == ann.id)
+            )
+            return bool(result.rowcount)
+
+    def answer(
+        self,
+        pair_id: int,
+        annotator: Any,
+        outcome: Outcome | str,
+        shown_at: datetime | None = None,
+    ) -> ComparisonRecord:
+        """Store an annotator's answer for a pair; idempotent per (pair, annotator).
+
+        Args:
+            pair_id: the pair answered.
+            annotator: name, id or :class:`AnnotatorInfo`.
+            outcome: ``left``, ``right``, ``equal`` or ``skip``.
+            shown_at: when the pair was shown (aware, or naive UTC); None if unknown.
+
+        Returns:
+            The stored comparison. If this annotator had already answered the pair, the
+            earlier answer is returned unchanged with ``created=False`` (the new outcome
+            is ignored). The annotator's lease on the pair is released either way.
+
+        Raises:
+            StoreInputError: unknown outcome.
+            NotFoundError: unknown pair or annotator.
+            PairUnavailableError: the pair is retired, or already has
+                ``labels_per_pair`` answers from others; fetch the next pair.
+        """
+        outcome = Outcome.parse(outcome)
+        shown = None if shown_at is None else as_utc(shown_at)
+        now = self.now()
+        comparisons, leases = m.Comparison.__table__, m.Lease.__table__
+        with self.session(write=True) as s:
+            pair = self._lock_pair(s, pair_id)
+            if pair is None:
+                raise NotFoundError(f"pair {pair_id!r} not found")
+            ann = self.annotator_row(s, annotator)
+            drop_my_lease = delete(leases).where(
+                leases.c.pair_id == pair.id, leases.c.annotator_id == ann.id
+            )
+            answers = s.scalars(select(m.Comparison).where(m.Comparison.pair_id == pair.id)).all()
+            existing = next((c for c in answers if c.annotator_id == ann.id), None)
+            if existing is not None:
+                s.execute(drop_my_lease)
+                return self._record(existing, created=False, pair_done=pair.status == "done")
+            if pair.status != "open":
+                raise PairUnavailableError(
+                    f"pair {pair.id} is {pair.status} and takes no more answers; "
+                    "ask for the next pair"
+                )
+            project = self.get_row(s, m.Project, pair.project_id, "project")
+            k = validate_settings(project.settings)["labels_per_pair"]
+            if len(answers) >= k:
+                raise PairUnavailableError(
+                    f"pair {pair.id} already has {len(answers)} answer(s) (labels_per_pair={k}); "
+                    "ask for the next pair"
+                )
+            new_id = s.execute(
+                self.insert(comparisons)
+                .values(
+                    pair_id=pair.id,
+                    annotator_id=ann.id,
+                    outcome=outcome.value,
+                    shown_at=shown,
+                    answered_at=now,
+                )
+                .on_conflict_do_nothing(index_elements=["pair_id", "annotator_id"])
+                .returning(comparisons.c.id)
+            ).scalar()
+            if new_id is None:  # cannot happen under the pair lock; kept as a safety net
+                existing = self._comparison(s, pair.id, ann.id)
+                assert existing is not None
+                s.execute(drop_my_lease)
+                return self._record(existing, created=False, pair_done=pair.status == "done")
+            done = len(answers) + 1 >= k
+            if done:
+                pair.status = "done"
+                pair.completed_at = now
+                s.execute(delete(leases).where(leases.c.pair_id == pair.id))
+            else:
+                s.execute(drop_my_lease)
+            return ComparisonRecord(
+                id=new_id,
+                pair_id=pair.id,
+                annotator_id=ann.id,
+                outcome=outcome,
+                shown_at=shown,
+                answered_at=now,
+                created=True,
+                pair_done=done,
+            )
+
+    @staticmethod
+    def _comparison(s: Session, pair_id: int, annotator_id: int) -> m.Comparison | None:
+        return s.scalars(
+            select(m.Comparison).where(
+                m.Comparison.pair_id == pair_id, m.Comparison.annotator_id == annotator_id
+            )
+        ).first()
+
+    @staticmethod
+    def _record(row: m.Comparison, *, created: bool, pair_done: bool) -> ComparisonRecord:
+        return ComparisonRecord(
+            id=row.id,
+            pair_id=row.pair_id,
+            annotator_id=row.annotator_id,
+            outcome=Outcome(row.outcome),
+            shown_at=row.shown_at,
+            answered_at=row.answered_at,
+            created=created,
+            pair_done=pair_done,
+        )

@@ -1,0 +1,317 @@
+"""Engine and session plumbing of the preference store, and the row lookups every part uses.
+
+:class:`StoreCore` is the base of :class:`fkpd.store.Store`: it opens the database (and
+migrates it), hands out sessions (:meth:`StoreCore.session`), knows the clock
+(:meth:`StoreCore.now`) and the artifact directory, and resolves a project, annotator or
+row given by name, id or view (:meth:`StoreCore.project_row`,
+:meth:`StoreCore.annotator_row`, :meth:`StoreCore.get_row`), which the catalogue,
+assignment and report mixins, the job queue (:mod:`fkpd.store.queue`) and label
+importers (:mod:`fkpd.prefs.importers`) build on.
+
+It is thread-safe (one engine with a connection pool; every method runs its own short
+transaction) and may be created in many processes against the same database. A forked
+child (e.g. a DataLoader worker) drops the inherited connections and opens its own.
+
+On SQLite every writing transaction (``session(write=True)``) starts with ``BEGIN
+IMMEDIATE`` (see :mod:`fkpd.store.db`), which serialises writers across threads and
+processes, and writers queue on a file lock so none of them starves
+(:class:`fkpd.store.db.SqliteWriteGate`).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from contextlib import contextmanager, nullcontext
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, TypeVar
+
+from sqlalchemy import Table, select
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.orm import Session
+
+from fkpd.store import models as m
+from fkpd.store.artifacts import ArtifactData, ArtifactDir
+from fkpd.store.db import (
+    WRITE,
+    default_artifact_dir,
+    default_database_url,
+    init_db,
+    make_engine,
+    sqlite_write_gate,
+)
+from fkpd.store.errors import NotFoundError, StoreInputError
+from fkpd.store.models import as_utc, utcnow
+from fkpd.store.queue import JobQueue
+from fkpd.store.views import AnnotatorInfo, ProjectInfo
+
+#: Settings every project has; :meth:`Store.create_project` fills in what is not given.
+DEFAULT_SETTINGS: dict[str, Any] = {"labels_per_pair": 1, "lease_seconds": 120.0}
+
+
+def validate_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Return ``DEFAULT_SETTINGS`` updated with ``settings``, after checking known keys.
+
+    Raises:
+        StoreInputError: ``labels_per_pair`` is not an int ≥ 1, or ``lease_seconds`` is
+            not a number > 0.
+    """
+    merged = {**DEFAULT_SETTINGS, **dict(settings)}
+    labels = merged["labels_per_pair"]
+    if isinstance(labels, bool) or not isinstance(labels, int) or labels < 1:
+        raise StoreInputError(f"labels_per_pair must be an integer >= 1, got {labels!r}")
+    lease = merged["lease_seconds"]
+    if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not lease > 0:
+        raise StoreInputError(f"lease_seconds must be a number > 0, got {lease!r}")
+    merged["lease_seconds"] = float(lease)
+    return merged
+
+
+_ENGINES: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def _drop_inherited_connections() -> None:
+    """In a forked child, drop (without closing) the connections inherited from the
+    parent, so the child never talks on, or shuts down, the parent's sockets; a child
+    that uses a store opens fresh connections."""
+    for engine in list(_ENGINES):
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_drop_inherited_connections)
+
+
+def clean_name(name: str, what: str) -> str:
+    """``name`` without surrounding spaces.
+
+    Raises:
+        StoreInputError: ``name`` is not a string, is empty or only whitespace, or is
+            longer than :data:`fkpd.store.models.NAME_LEN` characters (``what`` names it
+            in the message: ``"project"``, ``"annotator"``).
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise StoreInputError(f"{what} name must be a non-empty string, got {name!r}")
+    name = name.strip()
+    if len(name) > m.NAME_LEN:
+        raise StoreInputError(f"{what} name is {len(name)} characters; at most {m.NAME_LEN} allowed")
+    return name
+
+
+_S = TypeVar("_S", bound="StoreCore")
+
+
+class StoreCore:
+    """Database and artifact plumbing of :class:`fkpd.store.Store` (its base class).
+
+    Args:
+        url: SQLAlchemy database URL; default ``$FKPD_DATABASE_URL`` or the SQLite file
+            ``labels/fkpd.sqlite`` under the repository root. ``postgresql://`` URLs use
+            psycopg 3.
+        artifact_dir: folder for videos, segments and checkpoints; default
+            ``$FKPD_ARTIFACT_DIR`` or ``labels/artifacts``.
+        clock: returns the current time (aware, or naive UTC); tests inject a fake one.
+            Lease expiry and job heartbeats are judged by this clock, so all processes
+            sharing a database should have synchronised clocks.
+        migrate: run :func:`fkpd.store.db.init_db` (``alembic upgrade head``) on open.
+        engine_kwargs: extra arguments for :func:`sqlalchemy.create_engine`.
+    """
+
+    def __init__(
+        self,
+        url: str | URL | None = None,
+        artifact_dir: str | os.PathLike[str] | None = None,
+        *,
+        clock: Callable[[], datetime] | None = None,
+        migrate: bool = True,
+        engine_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.url = make_url(url or default_database_url())
+        self.engine = make_engine(self.url, **dict(engine_kwargs or {}))
+        self._write_gate = sqlite_write_gate(self.url)
+        _ENGINES.add(self.engine)
+        self.artifacts = ArtifactDir(artifact_dir or default_artifact_dir())
+        self._clock = clock or utcnow
+        self._jobs: JobQueue | None = None
+        if migrate:
+            try:
+                init_db(self.engine)
+            except BaseException:
+                self.engine.dispose()
+                raise
+
+    # ------------------------------------------------------------------ plumbing
+
+    def __repr__(self) -> str:
+        return (
+            f"Store(url={self.url.render_as_string(hide_password=True)!r}, "
+            f"artifact_dir={str(self.artifacts.root)!r})"
+        )
+
+    def __enter__(self: _S) -> _S:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()
+
+    @property
+    def backend(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return self.engine.dialect.name
+
+    @property
+    def artifact_dir(self) -> Path:
+        """Absolute artifact directory."""
+        return self.artifacts.root
+
+    @property
+    def jobs(self) -> JobQueue:
+        """The job queue on this store's database (:class:`fkpd.store.queue.JobQueue`)."""
+        if self._jobs is None:
+            self._jobs = JobQueue(self)
+        return self._jobs
+
+    def now(self) -> datetime:
+        """Current time from the store's clock, as an aware UTC datetime."""
+        return as_utc(self._clock())
+
+    @contextmanager
+    def session(self, write: bool = False) -> Iterator[Session]:
+        """A session in one transaction, committed on success and rolled back on error.
+
+        Meant for code inside :mod:`fkpd.store`; ``write=True`` makes SQLite take the
+        write lock at ``BEGIN`` (``BEGIN IMMEDIATE``), which every read-then-write
+        transaction needs to be safe against other processes, and queues SQLite writers
+        fairly (:class:`fkpd.store.db.SqliteWriteGate`).
+        """
+        gate = self._write_gate.hold() if write and self._write_gate is not None else nullcontext()
+        with gate, self.engine.connect() as conn:
+            if write:
+                conn.execution_options(**{WRITE: True})
+            with Session(bind=conn, expire_on_commit=False, autoflush=True) as session:
+                with session.begin():
+                    yield session
+
+    def insert(self, table: Table):  # -> dialect Insert with on_conflict_* methods
+        """``INSERT`` for this backend (supports ``on_conflict_do_nothing/update``)."""
+        if self.backend == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        return insert(table)
+
+    # ------------------------------------------------------------------ artifacts
+
+    def write_artifact_atomic(
+        self, relpath: str | os.PathLike[str], data: ArtifactData, *, to_path: bool = False
+    ) -> tuple[str, str]:
+        """Write a file under the artifact dir atomically; see :meth:`ArtifactDir.write_atomic`.
+
+        Returns:
+            ``(relpath, sha256)`` to pass to :meth:`Store.add_clip` or
+            :meth:`Store.add_policy_version`.
+        """
+        return self.artifacts.write_atomic(relpath, data, to_path=to_path)
+
+    def resolve(self, relpath: str | os.PathLike[str]) -> Path:
+        """Absolute path of an artifact.
+
+        Raises:
+            ArtifactPathError: the path is absolute, contains ``..``, or escapes the
+                artifact directory.
+        """
+        return self.artifacts.resolve(relpath)
+
+    # ------------------------------------------------------------------ lookups
+
+    def project_row(self, s: Session, project: Any) -> m.Project:
+        """The project row for a name (surrounding spaces ignored), an id or a
+        :class:`ProjectInfo`, in session ``s``.
+
+        Raises:
+            StoreInputError: ``project`` is none of those.
+            NotFoundError: no such project (the message lists up to 20 existing ones).
+        """
+        if isinstance(project, ProjectInfo):
+            project = project.id
+        if isinstance(project, int) and not isinstance(project, bool):
+            row = s.get(m.Project, project)
+        elif isinstance(project, str):
+            row = s.scalars(select(m.Project).where(m.Project.name == project.strip())).first()
+        else:
+            raise StoreInputError(f"project must be a name, an id or a ProjectInfo, got {project!r}")
+        if row is None:
+            names = s.scalars(select(m.Project.name).order_by(m.Project.name).limit(20)).all()
+            raise NotFoundError(
+                f"project {project!r} not found; create it with Store.create_project"
+                + (f" or use one of: {', '.join(names)}" if names else "")
+            )
+        return row
+
+    def annotator_row(self, s: Session, annotator: Any) -> m.Annotator:
+        """The annotator row for a name (surrounding spaces ignored), an id or an
+        :class:`AnnotatorInfo`, in session ``s``.
+
+        Raises:
+            StoreInputError: ``annotator`` is none of those, or an empty name.
+            NotFoundError: no such annotator.
+        """
+        if isinstance(annotator, AnnotatorInfo):
+            annotator = annotator.id
+        if isinstance(annotator, int) and not isinstance(annotator, bool):
+            row = s.get(m.Annotator, annotator)
+        elif isinstance(annotator, str):
+            name = clean_name(annotator, "annotator")
+            row = s.scalars(select(m.Annotator).where(m.Annotator.name == name)).first()
+        else:
+            raise StoreInputError(
+                f"annotator must be a name, an id or an AnnotatorInfo, got {annotator!r}"
+            )
+        if row is None:
+            raise NotFoundError(
+                f"annotator {annotator!r} not found; register them first with "
+                "Store.get_or_create_annotator"
+            )
+        return row
+
+    @staticmethod
+    def get_row(s: Session, model: type, key: int, what: str) -> Any:
+        """The ``model`` row with primary key ``key``, in session ``s``.
+
+        Raises:
+            NotFoundError: no such row (``"<what> <key> not found"``).
+        """
+        row = s.get(model, key)
+        if row is None:
+            raise NotFoundError(f"{what} {key!r} not found")
+        return row
+
+    # ------------------------------------------------------------------ shared pair queries
+
+    @staticmethod
+    def _latest_round(s: Session, project_id: int, open_only: bool = False) -> int | None:
+        """Highest round with pairs (with open pairs if ``open_only``), or None.
+
+        Written as ``ORDER BY round DESC LIMIT 1`` rather than ``max(round)`` so both
+        databases read one entry of the ``ix_pairs_queue`` index instead of all of them.
+        """
+        query = select(m.Pair.round).where(m.Pair.project_id == project_id)
+        if open_only:
+            query = query.where(m.Pair.status == "open")
+        return s.scalar(query.order_by(m.Pair.round.desc()).limit(1))
+
+    @staticmethod
+    def _lock_pair(s: Session, pair_id: int) -> m.Pair | None:
+        """Load a pair with its row locked (``FOR UPDATE``; a no-op on SQLite, where the
+        whole write transaction already holds the database lock)."""
+        return s.scalars(
+            select(m.Pair)
+            .where(m.Pair.id == pair_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).first()
+

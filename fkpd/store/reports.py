@@ -1,0 +1,237 @@
+"""Reports and training data read from the store: progress, comparisons, agreement.
+
+:class:`ReportsMixin` is part of :class:`fkpd.store.Store`. Everything here only reads.
+Frames are pandas DataFrames (pandas is imported when first needed); ground truth
+(returns, success) appears only where asked for (``include_ground_truth``) and in
+:class:`~fkpd.store.views.TrainingPair` clip records, never on annotator pages. Skips
+count toward progress but are never training data.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import aliased
+
+from fkpd.store import models as m
+from fkpd.store.core import StoreCore, validate_settings
+from fkpd.store.outcomes import Outcome, outcome_to_p_left
+from fkpd.store.views import ClipRecord, TrainingPair
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+class ReportsMixin(StoreCore):
+    """Labelling progress, comparison frames, training pairs and annotator statistics
+    (part of :class:`fkpd.store.Store`)."""
+
+    def batch_progress(self, project: Any, round: int | None = None) -> tuple[int, int]:
+        """Labelling progress of one round as ``(answered, total)`` answers.
+
+        ``total`` is ``labels_per_pair`` × the round's pairs that are not retired;
+        ``answered`` counts their answers (skips included, at most ``labels_per_pair``
+        per pair). ``round`` defaults to the project's latest round; ``(0, 0)`` when
+        the round has no pairs.
+        """
+        with self.session() as s:
+            proj = self.project_row(s, project)
+            k = validate_settings(proj.settings)["labels_per_pair"]
+            if round is None:
+                round = self._latest_round(s, proj.id)
+                if round is None:
+                    return (0, 0)
+            counts = (
+                select(m.Pair.id, func.count(m.Comparison.id).label("n"))
+                .outerjoin(m.Comparison, m.Comparison.pair_id == m.Pair.id)
+                .where(
+                    m.Pair.project_id == proj.id,
+                    m.Pair.round == round,
+                    m.Pair.status != "retired",
+                )
+                .group_by(m.Pair.id)
+            )
+            per_pair = [n for _, n in s.execute(counts)]
+            return (sum(min(n, k) for n in per_pair), k * len(per_pair))
+
+    def comparisons_frame(
+        self,
+        project: Any,
+        round: int | None = None,
+        annotator: Any = None,
+        *,
+        include_ground_truth: bool = False,
+    ) -> "pd.DataFrame":
+        """Every comparison of a project as a DataFrame, one row per answer, by id.
+
+        Columns: ``comparison_id, pair_id, round, policy_version_id, annotator_id,
+        annotator, outcome, p_left`` (NaN for skips), ``shown_at, answered_at`` (UTC),
+        ``left_clip_id, right_clip_id, left_seed, right_seed``; with
+        ``include_ground_truth`` also ``left_return, right_return, left_success,
+        right_success`` (for analysis; never show these to annotators).
+
+        Args:
+            round / annotator: optional filters.
+
+        Raises:
+            NotFoundError: unknown project or annotator.
+        """
+        import pandas as pd
+
+        left, right = aliased(m.Clip), aliased(m.Clip)
+        columns = [
+            m.Comparison.id.label("comparison_id"),
+            m.Comparison.pair_id,
+            m.Pair.round,
+            left.policy_version_id,
+            m.Comparison.annotator_id,
+            m.Annotator.name.label("annotator"),
+            m.Comparison.outcome,
+            m.Comparison.shown_at,
+            m.Comparison.answered_at,
+            m.Pair.left_clip_id,
+            m.Pair.right_clip_id,
+            left.reset_seed.label("left_seed"),
+            right.reset_seed.label("right_seed"),
+        ]
+        if include_ground_truth:
+            columns += [
+                left.gt_return.label("left_return"),
+                right.gt_return.label("right_return"),
+                left.gt_success.label("left_success"),
+                right.gt_success.label("right_success"),
+            ]
+        with self.session() as s:
+            proj = self.project_row(s, project)
+            query = (
+                select(*columns)
+                .join(m.Pair, m.Pair.id == m.Comparison.pair_id)
+                .join(left, left.id == m.Pair.left_clip_id)
+                .join(right, right.id == m.Pair.right_clip_id)
+                .join(m.Annotator, m.Annotator.id == m.Comparison.annotator_id)
+                .where(m.Pair.project_id == proj.id)
+                .order_by(m.Comparison.id)
+            )
+            if round is not None:
+                query = query.where(m.Pair.round == round)
+            if annotator is not None:
+                query = query.where(m.Comparison.annotator_id == self.annotator_row(s, annotator).id)
+            rows = s.execute(query).all()
+        names = [c.key for c in columns]
+        frame = pd.DataFrame.from_records([tuple(r) for r in rows], columns=names)
+        p_left = [outcome_to_p_left(o) for o in frame["outcome"]]
+        frame.insert(names.index("outcome") + 1, "p_left", pd.Series(p_left, dtype="float64"))
+        for col in ("shown_at", "answered_at"):
+            frame[col] = pd.to_datetime(frame[col], utc=True)
+        for col in ("left_seed", "right_seed"):
+            frame[col] = frame[col].astype("Int64")
+        return frame
+
+    def training_pairs(self, project: Any, *, max_round: int | None = None) -> list[TrainingPair]:
+        """Non-skip comparisons as ``(left clip, right clip, p_left)``, oldest first.
+
+        A pair answered by several annotators appears once per answer.
+
+        Args:
+            max_round: only pairs of rounds ≤ this.
+        """
+        left, right = aliased(m.Clip), aliased(m.Clip)
+        with self.session() as s:
+            proj = self.project_row(s, project)
+            query = (
+                select(m.Comparison.outcome, left, right)
+                .join(m.Pair, m.Pair.id == m.Comparison.pair_id)
+                .join(left, left.id == m.Pair.left_clip_id)
+                .join(right, right.id == m.Pair.right_clip_id)
+                .where(m.Pair.project_id == proj.id, m.Comparison.outcome != Outcome.SKIP.value)
+                .order_by(m.Comparison.id)
+            )
+            if max_round is not None:
+                query = query.where(m.Pair.round <= max_round)
+            out = []
+            for outcome, lclip, rclip in s.execute(query):
+                p = outcome_to_p_left(outcome)
+                assert p is not None
+                out.append(TrainingPair(ClipRecord.of(lclip), ClipRecord.of(rclip), p))
+            return out
+
+    def count_training_pairs(self, project: Any, *, max_round: int | None = None) -> int:
+        """``len(training_pairs(project, max_round=...))`` as one COUNT query (no clip records loaded)."""
+        with self.session() as s:
+            proj = self.project_row(s, project)
+            query = (
+                select(func.count(m.Comparison.id))
+                .join(m.Pair, m.Pair.id == m.Comparison.pair_id)
+                .where(m.Pair.project_id == proj.id, m.Comparison.outcome != Outcome.SKIP.value)
+            )
+            if max_round is not None:
+                query = query.where(m.Pair.round <= max_round)
+            return int(s.execute(query).scalar_one())
+
+    def annotator_stats(self, project: Any) -> "pd.DataFrame":
+        """Per-annotator answer counts and rates for a project.
+
+        Returns:
+            One row per annotator (index: annotator name) with ``annotator_id,
+            n_answers, n_left, n_right, n_equal, n_skip``, ``tie_rate`` (equal / all),
+            ``skip_rate`` (skip / all), ``left_rate`` (left / (left + right); 0.5 means
+            no side bias, NaN without decisive answers) and ``median_seconds`` (median
+            time from shown to answered, NaN when unknown).
+        """
+        import pandas as pd
+
+        frame = self.comparisons_frame(project)
+        columns = [
+            "annotator_id", "n_answers", "n_left", "n_right", "n_equal", "n_skip",
+            "tie_rate", "skip_rate", "left_rate", "median_seconds",
+        ]  # fmt: skip
+        rows = {}
+        for name, group in frame.groupby("annotator", sort=True):
+            counts = group["outcome"].value_counts()
+            n = len(group)
+            n_left, n_right = int(counts.get("left", 0)), int(counts.get("right", 0))
+            seconds = (group["answered_at"] - group["shown_at"]).dt.total_seconds()
+            rows[name] = [
+                int(group["annotator_id"].iloc[0]),
+                n,
+                n_left,
+                n_right,
+                int(counts.get("equal", 0)),
+                int(counts.get("skip", 0)),
+                counts.get("equal", 0) / n,
+                counts.get("skip", 0) / n,
+                n_left / (n_left + n_right) if n_left + n_right else float("nan"),
+                float(seconds.median()) if seconds.notna().any() else float("nan"),
+            ]
+        stats = pd.DataFrame.from_dict(rows, orient="index", columns=columns)
+        stats.index.name = "annotator"
+        return stats
+
+    def pairwise_agreement(self, project: Any) -> "pd.DataFrame":
+        """How often two annotators gave the same non-skip answer on the same pair.
+
+        Returns:
+            One row per annotator pair that shares at least one pair where both gave a
+            non-skip answer: ``annotator_a, annotator_b`` (alphabetical), ``n_shared``,
+            ``n_agree`` and ``agreement = n_agree / n_shared``. Empty when no pair has
+            overlapping labels.
+        """
+        import pandas as pd
+
+        frame = self.comparisons_frame(project)
+        frame = frame[frame["outcome"] != Outcome.SKIP.value]
+        tally: dict[tuple[str, str], list[int]] = {}
+        for _, group in frame.groupby("pair_id"):
+            answers = sorted(zip(group["annotator"], group["outcome"]))
+            for (a, oa), (b, ob) in itertools.combinations(answers, 2):
+                shared = tally.setdefault((a, b), [0, 0])
+                shared[0] += 1
+                shared[1] += int(oa == ob)
+        records = [
+            (a, b, n, agree, agree / n) for (a, b), (n, agree) in sorted(tally.items())
+        ]
+        return pd.DataFrame.from_records(
+            records, columns=["annotator_a", "annotator_b", "n_shared", "n_agree", "agreement"]
+        )
