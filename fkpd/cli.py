@@ -221,7 +221,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
         threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
     n = run_worker(store, once=args.once, poll_s=args.poll_s, stale_after_s=args.stale_after_s,
-                   max_attempts=args.max_attempts, handler_modules=["fkpd.studio.rounds", "fkpd.studio"], stop=stop)
+                   max_attempts=args.max_attempts, handler_modules=["fkpd.studio"], stop=stop)
     print(f"worker ran {n} job(s)")
     return 0
 

@@ -122,7 +122,7 @@ def bootstrap(ctx: JobContext) -> dict[str, Any]:
     has no pairs.
 
     Policy versions without a checkpoint (labels imported with
-    :func:`fkpd.store.export.import_pt_labels`) are not policies and are ignored here.
+    :func:`fkpd.prefs.importers.import_pt_labels`) are not policies and are ignored here.
 
     Returns:
         JSON result: ``policy_version_id``, ``round`` (0), ``success_rate`` (0..1),
