@@ -22,7 +22,7 @@ per timed-out episode. That is the default (``index_space="qlearning"``);
 
 **The dataset** is the user's own copy of the D4RL file the labels were made on, given as a
 file, as a D4RL dataset name looked up in D4RL's cache directory
-(``$D4RL_DATASET_DIR``, else ``~/.d4rl/datasets``; :func:`fkpd.envs.d4rl.resolve_dataset`), or
+(``$D4RL_DATASET_DIR``, else ``~/.d4rl/datasets``; :func:`fkpd.data.d4rl.resolve_dataset`), or
 as ``minari:ID``; it is read with :func:`fkpd.data.load_dataset`, so a project whose task
 is registered (``d4rl/hopper-medium-v2``) gets its Do/Da checked and, on ``d4rl/maze2d-*``,
 segments in PointMaze's frame. Nothing is downloaded.
