@@ -191,7 +191,9 @@ def test_a_missing_bootstrap_dataset_fails_clearly(store, tmp_path, monkeypatch)
     ]
     for project, params, message in cases:
         job = run_job(store, project, BOOTSTRAP, {**TINY, **params})
-        assert job.status == "failed" and "RoundError" in job.error, job.error
+        # a bad value is a ParamError (a RoundError: fkpd.studio.errors); a missing file a RoundError
+        kind = "ParamError" if params == {"dataset": 3} else "RoundError"
+        assert job.status == "failed" and job.error.startswith(f"{kind}: "), job.error
         assert re.search(message, job.error), job.error
     # a file of the wrong task is refused before training, naming the dimension
     write_d4rl_file(tmp_path / "hopper.hdf5", _hopper_episodes(n_eps=1, steps=10))

@@ -232,3 +232,42 @@ def test_versions_record_intent_scores_shown_in_the_history(project_store):
     hist = rounds_history(store, project)
     assert hist.loc[0, "intent_smooth"] == pytest.approx(v0.metrics["intent_smooth"])
     assert list(hist.columns).index("intent_smooth") < list(hist.columns).index("implicit_acc")
+
+
+def test_job_parameters_are_typed_and_checked_once_where_they_enter():
+    import math
+
+    from fkpd.studio import BootstrapParams, ParamError, RoundError, RoundParams, StudioError, round_defaults
+
+    assert issubclass(ParamError, RoundError) and issubclass(ParamError, StudioError)
+    for bad, match in (({"beta": math.nan}, "beta is nan"), ({"lam": math.inf}, "lam is inf"),
+                       ({"steps": "many"}, "'steps' must be a int"), ({"beta": True}, "'beta' must be a float"),
+                       ({"regularizer": "sideways"}, "--regularizer must be one of"),
+                       ({"eval_episodes": 0}, "eval_episodes"), ({"warp": 9}, "unknown alignment_round")):
+        with pytest.raises(ParamError, match=match):
+            RoundParams.from_params(bad)
+    params = RoundParams.from_params({"beta": 250, "steps": 10, "pairs_per_batch": 4})
+    assert params.to_params() == {"beta": 250, "steps": 10, "pairs_per_batch": 4}
+    settings = params.settings({"seed": 3, "threads": 1, "unknown_old_key": 1})
+    assert (settings.seed, settings.pairs_per_batch) == (3, 4)
+    cfg = params.align_config(settings)
+    assert (cfg.beta, cfg.steps, cfg.threads, cfg.log_every) == (250, 10, 1, 1)
+    for bad, match in (({"bc": {"lr": "fast"}}, "'lr' must be a float"), ({"bc": {"lr": math.nan}}, "bc.lr is nan"),
+                       ({"bc": {"lr": -1.0}}, "BCConfig.lr must be > 0"),
+                       ({"policy": {"hidden_dim": 2.5}}, "'hidden_dim' must be a int"),
+                       ({"render_size": [8, 8]}, "render_size")):
+        with pytest.raises(ParamError, match=match):
+            BootstrapParams.from_params(bad)
+    assert round_defaults()["beta"] == 500.0 and set(round_defaults()) >= {"regularizer", "lam", "steps"}
+
+
+def test_enqueue_round_stores_checked_parameters(project_store):
+    import math
+
+    from fkpd.studio import ParamError
+
+    store = project_store
+    project = store.get_project(PROJECT)
+    with pytest.raises(ParamError, match="beta is nan"):
+        enqueue_round(store, project, {"beta": math.nan})
+    assert [j.kind for j in store.jobs.list(project.id)] == ["bootstrap"], "nothing queued for a bad value"
