@@ -184,6 +184,35 @@ def test_align_other_regularizers(synth, tmp_path, reg):
     assert key in res.metrics and np.isfinite(res.metrics["loss"])
 
 
+@pytest.mark.parametrize("objective,extra", [
+    ("in_sigmoid", {"with_reference": False, "acc_lr_decay": 20.0}),
+    ("in_sigmoid", {"bc_source": "pairs", "c_bc": 0.5, "loser_weight": 0.9}),
+    ("filtered_bc", {}),
+])
+def test_align_other_objectives(synth, tmp_path, objective, extra):
+    res = align(_cfg(synth, tmp_path, objective=objective, steps=20, **extra), progress=False)
+    meta = read_checkpoint_meta(res.checkpoint)
+    assert meta["objective"] == objective and meta["align"]["objective"] == objective
+    assert np.isfinite(res.metrics["loss"])
+    if objective == "filtered_bc":  # BC on the preferred segments: their denoising error falls
+        assert res.after["mse_w"] < res.before["mse_w"] and "filtered_bc" in res.metrics
+    else:  # the preference is fitted
+        assert res.after["implicit_acc"] > 0.5 and res.after["dpo"] < res.before["dpo"]
+    if extra.get("acc_lr_decay"):
+        # lr·exp(−20·max(acc − 0.5, 0)): below the base rate once the batches are fitted
+        assert res.metrics["lr"] < 1e-4 and res.metrics["implicit_acc"] > 0.5
+    else:
+        assert res.metrics["lr"] == pytest.approx(1e-4)
+
+
+def test_objective_settings_are_checked():
+    for bad, match in (({"objective": "sideways"}, "--objective must be one of"),
+                       ({"bc_source": "elsewhere"}, "--bc-source must be one of"),
+                       ({"c_bc": -1.0}, "--c-bc must be"), ({"acc_lr_decay": float("nan")}, "--acc-lr-decay")):
+        with pytest.raises(ConfigError, match=match):
+            AlignConfig(checkpoint="x", **bad)
+
+
 def test_missing_segment_file_stops_cleanly(synth, tmp_path):
     bad = tmp_path / "prefs.json"
     data = json.loads(synth["prefs"].read_text())

@@ -267,3 +267,115 @@ def test_large_forward_kl_weight_keeps_actions_close_to_bc():
     near = (chunks(aligned(100.0)) - base).pow(2).mean().sqrt().item()
     print(f"rms distance to BC chunks: lam=0 {far:.3f}, lam=100 {near:.3f}")
     assert near < 0.5 * far, (near, far)
+
+
+# -- the in-sigmoid form (FKPD's released code) and filtered BC ------------------------------
+from fkpd.train.losses import filtered_bc_loss, in_sigmoid_loss  # noqa: E402
+
+
+def test_in_sigmoid_loss_matches_its_formula():
+    ref = _policy()
+    pol = _perturb(ref)
+    batch = _batch()
+    t, noise = shared_noise(pol, len(batch), L, torch.Generator().manual_seed(5))
+    loss, m = in_sigmoid_loss(pol, ref, batch, 100.0, c_bc=0.7, loser_weight=0.8, t=t, noise=noise)
+    with torch.no_grad():
+        m_w = segment_errors(pol, batch.obs_w, batch.act_w, batch.mask_w, t, noise)
+        m_l = segment_errors(pol, batch.obs_l, batch.act_l, batch.mask_l, t, noise)
+        r_w = segment_errors(ref, batch.obs_w, batch.act_w, batch.mask_w, t, noise)
+        r_l = segment_errors(ref, batch.obs_l, batch.act_l, batch.mask_l, t, noise)
+    z = -50.0 * ((m_w - 0.8 * m_l) - (r_w - 0.8 * r_l))
+    u = z - 50.0 * 0.7 * 0.5 * (m_w + m_l)
+    torch.testing.assert_close(loss.detach(), -F.logsigmoid(u).mean())
+    assert m["bc"] == pytest.approx(float((0.5 * (m_w + m_l)).mean()), rel=1e-5)
+    # a dataset L_BC is one scalar inside every pair's sigmoid; without the reference, m_ref = 0
+    bc = torch.tensor(0.3)
+    loss2, m2 = in_sigmoid_loss(pol, ref, batch, 100.0, c_bc=2.0, with_reference=False, bc=bc, t=t, noise=noise)
+    torch.testing.assert_close(loss2.detach(), -F.logsigmoid(-50.0 * (m_w - m_l) - 50.0 * 2.0 * 0.3).mean())
+    assert m2["ref_mse_w"] == 0.0 and m2["bc"] == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("with_reference", [True, False])
+def test_in_sigmoid_step_raises_winner_relative_to_loser_and_reference_gets_no_grad(with_reference):
+    ref = _policy()
+    pol = copy.deepcopy(ref)
+    batch = _batch(b=1, seed=3)
+    t, noise = shared_noise(pol, 1, L, torch.Generator().manual_seed(11))
+    before = dpo_terms(pol, ref, batch, 1000.0, t, noise)
+    opt = torch.optim.SGD(pol.parameters(), lr=1e-4)
+    loss, _ = in_sigmoid_loss(pol, ref, batch, 1000.0, c_bc=1.0, with_reference=with_reference, t=t, noise=noise)
+    opt.zero_grad()
+    loss.backward()
+    assert all(p.grad is None for p in ref.parameters())
+    opt.step()
+    after = dpo_terms(pol, ref, batch, 1000.0, t, noise)
+    assert float((after.m_w - after.m_l).detach()) < float((before.m_w - before.m_l).detach())
+    assert float(after.z.detach()) > 0, "the winner's likelihood rose relative to the loser's"
+
+
+def test_in_sigmoid_swapping_flips_the_preference_gradient():
+    ref = _policy()
+    pol = _perturb(ref, scale=0.0)  # θ = ref, so σ(−u) is the same both ways
+    batch = _batch(b=2, seed=4)
+    t, noise = shared_noise(pol, 2, L, torch.Generator().manual_seed(2))
+    g = _grad(pol, in_sigmoid_loss(pol, ref, batch, 300.0, c_bc=0.0, t=t, noise=noise)[0])
+    g_swap = _grad(pol, in_sigmoid_loss(pol, ref, _swap(batch), 300.0, c_bc=0.0, t=t, noise=noise)[0])
+    assert g.abs().sum() > 0
+    torch.testing.assert_close(g_swap, -g)
+    # with the BC term, the preference part flips and the BC part (symmetric in w, l) does not:
+    # g(w, l) + g(l, w) = 2·σ(−u)·(β/2)·c_bc·∇L_BC
+    gb = _grad(pol, in_sigmoid_loss(pol, ref, batch, 300.0, c_bc=0.5, t=t, noise=noise)[0])
+    gb_swap = _grad(pol, in_sigmoid_loss(pol, ref, _swap(batch), 300.0, c_bc=0.5, t=t, noise=noise)[0])
+    obs = torch.cat([batch.obs_w, batch.obs_l])
+    act = torch.cat([batch.act_w, batch.act_l])
+    mask = torch.cat([batch.mask_w, batch.mask_l])
+    m = segment_errors(pol, obs, act, mask, torch.cat([t, t]), torch.cat([noise, noise]))
+    bc_pair = 0.5 * (m[:2] + m[2:])
+    weight = torch.sigmoid(150.0 * 0.5 * bc_pair.detach())  # σ(−u) with z = 0 at θ = ref
+    g_bc = _grad(pol, (weight * 150.0 * 0.5 * bc_pair).mean())
+    torch.testing.assert_close(gb + gb_swap, 2 * g_bc, rtol=1e-4, atol=1e-6)
+
+
+def test_in_sigmoid_tie_at_reference_has_zero_gradient():
+    ref = _policy()
+    pol = copy.deepcopy(ref)
+    loss, m = in_sigmoid_loss(pol, ref, _batch(p=0.5), 500.0, c_bc=1.0, generator=torch.Generator().manual_seed(0))
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6) and math.isnan(m["u_margin"])
+    assert _grad(pol, loss).abs().max() == 0
+
+
+def test_filtered_bc_trains_only_the_preferred_segments():
+    ref = _policy()
+    pol = _perturb(ref)
+    batch = _batch(b=4)
+    batch = dataclasses.replace(batch, p=torch.tensor([1.0, 0.5, 1.0, 0.5]))
+    t, noise = shared_noise(pol, 4, L, torch.Generator().manual_seed(1))
+    loss, m = filtered_bc_loss(pol, ref, batch, 100.0, t=t, noise=noise)
+    with torch.no_grad():
+        m_w = segment_errors(pol, batch.obs_w, batch.act_w, batch.mask_w, t, noise)
+    torch.testing.assert_close(loss.detach(), m_w[[0, 2]].mean())
+    assert m["strict_pairs"] == 2 and m["filtered_bc"] == pytest.approx(loss.item())
+    # the loser never enters: changing it leaves the gradient as it is
+    other = dataclasses.replace(batch, act_l=torch.zeros_like(batch.act_l))
+    torch.testing.assert_close(_grad(pol, filtered_bc_loss(pol, ref, other, 100.0, t=t, noise=noise)[0]),
+                               _grad(pol, filtered_bc_loss(pol, ref, batch, 100.0, t=t, noise=noise)[0]))
+    ties = dataclasses.replace(batch, p=torch.full((4,), 0.5))
+    assert filtered_bc_loss(pol, ref, ties, 100.0, t=t, noise=noise)[0].item() == 0.0
+
+
+def test_alignment_loss_dispatches_objectives():
+    ref = _policy()
+    pol = _perturb(ref)
+    batch = _batch()
+    bc_batch = (torch.rand(8, 2, DO) * 2 - 1, torch.rand(8, 4, DA) * 2 - 1)
+    for objective in ("in_sigmoid", "filtered_bc"):
+        loss, m = alignment_loss(pol, ref, batch, 100.0, objective=objective, bc_batch=bc_batch,
+                                 generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(loss) and m["loss"] == pytest.approx(loss.item())
+    _, m = alignment_loss(pol, ref, batch, 100.0, objective="in_sigmoid", bc_source="pairs",
+                          generator=torch.Generator().manual_seed(0))
+    assert m["reg"] == m["bc"] > 0
+    with pytest.raises(ValueError, match="needs bc_batch"):
+        alignment_loss(pol, ref, batch, 100.0, objective="in_sigmoid")
+    with pytest.raises(ValueError, match="objective must be one of"):
+        alignment_loss(pol, ref, batch, 100.0, objective="sideways")

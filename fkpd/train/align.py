@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 from fkpd.config import save_json, to_json_dict
 from fkpd.data import OfflineDataset, WindowSampler, load_dataset, names_a_dataset
 from fkpd.errors import CheckpointError, ConfigError
-from fkpd.train.losses import REGULARIZERS, DPOTerms, PairBatch, alignment_loss, dpo_metrics, dpo_terms, preference_nll
+from fkpd.train.losses import (BC_SOURCES, OBJECTIVES, REGULARIZERS, DPOTerms, PairBatch, alignment_loss, dpo_metrics,
+                               dpo_terms, preference_nll)
 from fkpd.policy import DiffusionPolicy, checkpoint_dir, pick_device, read_checkpoint_meta
 from fkpd.prefs.segments import PreferenceError, Segment, load_preferences
 from fkpd.prefs.teachers import to_winner_first
@@ -60,6 +61,13 @@ class AlignConfig:
     return-teacher pairs from BC rollouts, 50 evaluation episodes, one seed, so only
     indicative) λ = 1/10/100/300 gave mean returns 407/486/543/500 and success
     0/10/24/18% against BC's 432 (12%) and DPO-only's 278 (0%).
+
+    ``objective`` picks the form (:func:`fkpd.train.losses.alignment_loss`): ``additive``
+    (the paper's L_DPO + λ·R, with ``regularizer`` and ``lam``), ``in_sigmoid`` (the
+    released code's form, with ``c_bc``, ``loser_weight``, ``with_reference`` and
+    ``bc_source``; its CPOD MetaWorld settings are ``--objective in_sigmoid
+    --with-reference false --c-bc 1 --lr 2e-5 --acc-lr-decay 20``) or ``filtered_bc`` (the
+    baseline). ``acc_lr_decay`` applies to every objective.
     """
 
     checkpoint: str = field(default="", metadata={"help": "reference (BC) checkpoint REF, kept frozen"})
@@ -67,9 +75,22 @@ class AlignConfig:
     init: str = field(default="", metadata={"help": "checkpoint to start from, the latest version (default: REF)"})
     out_dir: str = field(default="", metadata={"help": "output directory (default runs/align/<task>/round<k>)"})
     dataset: str = field(default="", metadata={"help": "offline dataset for the forward-KL term (default: REF's)"})
-    regularizer: str = field(default="forward", metadata={"help": "forward (FKPD), reverse (DPOK-style) or none"})
+    objective: str = field(default="additive", metadata={"help": "additive: L_DPO + λ·R (the paper's equation); "
+                                                             "in_sigmoid: the BC term inside the sigmoid (the "
+                                                             "released code's form); filtered_bc: BC on preferred "
+                                                             "segments only (baseline)"})
+    regularizer: str = field(default="forward", metadata={"help": "additive objective: forward (FKPD), reverse "
+                                                                  "(DPOK-style) or none"})
     beta: float = field(default=500.0, metadata={"help": "β of the DPO term"})
     lam: float = field(default=100.0, metadata={"help": "λ, weight of the regulariser (see the class docstring)"})
+    c_bc: float = field(default=1.0, metadata={"help": "in_sigmoid: weight of L_BC inside the sigmoid"})
+    loser_weight: float = field(default=1.0, metadata={"help": "in_sigmoid: λ_l, weight of the loser's terms"})
+    with_reference: bool = field(default=True, metadata={"help": "in_sigmoid: include the reference terms m_ref"})
+    bc_source: str = field(default="dataset", metadata={"help": "in_sigmoid: L_BC on offline-dataset windows "
+                                                                "(dataset) or on the pair's own segments (pairs)"})
+    acc_lr_decay: float = field(default=0.0, metadata={"help": "k: scale each step's learning rate by "
+                                                               "exp(-k·max(acc − 0.5, 0)), acc the batch's implicit "
+                                                               "accuracy (the released code uses 20); 0: off"})
     steps: int = field(default=300, metadata={"help": "gradient steps"})
     lr: float = field(default=1e-4, metadata={"help": "learning rate (AdamW, constant after warm-up)"})
     batch_pairs: int = field(default=8, metadata={"help": "preference pairs per step (2·L windows each)"})
@@ -85,6 +106,14 @@ class AlignConfig:
     log_every: int = field(default=25, metadata={"help": "steps between metric log lines"})
 
     def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.bc_source not in BC_SOURCES:
+            raise ConfigError(f"--bc-source must be one of {', '.join(BC_SOURCES)}, got {self.bc_source!r}")
+        for name in ("c_bc", "loser_weight", "acc_lr_decay"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value!r}")
         if self.regularizer not in REGULARIZERS:
             raise ConfigError(f"--regularizer must be one of {', '.join(REGULARIZERS)}, got {self.regularizer!r}")
         if not (self.beta > 0 and math.isfinite(self.beta)):
@@ -227,6 +256,16 @@ def pairs_from_labels(items: Sequence[tuple[Segment, Segment, float | None]]) ->
     return [wf for wf in (to_winner_first(l, r, p) for l, r, p in items) if wf is not None]
 
 
+def _decay_lr(opt: torch.optim.Optimizer, sched, k: float, acc: float) -> float:
+    """Set this step's learning rate to the schedule's times exp(−k·max(acc − 0.5, 0))
+    (the released code's accuracy-based decay; the schedule's ``step`` resets it after
+    the update, so the factor never compounds). Returns the rate used."""
+    factor = math.exp(-k * max(acc - 0.5, 0.0)) if k > 0 and math.isfinite(acc) else 1.0
+    for group, lr in zip(opt.param_groups, sched.get_last_lr()):
+        group["lr"] = lr * factor
+    return float(opt.param_groups[0]["lr"])
+
+
 def _clean(d: dict[str, Any]) -> dict[str, Any]:
     """NaN -> None so the JSON is strict."""
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
@@ -306,9 +345,12 @@ def align(cfg: AlignConfig, pairs: Sequence[WinnerFirstPair] | None = None, prog
     windows = PairWindows(pairs, reference, task_id=task)
     sampler = None
     dataset = cfg.dataset or ref_meta.get("dataset") or ""
-    if cfg.regularizer == "forward" and cfg.lam > 0:
+    needs_data = ((cfg.objective == "additive" and cfg.regularizer == "forward" and cfg.lam > 0)
+                  or (cfg.objective == "in_sigmoid" and cfg.bc_source == "dataset" and cfg.c_bc > 0))
+    if needs_data:
         if not dataset:
-            raise ConfigError("regularizer 'forward' needs the offline dataset: pass --dataset FILE")
+            what = "regularizer 'forward'" if cfg.objective == "additive" else "objective 'in_sigmoid' (--bc-source dataset)"
+            raise ConfigError(f"{what} needs the offline dataset: pass --dataset FILE")
         if not names_a_dataset(dataset):
             source = "--dataset" if cfg.dataset else "the dataset recorded in the reference checkpoint"
             raise ConfigError(f"{source} {dataset!r} does not exist here; pass --dataset FILE (the offline data "
@@ -339,10 +381,13 @@ def align(cfg: AlignConfig, pairs: Sequence[WinnerFirstPair] | None = None, prog
             if sampler is not None:
                 bo, ba = sampler.sample(cfg.bc_batch_size, generator=gen)
                 bc_batch = (bo.to(device), ba.to(device))
-            if cfg.regularizer == "reverse" and cfg.lam > 0:
+            if cfg.objective == "additive" and cfg.regularizer == "reverse" and cfg.lam > 0:
                 states = windows.states(cfg.reverse_states, generator=gen).to(device)
             loss, m = alignment_loss(policy, reference, batch, cfg.beta, cfg.regularizer, cfg.lam,
-                                     bc_batch=bc_batch, states=states, generator=gen)
+                                     bc_batch=bc_batch, states=states, generator=gen, objective=cfg.objective,
+                                     c_bc=cfg.c_bc, loser_weight=cfg.loser_weight,
+                                     with_reference=cfg.with_reference, bc_source=cfg.bc_source)
+            m["lr"] = _decay_lr(opt, sched, cfg.acc_lr_decay, m.get("implicit_acc", float("nan")))
             m["grad_norm"] = optimizer_step(
                 loss, policy.net, opt, sched, cfg.grad_clip, step, "alignment",
                 f"The parent checkpoint {str(init)!r} is untouched. Lower --beta or --lr, or check the preferences.")
@@ -368,7 +413,7 @@ def align(cfg: AlignConfig, pairs: Sequence[WinnerFirstPair] | None = None, prog
         raise TrainingError(f"the aligned policy gives a non-finite DPO loss on the training pairs; stopped without "
                             f"saving. The parent checkpoint {str(init)!r} is untouched. Lower --beta or --lr.")
     policy.save(ckpt_dir, extra={
-        "kind": "align", "regularizer": cfg.regularizer, "parent": str(init), "reference": str(cfg.checkpoint),
+        "kind": "align", "objective": cfg.objective, "regularizer": cfg.regularizer, "parent": str(init), "reference": str(cfg.checkpoint),
         "round": round_, "dataset": str(dataset), "pairs": len(windows), "align": to_json_dict(cfg),
         "metrics": {"train": _clean(last), "pairs_before": _clean(before), "pairs_after": _clean(after),
                     "steps_per_s": steps_per_s}})

@@ -15,7 +15,14 @@ frozen behaviour-cloning reference, always evaluated under ``torch.no_grad``).
   (the FKPD objective): L_FKPD = L_DPO + λ·L_BC(D);
 * :func:`reverse_kl_loss` — the reverse-KL comparison (DPOK, Fan et al., NeurIPS 2023,
   its KL upper bound over the sampling chain): Σ over the policy's own DDIM chain of ‖ε_θ(x_t,s,t) − ε_ref(x_t,s,t)‖²;
-* :func:`alignment_loss` — L_DPO + λ·regulariser, the objective the trainer optimises.
+* :func:`in_sigmoid_loss` — the form of FKPD's released code (CPOD, ``finetune_loss``):
+  the BC term inside the sigmoid,
+  u = −(β/2)·[(m_θ(σ_w) − λ_l·m_θ(σ_l)) − (m_ref(σ_w) − λ_l·m_ref(σ_l)) + c_bc·L_BC],
+  L = −log σ(u) (DESIGN.md §2, "Two forms of the objective");
+* :func:`filtered_bc_loss` — the simplest use of labels, a baseline: behaviour cloning on
+  the preferred segments only;
+* :func:`alignment_loss` — the objective the trainer optimises: ``additive``
+  (L_DPO + λ·regulariser, the paper's equation), ``in_sigmoid`` or ``filtered_bc``.
 
 A "step" h of a segment is one policy window: the observation history ending at step h
 and the action chunk starting at h (To and Ta steps, edge-padded inside the segment as
@@ -35,6 +42,12 @@ import torch
 import torch.nn.functional as F
 
 REGULARIZERS = ("forward", "reverse", "none")
+#: ``additive``: L_DPO + λ·R (the paper's equation); ``in_sigmoid``: the released code's
+#: form (:func:`in_sigmoid_loss`); ``filtered_bc``: BC on preferred segments (baseline).
+OBJECTIVES = ("additive", "in_sigmoid", "filtered_bc")
+#: Where the in-sigmoid form's L_BC comes from: offline-dataset windows (CPOD's
+#: ``finetune_loss_with_nolabel_data``) or the pair's own segments (``finetune_loss``).
+BC_SOURCES = ("dataset", "pairs")
 
 
 @dataclass
@@ -288,27 +301,147 @@ def reverse_kl_loss(policy, reference, obs: torch.Tensor, generator: torch.Gener
     return loss, {"reverse_kl": float(loss.detach())}
 
 
-def alignment_loss(policy, reference, batch: PairBatch, beta: float, regularizer: str = "forward",
-                   lam: float = 1.0, bc_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   states: torch.Tensor | None = None, generator: torch.Generator | None = None
-                   ) -> tuple[torch.Tensor, dict[str, float]]:
-    """L = L_DPO + λ·R, R the chosen regulariser (DESIGN.md §2).
+def in_sigmoid_loss(policy, reference, batch: PairBatch, beta: float, c_bc: float = 1.0, loser_weight: float = 1.0,
+                    with_reference: bool = True, bc: torch.Tensor | None = None, t: torch.Tensor | None = None,
+                    noise: torch.Tensor | None = None, generator: torch.Generator | None = None
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The objective of the code released with the FKPD paper (github.com/brotherzhao2019/CPOD,
+    ``diffusor/models/diffusor.py``, ``finetune_loss`` and ``finetune_loss_with_nolabel_data``),
+    written from its description (DESIGN.md §2, "Two forms of the objective"):
+
+        z = −(β/2)·[(m_θ(σ_w) − λ_l·m_θ(σ_l)) − (m_ref(σ_w) − λ_l·m_ref(σ_l))]
+        u = z − (β/2)·c_bc·L_BC,     L = −log σ(u)  for a strict preference.
+
+    The BC term sits inside the sigmoid, so it is weighted by the same σ(−u)·β/2 as the
+    preference term and fades as the pair is fitted. Same conventions as
+    :func:`dpo_loss`: winner and loser share (t, ε), the reference runs under
+    ``torch.no_grad``; a tie (p = 0.5) uses the soft-label form on z alone,
+    −½[log σ(z) + log σ(−z)], so it has zero gradient where z = 0 (at θ = ref with the
+    reference terms and λ_l = 1) and the BC term acts through strict pairs only.
 
     Args:
-        regularizer: ``forward`` (R = L_BC on ``bc_batch``, FKPD), ``reverse``
-            (R = :func:`reverse_kl_loss` at ``states``) or ``none`` (plain Diffusion-DPO).
-        lam: λ ≥ 0.
-        bc_batch: ``(obs (B, To, Do), act (B, Ta, Da))`` dataset windows for ``forward``.
-        states: (B, To, Do) observation histories for ``reverse``.
+        policy, reference, batch, beta, t, noise, generator: as in :func:`dpo_terms`.
+        c_bc: weight of L_BC inside the sigmoid (≥ 0; CPOD's MetaWorld config: 1).
+        loser_weight: λ_l, weight of the loser's terms (CPOD: 1).
+        with_reference: include the reference terms m_ref (CPOD's MetaWorld config runs
+            without them, ``with_ref_model = False``); without, they are 0 and the
+            reference network is not run.
+        bc: a scalar L_BC (e.g. :func:`bc_loss` on offline-dataset windows, CPOD's
+            ``nolabel`` variant); None: the pair's own segments, (m_θ(σ_w) + m_θ(σ_l))/2
+            per pair with the shared noise draw (CPOD's ``finetune_loss``).
 
     Returns:
-        ``(loss, metrics)``: :func:`dpo_loss` metrics plus ``reg`` (R) and ``loss``.
+        ``(loss, metrics)``: :func:`dpo_metrics` of z (implicit accuracy and margin of
+        this objective's preference logit), ``dpo`` (the loss), ``bc`` (mean L_BC) and
+        ``u_margin`` (mean u over strict pairs).
+    """
+    if t is None or noise is None:
+        t, noise = shared_noise(policy, len(batch), batch.steps, generator)
+    obs = torch.cat([batch.obs_w, batch.obs_l])
+    act = torch.cat([batch.act_w, batch.act_l])
+    mask = torch.cat([batch.mask_w, batch.mask_l])
+    t2, noise2 = torch.cat([t, t]), torch.cat([noise, noise])
+    m = segment_errors(policy, obs, act, mask, t2, noise2)
+    b = len(batch)
+    m_w, m_l = m[:b], m[b:]
+    if with_reference:
+        with torch.no_grad():
+            ref = segment_errors(reference, obs, act, mask, t2, noise2)
+        ref_w, ref_l = ref[:b], ref[b:]
+    else:
+        ref_w = ref_l = torch.zeros_like(m_w)
+    z = -0.5 * beta * ((m_w - loser_weight * m_l) - (ref_w - loser_weight * ref_l))
+    bc_term = 0.5 * (m_w + m_l) if bc is None else bc.expand_as(z)
+    u = z - 0.5 * beta * c_bc * bc_term
+    p = batch.p.to(z.dtype)
+    strict = p != 0.5
+    per_pair = torch.where(strict, -F.logsigmoid(u), preference_nll(z, p))
+    loss = per_pair.mean()
+    metrics = dpo_metrics(DPOTerms(m_w, m_l, ref_w, ref_l, z), p, beta)
+    metrics.update(dpo=float(loss.detach()), bc=float(bc_term.detach().mean()),
+                   u_margin=float(u.detach()[strict].mean()) if bool(strict.any()) else float("nan"))
+    return loss, metrics
+
+
+def filtered_bc_loss(policy, reference, batch: PairBatch, beta: float, t: torch.Tensor | None = None,
+                     noise: torch.Tensor | None = None, generator: torch.Generator | None = None
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Filtered behaviour cloning, the simplest use of labels (a baseline): the denoising
+    loss on the preferred segment of every strict pair, L = mean_w m_θ(σ_w); ties and
+    the dispreferred segments are not trained on (a batch of ties only gives 0).
+
+    The DPO quantities are computed too (with the same (t, ε), the reference under
+    ``torch.no_grad``), only for the metrics, so runs of every objective log the same
+    implicit accuracy.
+
+    Returns:
+        ``(loss, metrics)``: :func:`dpo_metrics` plus ``dpo`` (the DPO loss, not
+        optimised here) and ``filtered_bc`` (the loss).
+    """
+    terms = dpo_terms(policy, reference, batch, beta, t, noise, generator)
+    strict = (batch.p != 0.5).to(terms.m_w.dtype)
+    loss = (terms.m_w * strict).sum() / strict.sum().clamp_min(1.0)
+    metrics = dpo_metrics(terms, batch.p, beta)
+    metrics.update(dpo=float(preference_nll(terms.z.detach(), batch.p).mean()), filtered_bc=float(loss.detach()))
+    return loss, metrics
+
+
+def alignment_loss(policy, reference, batch: PairBatch, beta: float, regularizer: str = "forward",
+                   lam: float = 1.0, bc_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   states: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                   objective: str = "additive", c_bc: float = 1.0, loser_weight: float = 1.0,
+                   with_reference: bool = True, bc_source: str = "dataset"
+                   ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The objective the trainer optimises (DESIGN.md §2).
+
+    * ``additive`` (the paper's equation): L = L_DPO + λ·R, R the chosen regulariser;
+    * ``in_sigmoid`` (the released code's form, :func:`in_sigmoid_loss`): its own BC term
+      inside the sigmoid, from ``bc_batch`` (``bc_source="dataset"``) or the pair's own
+      segments (``"pairs"``); ``regularizer`` and ``lam`` do not apply;
+    * ``filtered_bc`` (baseline, :func:`filtered_bc_loss`): BC on preferred segments.
+
+    Args:
+        regularizer: for ``additive``: ``forward`` (R = L_BC on ``bc_batch``, FKPD),
+            ``reverse`` (R = :func:`reverse_kl_loss` at ``states``) or ``none`` (plain
+            Diffusion-DPO).
+        lam: λ ≥ 0.
+        bc_batch: ``(obs (B, To, Do), act (B, Ta, Da))`` dataset windows for ``forward``
+            and for ``in_sigmoid`` with ``bc_source="dataset"``.
+        states: (B, To, Do) observation histories for ``reverse``.
+        objective, c_bc, loser_weight, with_reference, bc_source: see above and
+            :func:`in_sigmoid_loss`.
+
+    Returns:
+        ``(loss, metrics)``: the objective's metrics plus ``reg`` (R, or the in-sigmoid
+        L_BC; 0 otherwise) and ``loss``.
 
     Raises:
-        ValueError: unknown regulariser, or its input missing.
+        ValueError: unknown objective, regulariser or BC source, or an input missing.
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if regularizer not in REGULARIZERS:
         raise ValueError(f"regularizer must be one of {REGULARIZERS}, got {regularizer!r}")
+    if objective == "in_sigmoid":
+        if bc_source not in BC_SOURCES:
+            raise ValueError(f"bc_source must be one of {BC_SOURCES}, got {bc_source!r}")
+        bc = None
+        if bc_source == "dataset" and c_bc > 0:
+            if bc_batch is None:
+                raise ValueError("objective 'in_sigmoid' with bc_source 'dataset' needs bc_batch (dataset windows)")
+            bc, _ = bc_loss(policy, *bc_batch, generator=generator)
+        elif bc_source == "dataset":
+            bc = torch.zeros((), device=batch.p.device)
+        loss, metrics = in_sigmoid_loss(policy, reference, batch, beta, c_bc, loser_weight, with_reference, bc,
+                                        generator=generator)
+        metrics["reg"] = metrics["bc"]
+        metrics["loss"] = float(loss.detach())
+        return loss, metrics
+    if objective == "filtered_bc":
+        loss, metrics = filtered_bc_loss(policy, reference, batch, beta, generator=generator)
+        metrics["reg"] = 0.0
+        metrics["loss"] = float(loss.detach())
+        return loss, metrics
     loss, metrics = dpo_loss(policy, reference, batch, beta, generator=generator)
     reg = None
     if regularizer == "forward" and lam > 0:
