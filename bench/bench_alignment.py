@@ -1,4 +1,4 @@
-"""BC vs FKPD (forward KL) vs Diffusion-DPO (no regulariser) vs DPO + reverse KL.
+"""BC vs FKPD (two forms of the objective) vs filtered BC vs Diffusion-DPO vs DPO + reverse KL.
 
 For every task and seed: generate the default (perturbed) dataset and clone a BC policy
 (reused when already there), then for every teacher and method run the headless loop
@@ -6,18 +6,31 @@ For every task and seed: generate the default (perturbed) dataset and clone a BC
 alignment on all labels so far, evaluation). BC is round 0 of each run. At most 500
 labels per run (``rounds × pairs_per_round``).
 
+Methods (``--methods``; every one on the same data, BC, label budget and evaluation
+seeds, so the comparison is paired per seed):
+
+* ``forward``: FKPD, the paper's additive form L_DPO + λ·L_BC(D);
+* ``in_sigmoid``: FKPD, the released code's form (BC term inside the sigmoid, c_bc = 1,
+  reference terms on, accuracy-based learning-rate decay k = 20);
+* ``cpod``: the released code's MetaWorld settings (in-sigmoid, no reference terms,
+  lr 2e-5, decay k = 20);
+* ``filtered_bc``: behaviour cloning on the preferred segments only (the simplest use
+  of the labels);
+* ``none``: Diffusion-DPO alone; ``reverse``: DPO + the DPOK-style reverse-KL term.
+
 Prints one markdown table per (task, teacher): success rate, mean return, the teacher's
 intent score, the OOD action distance and the final implicit accuracy, as mean ± std
-over seeds, plus alignment steps/s; writes everything to
-``bench/results/bench_alignment.json`` (or ``--json``).
+over seeds, then the paired differences against BC (per seed, and their mean with a 95%
+bootstrap interval over seeds), and the same averaged over tasks; plus alignment steps/s.
+Writes everything to ``bench/results/bench_alignment.json`` (or ``--json``).
 
 The return teacher runs on every task; intent teachers (any other ``--teachers``) run
-on ``--intent-tasks`` (default: the first task). The full configuration (door-open with
-the return and smooth teachers, button-press with the return teacher; 3 seeds, 3
-methods, 2 rounds of 200 pairs) is 27 runs, about an hour and a half on 2 CPU cores
-with ``--jobs 2``. It is resumable: finished runs (``OUT/<task>/seed<s>/<teacher>/<method>/loop.json``
-with every round) are kept, runs are claimed through lock files so several processes
-share the work, and ``--report-only`` rebuilds the table from what is on disk::
+on ``--intent-tasks`` (default: the first task). The default configuration (4 MetaWorld
+tasks × 3 seeds × 5 methods, 2 rounds of 200 pairs = 400 labels per run, 50 evaluation
+episodes per version) is 60 runs. It is resumable: finished runs
+(``OUT/<task>/seed<s>/<teacher>/<method>/loop.json`` with every round) are kept, runs
+are claimed through lock files so several processes share the work, and
+``--report-only`` rebuilds the tables from what is on disk::
 
     python bench/bench_alignment.py --jobs 2                 # the full benchmark
     python bench/bench_alignment.py --report-only            # table from finished runs
@@ -57,8 +70,40 @@ from fkpd.config import json_safe
 from fkpd.train.loop import LoopConfig, run_loop
 from fkpd.train.bc import BCConfig, train_bc
 
-METHODS = {"forward": "FKPD (forward KL)", "none": "Diffusion-DPO (no reg.)", "reverse": "DPO + reverse KL"}
-MAX_LABELS = 500
+#: method -> (table label, AlignConfig overrides)
+METHODS: dict[str, tuple[str, dict]] = {
+    "forward": ("FKPD (forward KL, additive)", {"regularizer": "forward"}),
+    "in_sigmoid": ("FKPD (in-sigmoid form)", {"objective": "in_sigmoid", "acc_lr_decay": 20.0}),
+    "cpod": ("FKPD (released code's config)", {"objective": "in_sigmoid", "with_reference": False, "lr": 2e-5,
+                                               "acc_lr_decay": 20.0}),
+    "filtered_bc": ("filtered BC", {"objective": "filtered_bc"}),
+    "none": ("Diffusion-DPO (no reg.)", {"regularizer": "none"}),
+    "reverse": ("DPO + reverse KL", {"regularizer": "reverse"}),
+}
+DEFAULT_METHODS = ["forward", "in_sigmoid", "filtered_bc", "none", "reverse"]
+MAX_LABELS = 800
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+def bootstrap_ci(values, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (resampled with
+    replacement, :data:`BOOTSTRAP_RESAMPLES` times). With 3 seeds it is coarse: it can
+    only be as wide as the spread of the values."""
+    v = np.asarray([x for x in values if x is not None], float)
+    if len(v) == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(BOOTSTRAP_RESAMPLES, len(v)))].mean(1)
+    return (float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2)))
+
+
+def paired_differences(per_seed_bc: dict[int, float], per_seed: dict[int, float]) -> dict:
+    """Method − BC per seed (same data, BC and evaluation seeds), their mean and its 95%
+    bootstrap interval."""
+    seeds = sorted(set(per_seed_bc) & set(per_seed))
+    diffs = [per_seed[s] - per_seed_bc[s] for s in seeds]
+    return {"seeds": seeds, "diffs": diffs, "mean": float(np.mean(diffs)) if diffs else None,
+            "ci95": list(bootstrap_ci(diffs))}
 
 
 def _fmt(values: list[float], pct: bool = False, digits: int = 1) -> str:
@@ -75,6 +120,44 @@ def _fmt(values: list[float], pct: bool = False, digits: int = 1) -> str:
 # The settings that must match for runs in one --out directory to be comparable.
 _RUN_KEYS = ("rounds", "pairs_per_round", "segment_length", "steps", "beta", "lam", "bc_steps", "bc_episodes",
              "eval_episodes", "max_episode_steps")
+
+
+def _pts(x) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{100 * x:+.1f}"
+
+
+def _across_tasks(tables: list[dict], args) -> list[dict]:
+    """Per method and teacher: per seed, the success − BC averaged over the tasks that
+    have every seed; the mean over seeds and its 95% bootstrap interval."""
+    out = []
+    for teacher in args.teachers:
+        sel = [t for t in tables if t["teacher"] == teacher]
+        if len(sel) < 2:
+            continue
+        print()
+        print(f"### Averaged over {len(sel)} tasks, teacher `{teacher}`: success − BC (points)")
+        print()
+        print("| method | per seed (mean over tasks) | mean [95% bootstrap CI over seeds] | tasks |")
+        print("|---|---|---|---|")
+        for method in args.methods:
+            per_seed: dict[int, list[float]] = {}
+            tasks = 0
+            for t in sel:
+                row = next((r for r in t["rows"] if r.get("key") == method), None)
+                if row is None:
+                    continue
+                tasks += 1
+                for s, d in zip(row["paired_success_vs_bc"]["seeds"], row["paired_success_vs_bc"]["diffs"]):
+                    per_seed.setdefault(s, []).append(d)
+            diffs = {s: float(np.mean(v)) for s, v in per_seed.items() if len(v) == tasks}
+            vals = [diffs[s] for s in sorted(diffs)]
+            ci = bootstrap_ci(vals)
+            mean = float(np.mean(vals)) if vals else None
+            out.append({"teacher": teacher, "method": method, "tasks": tasks, "per_seed": diffs, "mean": mean,
+                        "ci95": list(ci)})
+            print(f"| {METHODS[method][0]} | {', '.join(f'{100 * v:+.1f}' for v in vals)} | {_pts(mean)} "
+                  f"[{_pts(ci[0])}, {_pts(ci[1])}] | {tasks} |")
+    return out
 
 
 def _work(args) -> list[tuple[str, int, str, str]]:
@@ -161,8 +244,8 @@ def _worker(args) -> None:
                              dataset=str(_seed_root(args, task, seed) / "data.hdf5"), bc_checkpoint=str(bc),
                              eval_episodes=args.eval_episodes, max_episode_steps=args.max_episode_steps,
                              n_envs=args.n_envs, seed=seed)
-            acfg = AlignConfig(regularizer=method, steps=args.steps, beta=args.beta, lam=args.lam,
-                               threads=args.threads, device=args.device)
+            acfg = AlignConfig(**{"steps": args.steps, "beta": args.beta, "lam": args.lam, "threads": args.threads,
+                                  "device": args.device, **METHODS[method][1]})
             tr = time.time()
             tag = f"[{task} seed {seed} {teacher} {method}]"
             summary = run_loop(cfg, acfg, progress=False, log=lambda s: print(f"{tag} {s}", flush=True))
@@ -193,12 +276,13 @@ def _check_out_dir(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", nargs="+", default=["metaworld/door-open-v3", "metaworld/button-press-v3"])
+    ap.add_argument("--tasks", nargs="+", default=["metaworld/door-open-v3", "metaworld/button-press-v3",
+                                                    "metaworld/plate-slide-v3", "metaworld/sweep-into-v3"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--teachers", nargs="+", default=["return", "smooth"])
+    ap.add_argument("--teachers", nargs="+", default=["return"])
     ap.add_argument("--intent-tasks", nargs="*", default=None,
                     help="tasks for the intent teachers (all but `return`); default: the first of --tasks")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--pairs-per-round", type=int, default=200)
     ap.add_argument("--segment-length", type=int, default=0,
@@ -208,7 +292,7 @@ def main() -> None:
     ap.add_argument("--lam", type=float, default=AlignConfig.lam, help="λ of both regularisers")
     ap.add_argument("--bc-steps", type=int, default=BCConfig.steps)
     ap.add_argument("--bc-episodes", type=int, default=100)
-    ap.add_argument("--eval-episodes", type=int, default=20)
+    ap.add_argument("--eval-episodes", type=int, default=50)
     ap.add_argument("--max-episode-steps", type=int, default=0, help="0: the task's horizon")
     ap.add_argument("--n-envs", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (1 suits a shared CPU)")
@@ -261,8 +345,12 @@ def main() -> None:
                 outcomes = [rd.get("outcomes", {}) for r in mine for rd in r["rounds"][1:]]
                 n = sum(sum(o.values()) for o in outcomes)
                 decided = sum(o.get("left", 0) + o.get("right", 0) for o in outcomes)
-                rows.append({"method": METHODS[method], "per_seed": [r["rounds"][-1] for r in mine],
-                             "decided_labels": decided / n if n else None})
+                rows.append({"method": METHODS[method][0], "key": method, "per_seed": [r["rounds"][-1] for r in mine],
+                             "seeds": [r["seed"] for r in mine], "decided_labels": decided / n if n else None})
+            bc_success = {s: rd["success_rate"] for s, rd in first.items()}
+            for row in rows[1:]:
+                row["paired_success_vs_bc"] = paired_differences(
+                    bc_success, {s: p["success_rate"] for s, p in zip(row["seeds"], row["per_seed"])})
             tables.append({"task": task, "teacher": teacher, "rows": rows})
             print()
             print(f"### {task}, teacher `{teacher}` ({len(first)} seed(s), {args.rounds} round(s) × "
@@ -280,6 +368,14 @@ def main() -> None:
                       f"{_fmt(col('mean_return'))} |{score} {_fmt(col('intent_score'), digits=4)} | "
                       f"{_fmt(col('ood_action_dist'), digits=3)} | {_fmt(col('implicit_acc'), digits=2)} | "
                       f"{_fmt([row.get('decided_labels')], pct=True, digits=0)} |")
+            print()
+            print("| method | success − BC per seed (points) | mean [95% bootstrap CI over seeds] |")
+            print("|---|---|---|")
+            for row in rows[1:]:
+                d = row["paired_success_vs_bc"]
+                print(f"| {row['method']} | {', '.join(f'{100 * x:+.0f}' for x in d['diffs'])} | "
+                      f"{_pts(d['mean'])} [{_pts(d['ci95'][0])}, {_pts(d['ci95'][1])}] |")
+    overall = _across_tasks(tables, args)
     round_s = [rd["round_s"] for r in runs for rd in r["rounds"][1:]]
     sps = [rd["align_steps_per_s"] for r in runs for rd in r["rounds"][1:]]
     print()
@@ -295,7 +391,7 @@ def main() -> None:
         "benchmark": "bench_alignment", "args": vars(args), "runs_missing": missing,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                     "cuda": torch.cuda.is_available(), "platform": platform.platform()},
-        "tables": tables, "runs": runs, "align_steps_per_s": sps, "round_s": round_s,
+        "tables": tables, "across_tasks": overall, "runs": runs, "align_steps_per_s": sps, "round_s": round_s,
         "wall_s": time.time() - t0}), indent=2))
     print(f"results: {out}")
 

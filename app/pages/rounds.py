@@ -37,16 +37,24 @@ else:
         st.write("FKPD trains the current policy on every comparison so far, evaluates it, and renders the "
                  "next labelling batch from it.")
         with st.expander("Parameters", expanded=False):
-            regularizer = st.selectbox("Regulariser", ["forward", "reverse", "none"],
+            objective = st.selectbox(
+                "Objective", ["additive", "in_sigmoid", "filtered_bc"],
+                help="additive: L_DPO + λ·regulariser (the FKPD paper's equation); in_sigmoid: the BC term inside "
+                     "the sigmoid, weighted by c_bc (the form of the paper's released code); filtered_bc: "
+                     "behaviour cloning on the preferred clips only (a baseline)")
+            regularizer = st.selectbox("Regulariser (additive)", ["forward", "reverse", "none"],
                                        help="forward: FKPD (BC loss on the offline data); reverse: DPOK-style "
                                             "KL on the policy's own samples; none: Diffusion-DPO only")
             beta = st.number_input("β (DPO temperature)", min_value=0.001, value=float(defaults["beta"]))
-            lam = st.number_input("λ (regulariser weight)", min_value=0.0, value=float(defaults["lam"]))
+            lam = st.number_input("λ (regulariser weight, additive)", min_value=0.0, value=float(defaults["lam"]))
+            c_bc = st.number_input("c_bc (BC weight inside the sigmoid, in_sigmoid)", min_value=0.0,
+                                   value=float(defaults["c_bc"]))
             steps = st.number_input("Steps", min_value=1, max_value=100_000, value=int(defaults["steps"]), step=50)
         if st.form_submit_button("Run alignment round", type="primary"):
             try:
-                job = enqueue_round(s.store, s.project, {"regularizer": regularizer, "beta": float(beta),
-                                                         "lam": float(lam), "steps": int(steps)})
+                job = enqueue_round(s.store, s.project, {"objective": objective, "regularizer": regularizer,
+                                                         "beta": float(beta), "lam": float(lam),
+                                                         "c_bc": float(c_bc), "steps": int(steps)})
                 st.success(f"Queued alignment round (job {job.id}).")
             except StudioError as exc:
                 st.error(str(exc))

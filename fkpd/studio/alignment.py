@@ -119,7 +119,8 @@ def _train_and_register(ctx: JobContext, engine: RoundEngine, project: ProjectIn
         return store.add_policy_version(project.id, checkpoint, parent_id=previous.id, round=round_,
                                         metrics=json_safe({
             "kind": ALIGNMENT_ROUND, "job_id": ctx.job_id, "reference_id": reference_id,
-            "regularizer": cfg.regularizer, "beta": cfg.beta, "lam": cfg.lam, "steps": cfg.steps,
+            "objective": cfg.objective, "regularizer": cfg.regularizer, "beta": cfg.beta, "lam": cfg.lam,
+            "c_bc": cfg.c_bc, "steps": cfg.steps,
             "labels_used": result.labels_used, "trained_pairs": result.trained_pairs,
             "implicit_acc": a.after.get("implicit_acc"), "implicit_acc_before": a.before.get("implicit_acc"),
             "reward_margin": a.after.get("reward_margin"), "dpo_loss": a.after.get("dpo"),

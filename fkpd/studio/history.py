@@ -106,7 +106,8 @@ def rounds_history(store: Store, project: ProjectInfo):
     import pandas as pd
 
     cols = ["round", "version", "created", "labels_used", "success_rate", "mean_return", "implicit_acc",
-            "implicit_acc_before", "reward_margin", "regularizer", "beta", "lam", "steps", "eval_episodes"]
+            "implicit_acc_before", "reward_margin", "objective", "regularizer", "beta", "lam", "c_bc", "steps",
+            "eval_episodes"]
     rows = []
     for v in store.list_policy_versions(project.id):
         m = v.metrics
@@ -116,7 +117,8 @@ def rounds_history(store: Store, project: ProjectInfo):
                      "mean_return": m.get("mean_return"), "d4rl_score": m.get("d4rl_normalized_score"),
                      "implicit_acc": m.get("implicit_acc"),
                      "implicit_acc_before": m.get("implicit_acc_before"), "reward_margin": m.get("reward_margin"),
-                     "regularizer": m.get("regularizer", kind),
+                     "objective": m.get("objective", "additive" if kind is None else kind),
+                     "regularizer": m.get("regularizer", kind), "c_bc": m.get("c_bc"),
                      "beta": m.get("beta"), "lam": m.get("lam"), "steps": m.get("steps", m.get("bc_steps")),
                      "eval_episodes": m.get("episodes"),
                      **{k: m[k] for k in m if k.startswith("intent_")}})

@@ -41,7 +41,7 @@ ALIGNMENT_ROUND = "alignment_round"
 #: Job kinds that train or register policy versions; at most one runs per project.
 TRAINING_KINDS = (BOOTSTRAP, ALIGNMENT_ROUND)
 #: Round parameters the Rounds page offers (the others keep their defaults).
-ROUND_FIELDS = ("regularizer", "beta", "lam", "steps", "lr", "pairs_per_batch", "eval_episodes")
+ROUND_FIELDS = ("objective", "regularizer", "beta", "lam", "c_bc", "steps", "lr", "pairs_per_batch", "eval_episodes")
 
 
 def round_defaults() -> dict[str, Any]:
