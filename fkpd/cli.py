@@ -229,13 +229,16 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 def _cmd_labels_import(args: argparse.Namespace) -> int:
     """Import Preference Transformer / Uni-RLHF labels into a project of the preference store."""
     from fkpd.store import Store
-    from fkpd.prefs.importers import import_pt_labels
+    from fkpd.prefs.importers import cli_message, import_pt_labels
 
     with Store(args.database_url, args.artifact_dir) as store:
-        summary = import_pt_labels(
-            store, args.project, args.dataset, args.labels, indices_file=args.indices_file,
-            indices_2_file=args.indices_2_file, segment_length=args.segment_length, annotator=args.annotator,
-            round=args.round, check_episode_bounds=not args.no_check_episode_bounds, index_space=args.index_space)
+        try:
+            summary = import_pt_labels(
+                store, args.project, args.dataset, args.labels, indices_file=args.indices_file,
+                indices_2_file=args.indices_2_file, segment_length=args.segment_length, annotator=args.annotator,
+                round=args.round, check_episode_bounds=not args.no_check_episode_bounds, index_space=args.index_space)
+        except FKPDError as exc:  # name the keyword arguments as this command's flags
+            raise FKPDError(cli_message(str(exc))) from None
     print(f"imported {summary.n_comparisons} comparisons ({summary.n_clips} segments of {summary.segment_length} "
           f"steps from {summary.dataset}, indices as {summary.index_space} rows) into project {args.project!r} "
           f"as annotator {summary.annotator!r}; {summary.n_skipped_identical} queries compared a segment with itself "

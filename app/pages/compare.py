@@ -1,9 +1,14 @@
-"""Compare page: the same reset seeds rolled out by two policy versions, side by side."""
+"""Compare page: the same reset seeds rolled out by two policy versions, side by side.
+
+One comparison per project at a time, and none ahead of a round (fkpd.studio.compare):
+the button is refused with a message while one is queued or running.
+"""
 
 import streamlit as st
 
 from fkpd.studio import COMPARE, StudioError, compare_videos, enqueue_compare, error_headline, job_summary, \
     served_versions, version_label
+from fkpd.studio.compare import active_compare_job
 from studio_ui import studio
 
 s = studio()
@@ -19,7 +24,10 @@ c1, c2, c3 = st.columns([2, 2, 1])
 a = c1.selectbox("Left: version", ids, index=0, format_func=labels.get)
 b = c2.selectbox("Right: version", ids, index=len(ids) - 1, format_func=labels.get)
 episodes = c3.number_input("Episodes", min_value=1, max_value=8, value=4)
-if st.button("Roll out both on the same seeds", type="primary"):
+busy = active_compare_job(s.store, s.project)
+if busy is not None:
+    st.caption(f"{job_summary(busy)}. One comparison runs at a time; rounds go first.")
+if st.button("Roll out both on the same seeds", type="primary", disabled=busy is not None):
     try:
         job = enqueue_compare(s.store, s.project, a, b, int(episodes))
         st.session_state["compare_job"] = job.id
@@ -39,8 +47,14 @@ def results() -> None:
         st.progress(job.progress, text=job_summary(job))
         st.session_state["compare_shown"] = None
         return
+    if busy is not None:
+        st.rerun(scope="app")  # the comparison ended: enable the button again
     if job.status == "failed":
         st.error(f"{job_summary(job)}: {error_headline(job)}")
+        return
+    if job.status == "cancelled":
+        st.info(f"{job_summary(job)}. A comparison gives way to a bootstrap or alignment round queued while it "
+                "waits or runs; roll out again when the round is done.")
         return
     if st.session_state.get("compare_shown") != job.id:
         st.session_state["compare_shown"] = job.id

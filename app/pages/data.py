@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from fkpd.studio import export_bytes
+from fkpd.studio import StudioError, export_bytes
 from studio_ui import studio
 
 s = studio()
@@ -48,8 +48,12 @@ st.subheader("Export")
 fmt = st.radio("Format", ["parquet", "hdf5"], horizontal=True,
                help="Every comparison with its two segments (observations, actions, rewards).")
 if st.button("Prepare export"):
-    with st.spinner("Writing the export…"):
-        st.session_state["export"] = (fmt, export_bytes(s.store, s.project, fmt))
+    st.session_state.pop("export", None)
+    try:
+        with st.spinner("Writing the export…"):
+            st.session_state["export"] = (fmt, export_bytes(s.store, s.project, fmt))
+    except StudioError as exc:  # e.g. a segment file changed on disk: say which, no traceback
+        st.error(f"Export failed: {exc}", icon=":material/error:")
 if st.session_state.get("export"):
     efmt, blob = st.session_state["export"]
     st.download_button(f"Download {efmt} ({len(blob) / 1e6:.2f} MB)", blob,

@@ -45,22 +45,30 @@ segments in PointMaze's frame. Nothing is downloaded.
 
 Those projects store their files with :mod:`pickle`; pickles are read with an unpickler
 that only rebuilds numpy arrays, lists, tuples, dicts and numbers, so a malicious file
-cannot run code.
+cannot run code. Reading and checking the files is :mod:`fkpd.prefs.label_files`: every
+file, index and label is checked, and the segments' rows against the dataset, before
+anything is written, so a bad file leaves no annotator, segment file or version behind.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import re
+import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from fkpd.store.errors import AlreadyExistsError, ImportFormatError, StoreInputError
-from fkpd.store.outcomes import Outcome
+from fkpd.prefs.label_files import (
+    find_label_files,
+    pt_labels_to_outcomes,
+    read_label_set,
+    segment_length_of,
+)
+from fkpd.store.errors import AlreadyExistsError, ImportFormatError, NotFoundError, StoreInputError
 
 if TYPE_CHECKING:
     from fkpd.store import Store
@@ -93,199 +101,10 @@ class ImportSummary:
     index_space: str = "qlearning"
 
 
-_START_KEYS = ("start_indices", "start_indices_1", "indices", "indices_1")
-_START2_KEYS = ("start_indices_2", "indices_2")
-_LABEL_KEYS = ("human_label", "human_labels", "labels", "label", "label_human")
-_LENGTH_PATTERNS = (re.compile(r"_q(\d+)(?:\D|$)"), re.compile(r"_len_(\d+)(?:\D|$)"))
 #: Label-file stems that say nothing about the dataset (Preference Transformer names every
 #: labels file ``label_human``): the default annotator then also names the folder.
 _GENERIC_STEMS = {"label_human", "human_label"}
 INDEX_SPACES = ("qlearning", "rows")
-
-
-class _ArraysOnlyUnpickler(pickle.Unpickler):
-    """Unpickler that can rebuild numpy arrays and plain containers, and nothing else."""
-
-    _ALLOWED = {
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.numeric", "_frombuffer"),
-        ("builtins", "list"),
-        ("builtins", "dict"),
-        ("builtins", "tuple"),
-        ("builtins", "int"),
-        ("builtins", "float"),
-        ("collections", "OrderedDict"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise ImportFormatError(
-            f"refusing to unpickle {module}.{name}: label files may only contain numpy "
-            "arrays, lists and dicts"
-        )
-
-
-def _load_any(path: Path) -> Any:
-    """Load an array or a dict of arrays from .npz, .npy, .h5/.hdf5 or a pickle."""
-    if not path.is_file():
-        raise ImportFormatError(f"label file {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    if suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    if suffix in (".h5", ".hdf5"):
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            return {k: f[k][()] for k in f.keys() if isinstance(f[k], h5py.Dataset)}
-    try:
-        with open(path, "rb") as f:
-            return _ArraysOnlyUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
-        if isinstance(exc, ImportFormatError):
-            raise
-        raise ImportFormatError(
-            f"cannot read {path}: not .npz/.npy/.h5 and not a pickle of arrays ({exc})"
-        ) from None
-
-
-def _pick(data: dict[str, Any], keys: tuple[str, ...], path: Path, what: str) -> np.ndarray:
-    for key in keys:
-        if key in data:
-            return np.asarray(data[key])
-    raise ImportFormatError(f"{path} has no {what} (looked for {', '.join(keys)}); keys are {sorted(data)}")
-
-
-def find_label_files(folder: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
-    """The published label files in ``folder``: ``(labels, first indices, second indices)``.
-
-    Recognises the folders the projects publish:
-
-    * Preference Transformer (``human_label/<D4RL dataset>/``): ``label_human``,
-      ``indices_num<N>[_q<L>]`` and ``indices_2_num<N>[_q<L>]`` (other files, such as
-      ``label_dummy``, are ignored);
-    * Uni-RLHF (``<D4RL dataset>_human_labels/`` or its ``comparative/`` folder):
-      ``human_label_<suffix>.pkl``, ``indices_1_<suffix>.pkl`` and
-      ``indices_2_<suffix>.pkl`` with the same ``<suffix>``
-      (``domain_<d>_env_<dataset>_num_<N>_len_<L>_<id>``).
-
-    Raises:
-        ImportFormatError: not a folder, no such set, or several (the message lists
-            them; pass the files themselves then).
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ImportFormatError(f"{folder} is not a folder of label files")
-    files = sorted(p for p in folder.iterdir() if p.is_file())
-    sets: list[tuple[Path, Path, Path]] = []
-    labels = [p for p in files if p.name.startswith("label_human")]
-    first = [p for p in files if p.name.startswith("indices_num")]
-    second = [p for p in files if p.name.startswith("indices_2_num")]
-    if len(labels) == len(first) == len(second) == 1:
-        sets.append((labels[0], first[0], second[0]))
-    elif labels or first or second:
-        sets += [(a, b, c) for a in labels for b in first for c in second]
-    by_name = {p.name: p for p in files}
-    for p in files:
-        if p.name.startswith("human_label_"):
-            suffix = p.name[len("human_label_"):]
-            a, b = by_name.get(f"indices_1_{suffix}"), by_name.get(f"indices_2_{suffix}")
-            if a is not None and b is not None:
-                sets.append((p, a, b))
-    if len(sets) == 1:
-        return sets[0]
-    if not sets:
-        raise ImportFormatError(
-            f"{folder} holds no published label files: expected Preference Transformer's label_human, "
-            "indices_num… and indices_2_num…, or Uni-RLHF's human_label_<suffix>, indices_1_<suffix> and "
-            f"indices_2_<suffix>; it holds {[p.name for p in files][:20]}")
-    raise ImportFormatError(
-        f"{folder} holds several sets of label files {[[p.name for p in s] for s in sets][:6]}; pass the labels "
-        "file itself with indices_file= and indices_2_file=")
-
-
-def _read_label_files(
-    labels_file: Path, indices_file: Path | None, indices_2_file: Path | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    data = _load_any(labels_file)
-    if isinstance(data, dict):
-        labels = _pick(data, _LABEL_KEYS, labels_file, "labels")
-        starts = _pick(data, _START_KEYS, labels_file, "first-segment start indices")
-        starts_2 = _pick(data, _START2_KEYS, labels_file, "second-segment start indices")
-    else:
-        if indices_file is None or indices_2_file is None:
-            raise ImportFormatError(
-                f"{labels_file} holds only labels; pass indices_file and indices_2_file "
-                "(Preference Transformer's indices_num… and indices_2_num… files), or the folder that holds all three"
-            )
-        labels = np.asarray(data)
-        starts = np.asarray(_load_any(indices_file))
-        starts_2 = np.asarray(_load_any(indices_2_file))
-    starts = starts.reshape(-1)
-    starts_2 = starts_2.reshape(-1)
-    if not np.all(np.equal(np.mod(starts, 1), 0)) or not np.all(np.equal(np.mod(starts_2, 1), 0)):
-        raise ImportFormatError("start indices must be whole numbers")
-    if not (len(starts) == len(starts_2) == len(labels)):
-        raise ImportFormatError(
-            f"label file lengths disagree: {len(starts)} start_indices, {len(starts_2)} "
-            f"start_indices_2, {len(labels)} labels"
-        )
-    return starts.astype(np.int64), starts_2.astype(np.int64), labels
-
-
-def pt_labels_to_outcomes(labels: np.ndarray) -> list[Outcome]:
-    """Map Preference-Transformer labels to outcomes.
-
-    Args:
-        labels: (N,) with 0 (first/left preferred), 1 (second/right), -1 or 0.5
-            (equal); or (N, 2) one-hot rows ``[1, 0]``, ``[0, 1]``, ``[0.5, 0.5]``.
-
-    Raises:
-        ImportFormatError: other values or shapes.
-    """
-    labels = np.asarray(labels, dtype=np.float64)
-    if labels.ndim == 2 and labels.shape[1] == 2:
-        table = {(1.0, 0.0): Outcome.LEFT, (0.0, 1.0): Outcome.RIGHT, (0.5, 0.5): Outcome.EQUAL}
-        keys = [tuple(float(x) for x in row) for row in labels]
-    elif labels.ndim == 1:
-        table = {(0.0,): Outcome.LEFT, (1.0,): Outcome.RIGHT, (-1.0,): Outcome.EQUAL, (0.5,): Outcome.EQUAL}
-        keys = [(float(x),) for x in labels]
-    else:
-        raise ImportFormatError(f"labels must have shape (N,) or (N, 2), got {labels.shape}")
-    bad = sorted({k for k in keys if k not in table})
-    if bad:
-        raise ImportFormatError(
-            f"unknown label values {bad[:5]}; expected 0 (first preferred), 1 (second), -1 (equal)"
-            " or one-hot rows"
-        )
-    return [table[k] for k in keys]
-
-
-def _segment_length(segment_length: int | None, files: list[Path]) -> int:
-    if segment_length is not None:
-        if isinstance(segment_length, bool) or not isinstance(segment_length, (int, np.integer)) \
-                or segment_length < 1:
-            raise StoreInputError(f"segment_length must be an integer >= 1, got {segment_length!r}")
-        return int(segment_length)
-    for path in files:
-        for pattern in _LENGTH_PATTERNS:
-            match = pattern.search(path.name)
-            if match:
-                return int(match.group(1))
-    raise ImportFormatError(
-        f"cannot tell the segment length from the file names {[p.name for p in files]}; pass segment_length= "
-        "(Preference Transformer's D4RL labels, whose names have no _q<L>, are used with 100-step segments: "
-        "segment_length=100)"
-    )
 
 
 def d4rl_qlearning_rows(timeouts: np.ndarray) -> np.ndarray:
@@ -387,84 +206,89 @@ def import_pt_labels(
             Transformer and Uni-RLHF both index that array. ``"rows"``: the file's
             rows as stored.
 
+    Nothing is written until every check has passed: the files, the indices (whole
+    numbers in ``0 .. 2**63-1``, compared with the dataset without overflow), the labels,
+    the dataset and the episode ends. The segment files go to a folder of this import
+    alone, which is removed again if registering them fails.
+
     Raises:
-        ImportFormatError: unreadable files, a dataset that is missing (the message
-            says where it was looked for) or does not fit the project's task,
-            mismatched lengths, unknown labels, indices out of range or across episode
+        ImportFormatError: unreadable or corrupt files (random bytes, a broken HDF5
+            file, pickled objects, a pickle that fails to rebuild), start indices that
+            are not whole non-negative numbers, unknown labels, mismatched lengths, an
+            empty label set (or one whose every query compares a segment with itself),
+            a dataset that is missing (the message says where it was looked for) or
+            does not fit the project's task, indices out of range or across episode
             ends.
         AlreadyExistsError: this annotator already has comparisons in the project
             (the file was imported before).
-        StoreInputError: a bad ``segment_length`` or ``index_space``.
+        StoreInputError: a bad ``segment_length``, ``index_space``, ``round`` or ``fps``.
         NotFoundError: unknown project.
     """
     if index_space not in INDEX_SPACES:
-        raise StoreInputError(f"index_space must be one of {INDEX_SPACES}, got {index_space!r}")
+        raise StoreInputError(f"index_space={index_space!r} is not allowed; use one of {INDEX_SPACES}")
+    if isinstance(round, bool) or not isinstance(round, (int, np.integer)) or round < 0:
+        raise StoreInputError(f"round={round!r} is not allowed; the round must be an integer >= 0")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float, np.number)) or not 0 < float(fps) < 1e6:
+        raise StoreInputError(f"fps must be a positive number, got {fps!r}")
+    # 1. Read and check everything; nothing is written before the last check passed.
     labels_file = Path(labels_file)
     if labels_file.is_dir():
         labels_file, first, second = find_label_files(labels_file)
         indices_file = first if indices_file is None else indices_file
         indices_2_file = second if indices_2_file is None else indices_2_file
     extra = [Path(p) for p in (indices_file, indices_2_file) if p is not None]
-    starts, starts_2, raw_labels = _read_label_files(
+    label_set = read_label_set(
         labels_file,
         Path(indices_file) if indices_file is not None else None,
         Path(indices_2_file) if indices_2_file is not None else None,
     )
-    outcomes = pt_labels_to_outcomes(raw_labels)
-    length = _segment_length(segment_length, [labels_file, *extra])
+    length = segment_length_of(segment_length, [labels_file, *extra])
+    keep = [i for i in range(len(label_set)) if label_set.starts[i] != label_set.starts_2[i]]
+    if not keep:
+        raise ImportFormatError(f"{labels_file}: every one of its {len(label_set)} queries compares a segment with "
+                                "itself (the same start index twice): nothing to import; is this the right file?")
 
     info = store.get_project(project)
     ds = _load_labelled_dataset(dataset, _registered_task(info.task_id))
     where = str(ds.path) if ds.path is not None else str(dataset)
-    rows = _segment_rows(np.concatenate([starts, starts_2]), length, ds, index_space, check_episode_bounds,
-                         labels_file, where)
+    rows = _segment_rows(np.concatenate([label_set.starts, label_set.starts_2]), length, ds, index_space,
+                         check_episode_bounds, labels_file, where)
 
     stem = labels_file.stem
     label_name = f"{labels_file.parent.name}/{stem}" if stem in _GENERIC_STEMS and labels_file.parent.name else stem
     name = annotator or f"imported:{label_name}"
-    who = store.get_or_create_annotator(name)
-    if not store.comparisons_frame(info.id, annotator=who.id).empty:
-        raise AlreadyExistsError(
-            f"annotator {name!r} already has comparisons in project {info.name!r}; this file "
-            "was imported before (pass another annotator= to import it again)"
-        )
+    _refuse_a_second_import(store, info, name)
+    segments = {start: (ds.observations[idx], ds.actions[idx], ds.rewards[idx]) for start, idx in rows.items()}
 
-    folder = f"imported/{info.id}/{label_name}"
-    source_name = Path(where).name
-    clips = []
-    for start, idx in rows.items():
-        rel, sha = store.artifacts.save_segment(
-            f"{folder}/seg_{start:09d}.npz",
-            ds.observations[idx],
-            ds.actions[idx],
-            ds.rewards[idx],
+    # 2. Write the segment files into a folder of this import only, then register everything in one
+    #    transaction; if that fails, the folder goes again (no other import's files are touched).
+    folder = f"imported/{info.id}/{_slug(label_name)}/{uuid.uuid4().hex[:12]}"
+    try:
+        clips = []
+        for start, (obs, act, rew) in segments.items():
+            rel, sha = store.artifacts.save_segment(f"{folder}/seg_{start:09d}.npz", obs, act, rew)
+            clips.append(dict(
+                segment_path=rel, segment_sha256=sha, length=length, fps=float(fps), reset_seed=None,
+                gt_return=float(np.sum(rew, dtype=np.float64)), gt_success=None,
+                meta={"source": Path(where).name, "labels": labels_file.name, "start_index": start,
+                      "row": int(rows[start][0]), "index_space": index_space},
+            ))
+        sources = {"source": "import", "dataset": str(dataset), "dataset_file": where, "labels": str(labels_file),
+                   "indices": [str(p) for p in extra], "index_space": index_space, "segment_length": length}
+        position = {start: i for i, start in enumerate(rows)}  # clips are in the order of ``rows``
+        who = store.get_or_create_annotator(name)
+        version = store.add_imported_labels(
+            info.id,
+            who.id,
+            clips,
+            [(position[int(label_set.starts[i])], position[int(label_set.starts_2[i])]) for i in keep],
+            [label_set.outcomes[i] for i in keep],
+            round=int(round),
+            metrics=sources,
         )
-        clips.append(
-            dict(
-                segment_path=rel,
-                segment_sha256=sha,
-                length=length,
-                fps=fps,
-                reset_seed=None,
-                gt_return=float(np.sum(ds.rewards[idx], dtype=np.float64)),
-                gt_success=None,
-                meta={"source": source_name, "labels": labels_file.name, "start_index": start,
-                      "row": int(idx[0]), "index_space": index_space},
-            )
-        )
-    keep = [i for i in range(len(starts)) if starts[i] != starts_2[i]]
-    sources = {"source": "import", "dataset": str(dataset), "dataset_file": where, "labels": str(labels_file),
-               "indices": [str(p) for p in extra], "index_space": index_space, "segment_length": length}
-    position = {start: i for i, start in enumerate(rows)}  # clips are in the order of ``rows``
-    version = store.add_imported_labels(
-        info.id,
-        who.id,
-        clips,
-        [(position[int(starts[i])], position[int(starts_2[i])]) for i in keep],
-        [outcomes[i] for i in keep],
-        round=round,
-        metrics=sources,
-    )
+    except BaseException:
+        shutil.rmtree(store.resolve(folder), ignore_errors=True)
+        raise
     return ImportSummary(
         annotator=name,
         policy_version_id=version.id,
@@ -472,17 +296,38 @@ def import_pt_labels(
         n_clips=len(clips),
         n_pairs=len(keep),
         n_comparisons=len(keep),
-        n_skipped_identical=len(starts) - len(keep),
+        n_skipped_identical=len(label_set) - len(keep),
         dataset=where,
         index_space=index_space,
     )
+
+
+def _refuse_a_second_import(store: "Store", project: Any, name: str) -> None:
+    """Raise AlreadyExistsError when annotator ``name`` already has comparisons in the
+    project (without creating the annotator)."""
+    try:
+        who = store.get_annotator(name.strip())
+    except NotFoundError:
+        return
+    if not store.comparisons_frame(project.id, annotator=who.id).empty:
+        raise AlreadyExistsError(
+            f"annotator {name!r} already has comparisons in project {project.name!r}; this file "
+            "was imported before (pass another annotator= to import it again)"
+        )
+
+
+def _slug(name: str) -> str:
+    """``name`` as a relative folder path: each part reduced to letters, digits, ``._-``."""
+    parts = [re.sub(r"[^A-Za-z0-9._-]+", "_", p).strip(".") or "_" for p in name.split("/") if p]
+    return "/".join(parts) or "labels"
 
 
 def _segment_rows(
     starts: np.ndarray, length: int, ds: Any, index_space: str, check_bounds: bool, source: Path, where: str
 ) -> dict[int, np.ndarray]:
     """``{start index: (L,) file rows}`` for every distinct start, after the range and
-    episode-end checks."""
+    episode-end checks (``starts`` are int64 in ``0 .. 2**63-1``: compared without
+    adding, so nothing overflows)."""
     n = len(ds.rewards)
     if index_space == "qlearning":
         if ds.timeouts is None:
@@ -494,12 +339,14 @@ def _segment_rows(
         rows_of = np.arange(n, dtype=np.int64)
         space = f"{n} rows"
     unique = np.unique(starts)
-    bad = unique[(unique < 0) | (unique + length > len(rows_of))]
+    last_start = len(rows_of) - length  # may be negative: then every start is out of range
+    bad = unique[(unique < 0) | (unique > last_start)] if last_start >= 0 else unique
     if bad.size:
         other = "'rows'" if index_space == "qlearning" else "'qlearning'"
         raise ImportFormatError(
             f"{source}: start indices {bad[:5].tolist()} with segment length {length} fall outside dataset "
-            f"{where}, which has {space}; is this the right dataset, length and index_space (or {other})?"
+            f"{where}, which has {space}; is this the right dataset, segment_length= and index_space= (or "
+            f"index_space={other})?"
         )
     rows = {int(s): rows_of[int(s) : int(s) + length] for s in unique}
     if check_bounds:
@@ -510,7 +357,34 @@ def _segment_rows(
         if crossing:
             raise ImportFormatError(
                 f"{source}: segments starting at {crossing[:5]} run across an episode end "
-                f"(terminals/timeouts of {where}) within {length} steps; is this the right dataset, length and "
-                "index_space? Pass check_episode_bounds=False to import anyway"
+                f"(terminals/timeouts of {where}) within {length} steps; is this the right dataset, segment_length= "
+                "and index_space=? Pass check_episode_bounds=False to import anyway"
             )
     return rows
+
+
+#: How :func:`cli_message` names :func:`import_pt_labels`'s keyword arguments on the command line.
+_FLAGS = {"segment_length": ("--segment-length", "L"), "indices_file": ("--indices-file", "FILE"),
+          "indices_2_file": ("--indices-2-file", "FILE"), "index_space": ("--index-space", "SPACE"),
+          "annotator": ("--annotator", "NAME"), "round": ("--round", "N")}
+
+
+def cli_message(message: str) -> str:
+    """An error message of :func:`import_pt_labels` with its keyword arguments named as
+    ``fkpd labels import`` flags: ``segment_length=100`` → ``--segment-length 100``,
+    ``check_episode_bounds=False`` → ``--no-check-episode-bounds``."""
+    message = message.replace("check_episode_bounds=False", "--no-check-episode-bounds")
+
+    def flag(match: re.Match) -> str:
+        option, meta = _FLAGS[match.group(1)]
+        return f"{option} {match.group(2).strip(chr(39)) or meta}"
+
+    # "annotator" and "round" are also plain words: only their "name=" forms are options
+    bare = "|".join(k for k in sorted(_FLAGS, key=len, reverse=True) if k not in ("annotator", "round"))
+    keys = "|".join(sorted(_FLAGS, key=len, reverse=True))
+    message = re.sub(rf"(?<![\w-])({keys})=('[^']*'|[\w.-]*)", flag, message)
+    return re.sub(rf"(?<![\w-])({bare})\b", lambda m: _FLAGS[m.group(1)][0], message)
+
+
+__all__ = ["INDEX_SPACES", "ImportSummary", "cli_message", "d4rl_qlearning_rows", "find_label_files",
+           "import_pt_labels", "pt_labels_to_outcomes"]

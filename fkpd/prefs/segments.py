@@ -140,18 +140,36 @@ class Segment(StepRecord):
         try:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {k: npz[k] for k in npz.files}
-        except (OSError, ValueError, EOFError) as exc:
-            raise PreferenceError(f"cannot read segment file {str(path)!r} as .npz ({exc}); the file is corrupt "
-                                  "or not a segment") from exc
+        except Exception as exc:  # noqa: BLE001 - numpy/zipfile fail in many ways on a corrupt file
+            raise PreferenceError(f"cannot read segment file {str(path)!r} as .npz ({type(exc).__name__}: {exc}); "
+                                  "the file is corrupt or not a segment") from None
+        if not isinstance(arrays, dict):  # a .npy file under a segment's name
+            raise PreferenceError(f"segment file {str(path)!r} holds one array, not a segment .npz with "
+                                  f"{list(SEGMENT_KEYS)}")
         missing = [k for k in SEGMENT_KEYS if k not in arrays]
         if missing:
             raise PreferenceError(f"segment file {str(path)!r} lacks {missing}; a segment .npz must hold "
                                   f"{list(SEGMENT_KEYS)}")
-        video = str(arrays["video"]) if "video" in arrays else ""
-        success = arrays.get("success", np.zeros(len(arrays["actions"]), bool))
+        for key in (*SEGMENT_KEYS, "success"):
+            if key in arrays and arrays[key].dtype.kind not in "biuf":
+                raise PreferenceError(f"segment file {str(path)!r}: `{key}` holds {arrays[key].dtype} values, not "
+                                      "numbers; re-create the segment")
+        meta = {}
+        for key, default, kind in (("reset_seed", -1, int), ("start", 0, int), ("video", "", str),
+                                   ("task_id", "", str)):
+            value = arrays.get(key)
+            if value is None:
+                meta[key] = default
+                continue
+            if value.ndim != 0 or (value.dtype.kind in "US") != (kind is str) or value.dtype.kind == "f":
+                raise PreferenceError(f"segment file {str(path)!r}: `{key}` must be a single "
+                                      f"{'string' if kind is str else 'integer'}, got {value.dtype} of shape "
+                                      f"{value.shape}; re-create the segment")
+            meta[key] = kind(value)
+        success = arrays.get("success", np.zeros(len(arrays["actions"]) if arrays["actions"].ndim else 0, bool))
         return cls(arrays["observations"], arrays["actions"], arrays["rewards"], success,
-                   reset_seed=int(arrays.get("reset_seed", -1)), start=int(arrays.get("start", 0)),
-                   video=video or None, task_id=str(arrays.get("task_id", "")), path=path)
+                   reset_seed=meta["reset_seed"], start=meta["start"], video=meta["video"] or None,
+                   task_id=meta["task_id"], path=path)
 
 
 def cut_segment(episode: Episode, start: int, length: int, task_id: str = "") -> Segment:
@@ -227,22 +245,40 @@ def load_preferences(path: Path | str) -> tuple[str | None, list[tuple[Segment, 
                               "fkpd.prefs.segments.save_preferences or pass the right path")
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PreferenceError(f"preferences file {str(path)!r} is not valid JSON ({exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise PreferenceError(f"preferences file {str(path)!r} is not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise PreferenceError(f"cannot read preferences file {str(path)!r} ({exc})") from None
     if not isinstance(data, dict) or data.get("format") != PREFS_FORMAT or not isinstance(data.get("pairs"), list):
         raise PreferenceError(f"preferences file {str(path)!r} is not an {PREFS_FORMAT!r} file (expected an object "
                               "with format and a list of pairs)")
+    task_id = data.get("task_id")
+    if task_id is not None and not isinstance(task_id, str):
+        raise PreferenceError(f"preferences file {str(path)!r}: task_id is {task_id!r}; it must be a task id string "
+                              "such as 'metaworld/door-open-v3', or null")
     items = []
     for i, row in enumerate(data["pairs"]):
+        where = f"preferences file {str(path)!r}, pair {i}"
         if not isinstance(row, dict) or not {"left", "right", "p_left"} <= set(row):
-            raise PreferenceError(f"preferences file {str(path)!r}, pair {i}: needs keys left, right, p_left")
+            raise PreferenceError(f"{where}: needs keys left, right, p_left")
         segs = []
         for side in ("left", "right"):
-            sp = Path(row[side])
-            sp = sp if sp.is_absolute() else path.parent / sp
-            if not sp.is_file():
-                raise PreferenceError(f"preferences file {str(path)!r}, pair {i}: {side} segment file {str(sp)!r} "
-                                      "does not exist; restore it or remove the pair")
-            segs.append(Segment.load(sp))
-        items.append((segs[0], segs[1], check_p_left(row["p_left"], f"preferences file {str(path)!r}, pair {i}: ")))
-    return data.get("task_id"), items
+            segs.append(Segment.load(_segment_path(path, row[side], f"{where}: {side}")))
+        items.append((segs[0], segs[1], check_p_left(row["p_left"], f"{where}: ")))
+    return task_id, items
+
+
+def _segment_path(prefs: Path, value: object, where: str) -> Path:
+    """The segment file a preferences row names, resolved against the file's directory.
+
+    Raises:
+        PreferenceError: ``value`` is not a non-empty path string, or names no file.
+    """
+    if not isinstance(value, str) or not value.strip() or "\x00" in value:
+        raise PreferenceError(f"{where} segment is {value!r}; it must be the path of a segment .npz file (relative "
+                              "to the preferences file's folder, or absolute)")
+    sp = Path(value)
+    sp = sp if sp.is_absolute() else prefs.parent / sp
+    if not sp.is_file():
+        raise PreferenceError(f"{where} segment file {str(sp)!r} does not exist; restore it or remove the pair")
+    return sp

@@ -4,19 +4,30 @@
 :class:`CompareParams`), the :func:`compare` handler (registered for the worker with
 :func:`fkpd.store.register_handler` when this module is imported) renders the episodes,
 and :func:`compare_videos` reads the finished job back with checked video paths.
+
+**Limits.** Anyone may ask for a comparison, but a project has at most one compare job
+queued or running at a time (a second click is refused with the first job's number), and
+a comparison never holds up a round: the handler gives way (the job ends ``cancelled``,
+its message says why) when it finds a bootstrap or alignment round of its project
+waiting in the queue, before it starts and between batches of episodes. A compare job
+queued after a round waits behind it (the queue is first come, first served).
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
-from fkpd.store import ArtifactPathError, JobContext, JobView, ProjectInfo, Store, register_handler
-from fkpd.studio.config import StudioError
+from fkpd.store import ArtifactPathError, JobCancelled, JobContext, JobView, ProjectInfo, Store, register_handler
+from fkpd.studio.config import ACTIVE, TRAINING_KINDS, StudioError
 from fkpd.studio.batches import checkpoint_dir, served_versions
 from fkpd.studio.params import RoundParams
 
 COMPARE = "compare"
+#: The message a compare job ends with when it gave way to a round.
+GAVE_WAY = "gave way to"
+_ENQUEUE_LOCK = threading.Lock()  # one check-then-queue at a time in this process (sessions of one app)
 
 
 
@@ -48,15 +59,32 @@ class CompareParams:
             raise StudioError(f"compare 'render_size' must be between 32 and 640 pixels, got {self.render_size}")
 
 
+def active_compare_job(store: Store, project: ProjectInfo) -> JobView | None:
+    """The project's queued or running compare job (the oldest, if several), or None."""
+    jobs = [j for j in store.jobs.list(project.id, status=ACTIVE, limit=50) if j.kind == COMPARE]
+    return jobs[-1] if jobs else None
+
+
 def enqueue_compare(store: Store, project: ProjectInfo, version_a: int, version_b: int, episodes: int = 4,
                     render_size: int = 224) -> JobView:
-    """Queue a comparison of two policy versions of the project.
+    """Queue a comparison of two policy versions of the project; at most one at a time.
+
+    The check and the insert run under a lock of this process, and a job that finds
+    another active compare job of the project right after it was queued (a second app
+    process queueing at the same moment) is cancelled again, so concurrent requests
+    never leave two queued.
 
     Raises:
-        StudioError: bad parameters, a version of another project, or one without a
-            checkpoint (imported labels, which cannot be rolled out).
+        StudioError: bad parameters, a version of another project, one without a
+            checkpoint (imported labels, which cannot be rolled out), or a compare job
+            of the project already queued or running.
     """
-    params = CompareParams(int(version_a), int(version_b), int(episodes), render_size=int(render_size))
+    try:
+        params = CompareParams(int(version_a), int(version_b), int(episodes), render_size=int(render_size))
+    except (TypeError, ValueError, OverflowError) as exc:
+        if isinstance(exc, StudioError):
+            raise
+        raise StudioError(f"compare parameters must be whole numbers ({exc})") from None
     versions = {v.id: v for v in store.list_policy_versions(project.id)}
     for vid in (params.version_a, params.version_b):
         if vid not in versions:
@@ -64,7 +92,33 @@ def enqueue_compare(store: Store, project: ProjectInfo, version_a: int, version_
         if versions[vid].checkpoint_path is None:
             raise StudioError(f"policy version {vid} holds imported labels, not a policy, so it cannot be rolled "
                               "out; pick a version with a checkpoint")
-    return store.jobs.enqueue(project.id, COMPARE, dict(params.__dict__))
+    with _ENQUEUE_LOCK:
+        _refuse_if_active(active_compare_job(store, project))
+        job = store.jobs.enqueue(project.id, COMPARE, dict(params.__dict__))
+        others = [j for j in store.jobs.list(project.id, status=ACTIVE, limit=50)
+                  if j.kind == COMPARE and j.id != job.id]
+        if others:  # queued by another process at the same moment: keep at most one
+            store.jobs.cancel(job.id)
+            _refuse_if_active(others[-1])
+    return job
+
+
+def _refuse_if_active(job: JobView | None) -> None:
+    if job is not None:
+        state = "running" if job.status == "running" else "waiting for the worker"
+        raise StudioError(f"a comparison (job {job.id}) is already {state}; one comparison at a time per project: "
+                          "wait for it to finish, then roll out again")
+
+
+def _give_way_to_rounds(ctx: JobContext) -> None:
+    """Stop this compare job (as cancelled) if a bootstrap or alignment round of its
+    project waits in the queue: comparisons never hold up a round."""
+    waiting = [j for j in ctx.store.jobs.list(ctx.job.project_id, status="queued", limit=50)
+               if j.kind in TRAINING_KINDS]
+    if waiting:
+        job = waiting[-1]
+        ctx.progress(0.0, f"{GAVE_WAY} {job.kind.replace('_', ' ')} job {job.id}, queued meanwhile")
+        raise JobCancelled(f"compare job {ctx.job_id} {GAVE_WAY} {job.kind} job {job.id}; roll out again after it")
 
 
 @register_handler(COMPARE)
@@ -81,6 +135,8 @@ def compare(ctx: JobContext) -> dict[str, Any]:
 
     Raises:
         StudioError: bad parameters.
+        JobCancelled: a bootstrap or alignment round of the project is queued (the job
+            gives way to it, before it starts or between batches of episodes).
         ArtifactIntegrityError / CheckpointError: a version's checkpoint is missing or corrupt.
     """
     from fkpd.envs import get_task, make_env
@@ -90,6 +146,7 @@ def compare(ctx: JobContext) -> dict[str, Any]:
 
     store = ctx.store
     params = CompareParams(**ctx.params)
+    _give_way_to_rounds(ctx)
     project = store.get_project(ctx.job.project_id)
     spec = get_task(project.task_id)
     horizon = _project_horizon(store, project)
@@ -114,6 +171,7 @@ def compare(ctx: JobContext) -> dict[str, Any]:
                     done = side_i * len(seeds) + k + 1
                     ctx.progress(done / (2 * len(seeds)), f"rendering: episode {done}/{2 * len(seeds)}")
                 ctx.check_cancelled()
+                _give_way_to_rounds(ctx)
     finally:
         for env in envs:
             env.close()
@@ -149,4 +207,4 @@ def compare_videos(store: Store, job: JobView) -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["COMPARE", "CompareParams", "compare", "compare_videos", "enqueue_compare"]
+__all__ = ["COMPARE", "CompareParams", "active_compare_job", "compare", "compare_videos", "enqueue_compare"]

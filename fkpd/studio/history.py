@@ -163,16 +163,29 @@ def export_bytes(store: Store, project: ProjectInfo, fmt: str) -> bytes:
     """The project's comparisons with their segments as a Parquet or HDF5 file, in memory.
 
     Raises:
-        StudioError: unknown format.
+        StudioError: unknown format; a segment file that is missing, changed since it
+            was stored (its sha256 differs) or unreadable (the message names the clip's
+            file and says what to do; nothing is exported); or the temporary file
+            cannot be written.
     """
+    from fkpd.errors import FKPDError
+    from fkpd.store import ArtifactIntegrityError
     from fkpd.store.export import export_comparisons
 
     if fmt not in ("parquet", "hdf5"):
         raise StudioError(f"unknown export format {fmt!r}; choose parquet or hdf5")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / f"comparisons.{'h5' if fmt == 'hdf5' else 'parquet'}"
-        export_comparisons(store, project.id, fmt, out)
-        return out.read_bytes()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / f"comparisons.{'h5' if fmt == 'hdf5' else 'parquet'}"
+            export_comparisons(store, project.id, fmt, out)
+            return out.read_bytes()
+    except ArtifactIntegrityError as exc:
+        raise StudioError(f"the export stopped: {exc}. A segment file was removed or changed after it was stored; "
+                          "restore it from a backup (or retire its pair), then export again") from None
+    except FKPDError as exc:
+        raise StudioError(f"the export stopped: {exc}") from None
+    except (OSError, ValueError) as exc:  # an unreadable segment file, a full temporary disk
+        raise StudioError(f"the export stopped: {type(exc).__name__}: {exc}") from None
 
 
 __all__ = ["active_training_job", "current_version", "enqueue_round", "error_headline", "export_bytes", "job_summary",
