@@ -1,8 +1,11 @@
 """What every page shares: the store, the project, the local worker, the sidebar.
 
-Resources live in ``st.cache_resource`` (one per server process); the annotator's name
-and the admin sign-in live in ``st.session_state`` (one per browser tab), and the name
-also in the URL (``?annotator=...``) so a reload remembers it.
+Resources live in ``st.cache_resource`` (one per server process); the annotator and the
+admin sign-in live in ``st.session_state`` (one per browser tab). Who the annotator is
+depends on the project's identity mode (:mod:`fkpd.studio.identity`): in ``invite`` mode
+the invite link's token (``?token=...``), checked against the store on every rerun; in
+``open`` mode the typed name, also kept in the URL (``?annotator=...``) so a reload
+remembers it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import streamlit as st
 
 from fkpd.store import AnnotatorInfo, ProjectInfo, Store
 from fkpd.studio import AdminAuth, StudioConfig, StudioError, clean_annotator_name, open_project, start_local_worker
+from fkpd.studio.identity import OPEN, annotator_from_name, annotator_from_token
 
 log = logging.getLogger("fkpd.app")
 
@@ -28,8 +32,20 @@ class Studio:
     worker: object | None  # subprocess.Popen of the local worker, or None
 
 
+def _log_to_terminal() -> None:
+    """Show the ``fkpd`` loggers' messages (refused answers, pairs set aside) in the app's
+    terminal, with time and source, unless something configured them already."""
+    logger = logging.getLogger("fkpd")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 @st.cache_resource(show_spinner="Opening the preference store…")
 def _studio() -> Studio:
+    _log_to_terminal()
     cfg = StudioConfig.from_env()
     store = cfg.open_store()
     project, job = open_project(store, cfg)
@@ -76,8 +92,9 @@ def sidebar(s: Studio) -> None:
         st.markdown(f"**Project** `{s.project.name}`  \n**Task** `{s.project.task_id}`")
         name = st.session_state.get("annotator")
         if name:
-            st.markdown(f"**Annotator** {name}")
-            if st.button("Change name", key="change_name"):
+            st.markdown("**Annotator**")
+            st.text(name)  # plain text: a name is never rendered as Markdown (links, images)
+            if not st.session_state.get("invited") and st.button("Change name", key="change_name"):
                 st.session_state.pop("annotator", None)
                 st.query_params.pop("annotator", None)
                 st.rerun()
@@ -107,8 +124,16 @@ def admin_sign_in(s: Studio) -> bool:
     return False
 
 
+def project_identity(s: Studio) -> str:
+    """The project's identity mode now (an admin may switch it while the app runs)."""
+    return s.store.get_project(s.project.id).identity
+
+
 def annotator_gate(s: Studio) -> AnnotatorInfo:
-    """The annotator of this tab: asked once, then remembered (session and URL)."""
+    """The annotator of this tab, in the project's identity mode; stops the page until known."""
+    if project_identity(s) != OPEN:
+        return _invited(s)
+    st.session_state.pop("invited", None)
     name = st.session_state.get("annotator") or st.query_params.get("annotator")
     if name:
         try:
@@ -133,4 +158,23 @@ def annotator_gate(s: Studio) -> AnnotatorInfo:
     st.session_state["annotator"] = name
     if st.query_params.get("annotator") != name:
         st.query_params["annotator"] = name
-    return s.store.get_or_create_annotator(name)
+    return annotator_from_name(s.store, s.store.get_project(s.project.id), name)
+
+
+def _invited(s: Studio) -> AnnotatorInfo:
+    """Invite mode: the annotator of the link's token (kept in the session and the URL),
+    checked on every rerun so a revoked link stops at once. Creates nothing."""
+    token = st.query_params.get("token") or st.session_state.get("invite_token")
+    try:
+        annotator = annotator_from_token(s.store, s.project, token)
+    except StudioError as exc:
+        for key in ("annotator", "invite_token", "invited"):
+            st.session_state.pop(key, None)
+        st.subheader("Invitation needed")
+        st.warning(str(exc), icon=":material/key:")
+        st.stop()
+    st.session_state.update(invite_token=token, invited=True, annotator=annotator.name)
+    if st.query_params.get("token") != token:
+        st.query_params["token"] = token
+    st.query_params.pop("annotator", None)
+    return annotator

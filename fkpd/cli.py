@@ -11,6 +11,7 @@ Subcommands::
     fkpd pipeline [--task T]                     data -> BC -> eval -> clips
     fkpd worker [--once]                         run queued jobs (bootstrap, alignment rounds, compare)
     fkpd labels import LABELS --dataset D --project P [--segment-length L]   PT / Uni-RLHF human labels
+    fkpd annotators invite NAME --project P      an invite link (invite mode); also revoke, list, mode
     fkpd align --checkpoint REF --prefs FILE [--regularizer forward|reverse|none] [config flags]
     fkpd loop --task T --teacher NAME --rounds K --pairs-per-round M [config flags]
 
@@ -197,8 +198,11 @@ def _add_alignment_parsers(sub) -> None:
 def _cmd_worker(args: argparse.Namespace) -> int:
     """Claim and run queued jobs until interrupted (SIGINT/SIGTERM stop the worker; its current job goes back to
     the queue at its next step and resumes on the next start)."""
+    import logging
+
     from fkpd.store import Store, run_worker
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads > 0:
         import torch
 
@@ -221,7 +225,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
         threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
     n = run_worker(store, once=args.once, poll_s=args.poll_s, stale_after_s=args.stale_after_s,
-                   max_attempts=args.max_attempts, handler_modules=["fkpd.studio"], stop=stop)
+                   max_attempts=args.max_attempts, handler_modules=["fkpd.studio"], stop=stop,
+                   sweep_grace_s=args.sweep_grace_s or None)
     print(f"worker ran {n} job(s)")
     return 0
 
@@ -244,6 +249,55 @@ def _cmd_labels_import(args: argparse.Namespace) -> int:
           f"as annotator {summary.annotator!r}; {summary.n_skipped_identical} queries compared a segment with itself "
           "and were skipped")
     return 0
+
+
+# ---- annotators: invite links and identity mode (issue #14) ------------------------------------
+def _cmd_annotators(args: argparse.Namespace) -> int:
+    """``fkpd annotators invite|revoke|list|mode``: who may label a project."""
+    from fkpd.store import Store
+    from fkpd.studio.identity import create_invite, invite_link
+
+    with Store(args.database_url, args.artifact_dir) as store:
+        project = store.get_project(args.project)
+        if args.annotators_cmd == "invite":
+            invite = create_invite(store, project, args.name)
+            print(invite_link(args.base_url, invite.token))
+            mode = "" if project.identity == "invite" else (
+                f" (project {project.name!r} is in open mode: switch with `fkpd annotators mode invite --project "
+                f"{project.name}`)")
+            print(f"invite link for {invite.annotator!r} in project {project.name!r}; it is shown only once{mode}",
+                  file=sys.stderr)
+        elif args.annotators_cmd == "revoke":
+            n = store.revoke_invites(project.id, args.name)
+            print(f"revoked {n} invite link(s) of {args.name!r} in project {project.name!r}")
+        elif args.annotators_cmd == "list":
+            print(f"project {project.name!r}: identity mode {project.identity}")
+            for inv in store.list_invites(project.id):
+                state = "valid" if inv.active else f"revoked {inv.revoked_at:%Y-%m-%d %H:%M}"
+                print(f"  invite {inv.id:>4}  {inv.annotator:<24} created {inv.created_at:%Y-%m-%d %H:%M}  {state}")
+        else:
+            store.update_project(project.id, identity=args.mode)
+            print(f"project {project.name!r} is now in {args.mode} mode")
+    return 0
+
+
+def _add_annotator_parsers(sub) -> None:
+    ann = sub.add_parser("annotators", help="who may label a project: invite links and identity mode")
+    cmds = ann.add_subparsers(dest="annotators_cmd", required=True)
+    s = cmds.add_parser("invite", help="create an invite link for an annotator (registered if new)")
+    s.add_argument("name")
+    s.add_argument("--base-url", default="http://localhost:8501", help="the app's address as annotators reach it")
+    s = cmds.add_parser("revoke", help="revoke every invite link of an annotator")
+    s.add_argument("name")
+    cmds.add_parser("list", help="the project's identity mode and invite links")
+    s = cmds.add_parser("mode", help="switch the project between invite links and open names")
+    s.add_argument("mode", choices=("invite", "open"))
+    for s in cmds.choices.values():
+        s.add_argument("--project", required=True, help="project name in the preference store")
+        s.add_argument("--database-url", default=None, help="default: $FKPD_DATABASE_URL or labels/fkpd.sqlite")
+        s.add_argument("--artifact-dir", default=None, help="default: $FKPD_ARTIFACT_DIR or labels/artifacts")
+        s.set_defaults(fn=_cmd_annotators)
+# ---- end of the annotators block ---------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (0: torch's default; 1 leaves a core free on a shared machine)")
     s.add_argument("--parent-pid", type=int, default=0,
                    help="stop (after the current job) when this process exits; the app passes its own pid")
+    s.add_argument("--sweep-grace-s", type=float, default=3600.0,
+                   help="while idle, remove temporary files of killed writes and clip files no row names once "
+                        "older than this (0: never sweep)")
     s.set_defaults(fn=_cmd_worker)
 
     labels = sub.add_parser("labels", help="preference labels").add_subparsers(dest="labels_cmd", required=True)
@@ -343,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--database-url", default=None, help="default: $FKPD_DATABASE_URL or labels/fkpd.sqlite")
     s.add_argument("--artifact-dir", default=None, help="default: $FKPD_ARTIFACT_DIR or labels/artifacts")
     s.set_defaults(fn=_cmd_labels_import)
+    _add_annotator_parsers(sub)  # fkpd annotators invite|revoke|list|mode
     return p
 
 

@@ -30,10 +30,12 @@ TINY_BOOTSTRAP = {
 
 
 def studio_env(root: Path, **extra: str) -> dict[str, str]:
-    """The FKPD_* environment of an app serving the project under ``root``."""
+    """The FKPD_* environment of an app serving the project under ``root``; the project
+    is created in ``open`` identity mode (annotators type their name), which these tests
+    exercise; tests/test_app_invite_browser.py switches it to ``invite``."""
     return {"FKPD_DATABASE_URL": f"sqlite:///{root / 'fkpd.sqlite'}", "FKPD_ARTIFACT_DIR": str(root / "artifacts"),
             "FKPD_TASK": TASK, "FKPD_PROJECT": PROJECT, "FKPD_BOOTSTRAP": json.dumps(TINY_BOOTSTRAP),
-            "FKPD_ADMIN_PASSWORD": ADMIN_PASSWORD, "FKPD_START_WORKER": "0", **extra}
+            "FKPD_ADMIN_PASSWORD": ADMIN_PASSWORD, "FKPD_START_WORKER": "0", "FKPD_IDENTITY": "open", **extra}
 
 
 @pytest.fixture(scope="session")

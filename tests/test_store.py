@@ -465,6 +465,7 @@ def test_late_answer_is_kept_while_the_pair_has_room(clocked_store, clock):
 def test_same_answer_from_many_threads_is_stored_once(store):
     _, pairs = make_project(store, 1)
     a = store.get_or_create_annotator("a")
+    assert store.next_pair("proj", a).id == pairs[0], "answers are taken only for leased pairs"
     barrier = threading.Barrier(8)
 
     def click(_):

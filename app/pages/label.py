@@ -2,7 +2,9 @@
 
 import streamlit as st
 
-from fkpd.studio import error_headline, job_summary, latest_training_job, lease_for_display, record_answers
+from fkpd.studio import StudioError, error_headline, job_summary, latest_training_job, lease_for_display, \
+    record_answers
+from fkpd.studio.identity import annotator_from_token
 from pair_player import pair_player
 from studio_ui import annotator_gate, studio
 
@@ -14,8 +16,15 @@ KEY = "pair_player"
 def _store_answers() -> None:
     """Runs before the page script whenever the browser adds an answer."""
     answers = (st.session_state.get(KEY) or {}).get("answers") or []
+    who = annotator
+    if st.session_state.get("invited"):  # the invite may have been revoked since the page ran
+        try:
+            who = annotator_from_token(s.store, s.project, st.session_state.get("invite_token"))
+        except StudioError as exc:
+            st.session_state.setdefault("answer_problems", []).append(f"Your answers were not stored: {exc}")
+            return
     recorded = st.session_state.setdefault("recorded_pairs", set())
-    problems = record_answers(s.store, annotator, answers, recorded)
+    problems = record_answers(s.store, who, answers, recorded, project=s.project)
     st.session_state.setdefault("answer_problems", []).extend(problems)
 
 

@@ -111,3 +111,53 @@ else:
         st.caption("Intent scores of the evaluation episodes (higher: closer to the intent)")
         if intents:
             st.line_chart(plot[intents], y_label="intent score", x_label="round")
+
+
+# ---- Annotators: identity mode and invite links (admin) --------------------------------------
+from urllib.parse import urlsplit  # noqa: E402
+
+from fkpd.studio import StudioError as _StudioError  # noqa: E402
+from fkpd.studio.identity import INVITE, OPEN, create_invite, invite_link  # noqa: E402
+from studio_ui import is_admin  # noqa: E402
+
+st.subheader("Annotators")
+if not is_admin():
+    st.info("Only an admin can manage who labels (sign in above).", icon=":material/lock:")
+else:
+    mode = s.store.get_project(s.project.id).identity
+    modes = {INVITE: "Invite links only (each annotator gets a private link)",
+             OPEN: "Open (anyone types a name; for demos)"}
+
+    def _set_mode() -> None:
+        s.store.update_project(s.project.id, identity=st.session_state["identity_mode"])
+
+    st.radio("Who may label", list(modes), index=list(modes).index(mode), format_func=modes.get,
+             key="identity_mode", on_change=_set_mode, horizontal=True)
+    with st.form("invite_form", clear_on_submit=True):
+        invitee = st.text_input("Annotator's name", key="invite_name", placeholder="e.g. ada")
+        if st.form_submit_button("Create invite link"):
+            try:
+                invite = create_invite(s.store, s.project, invitee)
+            except _StudioError as exc:
+                st.error(str(exc))
+            else:
+                parts = urlsplit(st.context.url or "")
+                base = f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else "http://localhost:8501"
+                st.session_state["new_invite"] = (invite.annotator, invite_link(base, invite.token))
+    if "new_invite" in st.session_state:
+        who, link = st.session_state["new_invite"]
+        st.success("Invite link created. Send it to the annotator now: it is shown only once (the store keeps a "
+                   "hash of it).", icon=":material/key:")
+        st.text(f"for {who}:")
+        st.code(link, language=None)
+    invites = s.store.list_invites(s.project.id, include_revoked=False)
+    if not invites:
+        st.caption("No valid invite links.")
+    for invite in invites:
+        c1, c2, c3 = st.columns([3, 3, 1])
+        c1.text(invite.annotator)
+        c2.caption(f"created {invite.created_at:%Y-%m-%d %H:%M} UTC")
+        if c3.button("Revoke", key=f"revoke_invite_{invite.id}"):
+            s.store.revoke_invites(s.project.id, invite_id=invite.id)
+            st.session_state.pop("new_invite", None)
+            st.rerun()

@@ -10,6 +10,9 @@
 * :mod:`fkpd.store.export` — export to Parquet/HDF5 (import of Preference Transformer /
   Uni-RLHF label files is :mod:`fkpd.prefs.importers`).
 * :func:`outcome_to_p_left` — the one mapping from an answer to the label ``p_left``.
+* :mod:`fkpd.store.invites` — invite links (tokens stored hashed) for projects in
+  ``invite`` identity mode; :mod:`fkpd.store.sweep` — removing stale temporary files and
+  unregistered clip files from the artifact directory.
 
 Quick start::
 
@@ -18,9 +21,9 @@ Quick start::
     store = Store()                                 # labels/fkpd.sqlite, migrated
     store.create_project("door", "metaworld/door-open-v3", exist_ok=True)
     me = store.get_or_create_annotator("ada")
-    pair = store.next_pair("door", me)              # PairView or None
+    pair = store.next_pair("door", me)              # PairView or None, leased to ada
     if pair is not None:
-        store.answer(pair.id, me, "left", shown_at=shown)
+        store.answer(pair.id, me, "left", shown_at=shown, project="door")
 """
 
 from fkpd.store.artifacts import ArtifactDir, sha256_file
@@ -36,13 +39,16 @@ from fkpd.store.errors import (
     ArtifactIntegrityError,
     ArtifactPathError,
     ImportFormatError,
+    InvalidTokenError,
     JobCancelled,
     JobLostError,
     JobStateError,
     NotFoundError,
+    NotLeasedError,
     PairUnavailableError,
     StoreError,
     StoreInputError,
+    StoreUnavailableError,
     WorkerStopping,
 )
 from fkpd.store.outcomes import Outcome, outcome_to_p_left
@@ -53,12 +59,14 @@ from fkpd.store.views import (
     ClipRecord,
     ClipView,
     ComparisonRecord,
+    InviteInfo,
     PairView,
     PolicyVersionInfo,
     ProjectInfo,
     TrainingPair,
 )
-from fkpd.store.worker import JobContext, Worker, run_worker
+from fkpd.store.sweep import SweepReport, sweep_artifacts
+from fkpd.store.worker import JobContext, Worker, current_job, run_worker
 
 __all__ = [
     "AlreadyExistsError",
@@ -72,6 +80,8 @@ __all__ = [
     "DEFAULT_SETTINGS",
     "HANDLERS",
     "ImportFormatError",
+    "InvalidTokenError",
+    "InviteInfo",
     "JobCancelled",
     "JobContext",
     "JobLostError",
@@ -79,7 +89,9 @@ __all__ = [
     "JobStateError",
     "JobView",
     "WorkerStopping",
+    "current_job",
     "NotFoundError",
+    "NotLeasedError",
     "Outcome",
     "PairUnavailableError",
     "PairView",
@@ -88,6 +100,8 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreInputError",
+    "StoreUnavailableError",
+    "SweepReport",
     "TrainingPair",
     "Worker",
     "default_artifact_dir",
@@ -99,4 +113,5 @@ __all__ = [
     "register_handler",
     "run_worker",
     "sha256_file",
+    "sweep_artifacts",
 ]

@@ -11,6 +11,12 @@ Assignment rules (:meth:`Store.next_pair` / :meth:`Store.answer`):
   calling :meth:`~Store.next_pair` again returns the same pair (and extends the lease), and
   nobody else gets it once it is fully leased (with ``labels_per_pair=1``: nobody else at
   all). Expired leases are ignored, so an abandoned pair returns to the pool.
+* :meth:`~Store.answer` takes an answer only from an annotator **the pair is leased to**
+  (a live lease, or a lapsed one nobody has taken over since) and, when the caller names
+  the project, only for a pair of that project; anything else is refused with
+  :class:`~fkpd.store.errors.NotLeasedError` and logged, so nobody can answer in another
+  annotator's place, answer a pair nobody leased, or answer into another project. The
+  lease holder's own answer is unaffected.
 * :meth:`~Store.answer` is idempotent per (pair, annotator): a double click, a page rerun
   or a retry after a lost reply returns the stored answer instead of adding a second one
   (unique constraint, ``ON CONFLICT DO NOTHING``). A new answer is refused once the pair
@@ -35,6 +41,7 @@ writers queue on a file lock so none of them starves
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -43,10 +50,27 @@ from sqlalchemy.orm import Session
 
 from fkpd.store import models as m
 from fkpd.store.core import StoreCore, validate_settings
-from fkpd.store.errors import NotFoundError, PairUnavailableError, StoreInputError
+from fkpd.store.errors import NotFoundError, NotLeasedError, PairUnavailableError, StoreInputError
 from fkpd.store.models import as_utc
 from fkpd.store.outcomes import Outcome
-from fkpd.store.views import ClipView, ComparisonRecord, PairView
+from fkpd.store.views import ClipView, ComparisonRecord, PairView, ProjectInfo
+
+log = logging.getLogger(__name__)
+
+#: Largest row id the store accepts from outside (PostgreSQL ``integer``); a bigger
+#: number cannot name a row, and is refused before it reaches the database driver.
+MAX_ROW_ID = 2**31 - 1
+
+
+def check_row_id(value: Any, what: str) -> int:
+    """``value`` if it is an int in ``[1, MAX_ROW_ID]``.
+
+    Raises:
+        StoreInputError: a bool, a non-int, or out of range.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ROW_ID:
+        raise StoreInputError(f"{what} must be an integer id between 1 and {MAX_ROW_ID}, got {value!r:.60}")
+    return value
 
 
 class AssignmentMixin(StoreCore):
@@ -246,14 +270,18 @@ class AssignmentMixin(StoreCore):
         annotator: Any,
         outcome: Outcome | str,
         shown_at: datetime | None = None,
+        *,
+        project: Any = None,
     ) -> ComparisonRecord:
-        """Store an annotator's answer for a pair; idempotent per (pair, annotator).
+        """Store an annotator's answer for a pair leased to them; idempotent per (pair, annotator).
 
         Args:
             pair_id: the pair answered.
             annotator: name, id or :class:`AnnotatorInfo`.
             outcome: ``left``, ``right``, ``equal`` or ``skip``.
             shown_at: when the pair was shown (aware, or naive UTC); None if unknown.
+            project: if given (name, id or :class:`ProjectInfo`), the pair must belong to
+                it: the labelling page passes the project it serves.
 
         Returns:
             The stored comparison. If this annotator had already answered the pair, the
@@ -261,12 +289,19 @@ class AssignmentMixin(StoreCore):
             is ignored). The annotator's lease on the pair is released either way.
 
         Raises:
-            StoreInputError: unknown outcome.
-            NotFoundError: unknown pair or annotator.
+            StoreInputError: unknown outcome, a pair id that is not an int in
+                ``[1, 2**31 - 1]``, or a ``shown_at`` that is not a datetime.
+            NotFoundError: unknown pair, annotator or project.
             PairUnavailableError: the pair is retired, or already has
                 ``labels_per_pair`` answers from others; fetch the next pair.
+            NotLeasedError: (a :class:`PairUnavailableError`) the pair is not leased to
+                this annotator (never was, or the lease lapsed and someone else took the
+                pair), or belongs to another project than ``project``; logged.
         """
         outcome = Outcome.parse(outcome)
+        check_row_id(pair_id, "pair id")
+        if shown_at is not None and not isinstance(shown_at, datetime):
+            raise StoreInputError(f"shown_at must be a datetime or None, got {type(shown_at).__name__}")
         shown = None if shown_at is None else as_utc(shown_at)
         now = self.now()
         comparisons, leases = m.Comparison.__table__, m.Lease.__table__
@@ -275,6 +310,14 @@ class AssignmentMixin(StoreCore):
             if pair is None:
                 raise NotFoundError(f"pair {pair_id!r} not found")
             ann = self.annotator_row(s, annotator)
+            if project is not None:
+                proj = self.project_row(s, project.id if isinstance(project, ProjectInfo) else project)
+                if pair.project_id != proj.id:
+                    log.warning("refused the answer of annotator %r for pair %s: it belongs to project %s, not %r",
+                                ann.name, pair.id, pair.project_id, proj.name)
+                    raise NotLeasedError(
+                        f"pair {pair.id} does not belong to project {proj.name!r}; answer the pairs this page shows"
+                    )
             drop_my_lease = delete(leases).where(
                 leases.c.pair_id == pair.id, leases.c.annotator_id == ann.id
             )
@@ -288,12 +331,22 @@ class AssignmentMixin(StoreCore):
                     f"pair {pair.id} is {pair.status} and takes no more answers; "
                     "ask for the next pair"
                 )
-            project = self.get_row(s, m.Project, pair.project_id, "project")
-            k = validate_settings(project.settings)["labels_per_pair"]
+            project_row = self.get_row(s, m.Project, pair.project_id, "project")
+            k = validate_settings(project_row.settings)["labels_per_pair"]
             if len(answers) >= k:
                 raise PairUnavailableError(
                     f"pair {pair.id} already has {len(answers)} answer(s) (labels_per_pair={k}); "
                     "ask for the next pair"
+                )
+            leased = s.scalar(
+                select(leases.c.id).where(leases.c.pair_id == pair.id, leases.c.annotator_id == ann.id)
+            )
+            if leased is None:
+                log.warning("refused the answer of annotator %r for pair %s of project %r: the pair is not leased "
+                            "to them", ann.name, pair.id, project_row.name)
+                raise NotLeasedError(
+                    f"pair {pair.id} is not leased to annotator {ann.name!r} (it was never handed to them, or their "
+                    "lease lapsed and someone else took it); answer the pairs the page shows"
                 )
             new_id = s.execute(
                 self.insert(comparisons)

@@ -2,7 +2,8 @@
 
 :class:`CatalogueMixin` is part of :class:`fkpd.store.Store`; it registers what the
 labelling works on. Project and annotator names are unique and trimmed of surrounding
-spaces; a clip's or checkpoint's files must be in the artifact directory before it is
+spaces; a project may be created together with its first job, in one transaction
+(:meth:`CatalogueMixin.create_project_with_job`); a clip's or checkpoint's files must be in the artifact directory before it is
 registered (their sha256 is computed then, unless given).
 """
 
@@ -17,7 +18,20 @@ from fkpd.store import models as m
 from fkpd.store.artifacts import normalize_relpath
 from fkpd.store.core import StoreCore, clean_name, validate_settings
 from fkpd.store.errors import AlreadyExistsError, NotFoundError, StoreInputError
-from fkpd.store.views import AnnotatorInfo, ClipRecord, PolicyVersionInfo, ProjectInfo
+from fkpd.store.views import AnnotatorInfo, ClipRecord, JobView, PolicyVersionInfo, ProjectInfo
+
+
+def check_identity(identity: str) -> str:
+    """``identity`` if it is one of :data:`fkpd.store.models.IDENTITY_MODES`.
+
+    Raises:
+        StoreInputError: anything else.
+    """
+    if identity not in m.IDENTITY_MODES:
+        raise StoreInputError(
+            f"identity mode must be one of {', '.join(m.IDENTITY_MODES)}, got {identity!r}"
+        )
+    return identity
 
 
 class CatalogueMixin(StoreCore):
@@ -33,6 +47,7 @@ class CatalogueMixin(StoreCore):
         settings: Mapping[str, Any] | None = None,
         *,
         exist_ok: bool = False,
+        identity: str = "invite",
     ) -> ProjectInfo:
         """Create a labelling project.
 
@@ -43,36 +58,80 @@ class CatalogueMixin(StoreCore):
             settings: merged over :data:`DEFAULT_SETTINGS` (``labels_per_pair``,
                 ``lease_seconds``); other keys are stored as given.
             exist_ok: return the existing project of that name instead of raising
-                (its instructions and settings are left unchanged).
+                (its instructions, settings and identity mode are left unchanged).
+            identity: ``"invite"`` (annotators come through invite links,
+                :meth:`create_invite`; the default) or ``"open"`` (annotators name
+                themselves, for demos).
 
         Raises:
-            StoreInputError: empty name/task id or invalid settings.
+            StoreInputError: empty name/task id, invalid settings or identity mode.
             AlreadyExistsError: the name is taken and ``exist_ok`` is False.
         """
+        values = self._project_values(name, task_id, instructions, settings, identity)
+        with self.session(write=True) as s:
+            new_id = self._insert_project(s, values)
+            if new_id is None and not exist_ok:
+                raise AlreadyExistsError(
+                    f"project {values['name']!r} already exists; pick another name or pass exist_ok=True"
+                )
+            return ProjectInfo.of(self.project_row(s, values["name"] if new_id is None else new_id))
+
+    def create_project_with_job(
+        self,
+        name: str,
+        task_id: str,
+        kind: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        instructions: str = "",
+        settings: Mapping[str, Any] | None = None,
+        identity: str = "invite",
+    ) -> tuple[ProjectInfo, JobView]:
+        """Create a project and queue its first job (e.g. its bootstrap) in one
+        transaction: either both exist afterwards or neither, so a project is never
+        left without the job that makes it usable.
+
+        Args:
+            name, task_id, instructions, settings, identity: as :meth:`create_project`.
+            kind, params: the job, as :meth:`fkpd.store.queue.JobQueue.enqueue`.
+
+        Returns:
+            ``(project, job)``.
+
+        Raises:
+            StoreInputError: bad project fields, or a bad kind or params (NaN and
+                Infinity included); checked before anything is written.
+            AlreadyExistsError: the name is taken (nothing is written).
+        """
+        values = self._project_values(name, task_id, instructions, settings, identity)
+        clean = self.jobs.prepare(kind, params)
+        with self.session(write=True) as s:
+            new_id = self._insert_project(s, values)
+            if new_id is None:
+                raise AlreadyExistsError(f"project {values['name']!r} already exists; nothing was created")
+            row = self.project_row(s, new_id)
+            job = self.jobs.insert(s, row, kind, clean)
+            return ProjectInfo.of(row), JobView.of(job)
+
+    def _project_values(self, name: str, task_id: str, instructions: str, settings: Mapping[str, Any] | None,
+                        identity: str) -> dict[str, Any]:
+        """The checked column values of a new project (no database access)."""
         name = clean_name(name, "project")
         if not isinstance(task_id, str) or not task_id.strip():
             raise StoreInputError(f"task_id must be a non-empty string, got {task_id!r}")
-        merged = validate_settings(settings or {})
-        with self.session(write=True) as s:
-            table = m.Project.__table__
-            stmt = (
-                self.insert(table)
-                .values(
-                    name=name,
-                    task_id=task_id.strip(),
-                    instructions=instructions or "",
-                    settings=merged,
-                    created_at=self.now(),
-                )
-                .on_conflict_do_nothing(index_elements=["name"])
-                .returning(table.c.id)
-            )
-            new_id = s.execute(stmt).scalar()
-            if new_id is None and not exist_ok:
-                raise AlreadyExistsError(
-                    f"project {name!r} already exists; pick another name or pass exist_ok=True"
-                )
-            return ProjectInfo.of(self.project_row(s, name if new_id is None else new_id))
+        return dict(name=name, task_id=task_id.strip(), instructions=instructions or "",
+                    settings=validate_settings(settings or {}), identity=check_identity(identity))
+
+    def _insert_project(self, s: Session, values: Mapping[str, Any]) -> int | None:
+        """Insert a project row unless the name is taken; its id, or None."""
+        table = m.Project.__table__
+        stmt = (
+            self.insert(table)
+            .values(**values, created_at=self.now())
+            .on_conflict_do_nothing(index_elements=["name"])
+            .returning(table.c.id)
+        )
+        return s.execute(stmt).scalar()
 
     def get_project(self, project: Any) -> ProjectInfo:
         """A project by name or id.
@@ -94,19 +153,25 @@ class CatalogueMixin(StoreCore):
         *,
         instructions: str | None = None,
         settings: Mapping[str, Any] | None = None,
+        identity: str | None = None,
     ) -> ProjectInfo:
-        """Change a project's instructions and/or merge new settings into its settings.
+        """Change a project's instructions, merge new settings into its settings, and/or
+        switch its identity mode (``"open"`` or ``"invite"``).
 
         Raises:
             NotFoundError: no such project.
-            StoreInputError: invalid settings.
+            StoreInputError: invalid settings or identity mode.
         """
+        if identity is not None:
+            identity = check_identity(identity)
         with self.session(write=True) as s:
             row = self.project_row(s, project)
             if instructions is not None:
                 row.instructions = instructions
             if settings is not None:
                 row.settings = validate_settings({**row.settings, **dict(settings)})
+            if identity is not None:
+                row.identity = identity
             s.flush()
             return ProjectInfo.of(row)
 

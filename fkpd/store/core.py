@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from sqlalchemy import Table, select
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session
 
 from fkpd.store import models as m
@@ -41,7 +42,7 @@ from fkpd.store.db import (
     make_engine,
     sqlite_write_gate,
 )
-from fkpd.store.errors import NotFoundError, StoreInputError
+from fkpd.store.errors import NotFoundError, StoreInputError, StoreUnavailableError
 from fkpd.store.models import as_utc, utcnow
 from fkpd.store.queue import JobQueue
 from fkpd.store.views import AnnotatorInfo, ProjectInfo
@@ -98,6 +99,25 @@ def clean_name(name: str, what: str) -> str:
     return name
 
 
+def unavailable(url: URL, exc: BaseException) -> StoreUnavailableError:
+    """The :class:`StoreUnavailableError` for a database that could not be opened:
+    which one (password hidden), the driver's first line, and what to do."""
+    shown = url.render_as_string(hide_password=True)
+    detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    first = detail[0] if detail else type(exc).__name__
+    if url.get_backend_name() == "sqlite":
+        if "not a database" in first or "malformed" in first:
+            hint = (f"the file {url.database} is not an FKPD Studio (SQLite) database; move it away, or point "
+                    "FKPD_DATABASE_URL / --database-url at the right file")
+        else:
+            hint = ("check that the path is right and writable (FKPD_DATABASE_URL / --database-url), and that the "
+                    "disk is not full")
+    else:
+        hint = ("check that the database server is running and reachable, and that FKPD_DATABASE_URL / "
+                "--database-url names the right host, port, user and database")
+    return StoreUnavailableError(f"cannot open the database {shown}: {first}; {hint}")
+
+
 _S = TypeVar("_S", bound="StoreCore")
 
 
@@ -126,8 +146,17 @@ class StoreCore:
         migrate: bool = True,
         engine_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
-        self.url = make_url(url or default_database_url())
-        self.engine = make_engine(self.url, **dict(engine_kwargs or {}))
+        try:
+            self.url = make_url(url or default_database_url())
+        except (ArgumentError, ValueError) as exc:
+            raise StoreInputError(
+                f"{url or default_database_url()!r} is not a database URL ({exc}); use "
+                "sqlite:///path/to/file.sqlite or postgresql+psycopg://user@host/db"
+            ) from None
+        try:
+            self.engine = make_engine(self.url, **dict(engine_kwargs or {}))
+        except OSError as exc:  # the SQLite file's folder cannot be created
+            raise unavailable(self.url, exc) from None
         self._write_gate = sqlite_write_gate(self.url)
         _ENGINES.add(self.engine)
         self.artifacts = ArtifactDir(artifact_dir or default_artifact_dir())
@@ -136,6 +165,9 @@ class StoreCore:
         if migrate:
             try:
                 init_db(self.engine)
+            except (DBAPIError, OSError) as exc:
+                self.engine.dispose()
+                raise unavailable(self.url, exc) from None
             except BaseException:
                 self.engine.dispose()
                 raise

@@ -28,8 +28,24 @@ class AlreadyExistsError(StoreError, ValueError):
     """A row with the same unique key (e.g. a project name) already exists."""
 
 
+class StoreUnavailableError(StoreError):
+    """The database cannot be opened: the server refuses connections, the URL names no
+    reachable database, or the file is not an SQLite database. The message names the
+    database (password hidden) and what to check."""
+
+
 class PairUnavailableError(StoreError):
     """A pair cannot take this answer: it is retired, or already has enough labels."""
+
+
+class NotLeasedError(PairUnavailableError):
+    """An answer for a pair that is not leased to this annotator (never leased, or the
+    lease lapsed and someone else took the pair), or that belongs to another project:
+    refused, so nobody can answer in another annotator's place."""
+
+
+class InvalidTokenError(StoreError):
+    """An invite token that is unknown, of another project, or revoked."""
 
 
 class ArtifactPathError(StoreError, ValueError):

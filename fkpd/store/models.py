@@ -39,6 +39,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql import text
 from sqlalchemy.types import TypeDecorator
 
 NAMING_CONVENTION = {
@@ -52,6 +53,9 @@ NAMING_CONVENTION = {
 PAIR_STATUSES = ("open", "done", "retired")
 OUTCOMES = ("left", "right", "equal", "skip")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+#: How the app knows who labels a project: ``open`` (the name in the URL, for demos) or
+#: ``invite`` (a link with a random token; the default for new projects).
+IDENTITY_MODES = ("open", "invite")
 
 SHA256_LEN = 64
 PATH_LEN = 1024
@@ -107,6 +111,9 @@ class Project(Base):
 
     ``settings`` holds at least ``labels_per_pair`` (int ≥ 1, default 1) and
     ``lease_seconds`` (float > 0, default 120); other keys are kept for callers.
+    ``identity`` is one of :data:`IDENTITY_MODES` (checked by the store, not by a CHECK
+    constraint, so migration 0002 adds it without rebuilding the table); rows that
+    predate it are ``open``.
     """
 
     __tablename__ = "projects"
@@ -117,6 +124,7 @@ class Project(Base):
     instructions: Mapped[str] = mapped_column(Text, default="")
     settings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    identity: Mapped[str] = mapped_column(String(16), default="invite", server_default="open")
 
 
 class Annotator(Base):
@@ -252,3 +260,21 @@ class Job(Base):
     started_at: Mapped[Optional[datetime]] = mapped_column()
     finished_at: Mapped[Optional[datetime]] = mapped_column()
     result: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON)
+    #: Events of the job, oldest first: ``{"at", "event", "attempt", "worker", "reason"}``
+    #: (see :mod:`fkpd.store.queue`).
+    history: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list, server_default=text("'[]'"))
+
+
+class Invite(Base):
+    """An invite link of a project: its token's sha256 (never the token) and the
+    annotator it speaks for; a revoked invite (``revoked_at`` set) is refused."""
+
+    __tablename__ = "invites"
+    __table_args__ = (Index("ix_invites_project_annotator", "project_id", "annotator_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"))
+    token_sha256: Mapped[str] = mapped_column(String(SHA256_LEN), unique=True)
+    created_at: Mapped[datetime] = mapped_column()
+    revoked_at: Mapped[Optional[datetime]] = mapped_column()

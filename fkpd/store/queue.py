@@ -22,6 +22,13 @@ Life of a job::
 * The worker that runs the jobs (:class:`fkpd.store.worker.Worker`, started by ``fkpd
   worker``) puts a job it cannot finish because it was asked to stop back in the queue
   (:meth:`JobQueue.release`).
+* Every transition appends an event to the job's ``history`` (``queued``, ``claimed``,
+  ``released``, ``recovered``, ``failed``, ``succeeded``, ``cancelled``, each with its
+  time, attempt, worker and reason), so ``message`` and ``error`` may be overwritten by
+  the next attempt while the story of every attempt stays in the row.
+* Parameters and results are strict JSON: NaN, Infinity and values JSON cannot hold are
+  refused (:class:`~fkpd.store.errors.StoreInputError`) before anything is written, so a
+  job behaves the same on SQLite and on PostgreSQL (whose JSON has no NaN).
 
 Handlers are plain callables ``handler(ctx: JobContext) -> dict | None`` (``ctx`` is a
 :class:`fkpd.store.worker.JobContext`; the returned mapping must be JSON-serialisable; it
@@ -46,7 +53,6 @@ project lookup), so it does not import :class:`fkpd.store.Store`.
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timedelta
 from typing import Any, Callable, ContextManager, Iterable, Mapping, MutableMapping, Protocol, Sequence
 
@@ -55,6 +61,7 @@ from sqlalchemy.orm import Session
 
 from fkpd.store import models as m
 from fkpd.store.errors import JobLostError, NotFoundError, StoreInputError
+from fkpd.store.jobrecords import json_mapping, record_event
 from fkpd.store.views import TERMINAL_STATUSES, JobView
 
 __all__ = [
@@ -65,6 +72,7 @@ __all__ = [
     "JobView",
     "QueueDatabase",
     "check_progress",
+    "record_event",
     "register_handler",
 ]
 
@@ -125,17 +133,6 @@ def _check_kind(kind: str) -> None:
 
 def _qualname(func: Callable[..., Any]) -> str:
     return f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', repr(func))}"
-
-
-def _json_mapping(value: Mapping[str, Any] | None, what: str) -> dict[str, Any] | None:
-    if value is None:
-        return None
-    if not isinstance(value, Mapping):
-        raise StoreInputError(f"{what} must be a mapping (dict) or None, got {type(value).__name__}")
-    try:
-        return json.loads(json.dumps(dict(value)))
-    except (TypeError, ValueError) as exc:
-        raise StoreInputError(f"{what} must be JSON-serialisable: {exc}") from None
 
 
 def check_progress(progress: float) -> float:
@@ -202,36 +199,94 @@ class JobQueue:
 
     # ------------------------------------------------------------------ queue side
 
+    @staticmethod
+    def prepare(kind: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Check a job's kind and parameters before any transaction; returns the params as
+        plain JSON (a deep copy).
+
+        Raises:
+            StoreInputError: bad kind, or params that are not strict JSON (NaN, Infinity,
+                a set, a non-string key, ...); nothing is written.
+        """
+        _check_kind(kind)
+        clean = json_mapping(params or {}, "job params")
+        assert clean is not None
+        return clean
+
+    def insert(self, s: Session, project: m.Project, kind: str, params: dict[str, Any]) -> m.Job:
+        """Add a queued job in the caller's transaction ``s`` (``params`` from :meth:`prepare`).
+
+        For store code that creates a job together with other rows in one transaction
+        (:meth:`fkpd.store.Store.create_project` with a first job).
+        """
+        now = self.store.now()
+        job = m.Job(
+            project_id=project.id,
+            kind=kind,
+            params=params,
+            status="queued",
+            progress=0.0,
+            message="",
+            attempts=0,
+            cancel_requested=False,
+            created_at=now,
+            history=[],
+        )
+        record_event(job, "queued", now)
+        s.add(job)
+        s.flush()
+        return job
+
     def enqueue(self, project: Any, kind: str, params: Mapping[str, Any] | None = None) -> JobView:
         """Queue a job.
 
         Args:
             project: project name or id.
             kind: handler kind (see :data:`HANDLERS`).
-            params: JSON-serialisable parameters, handed to the handler as ``ctx.params``.
+            params: strict-JSON parameters, handed to the handler as ``ctx.params``.
 
         Raises:
             NotFoundError: unknown project.
-            StoreInputError: bad kind or params that are not JSON-serialisable.
+            StoreInputError: bad kind, or params that are not strict JSON (NaN and
+                Infinity included); nothing is written.
         """
-        _check_kind(kind)
-        clean = _json_mapping(params or {}, "job params")
+        clean = self.prepare(kind, params)
         with self.store.session(write=True) as s:
             proj = self.store.project_row(s, project)
-            job = m.Job(
-                project_id=proj.id,
-                kind=kind,
-                params=clean,
-                status="queued",
-                progress=0.0,
-                message="",
-                attempts=0,
-                cancel_requested=False,
-                created_at=self.store.now(),
+            return JobView.of(self.insert(s, proj, kind, clean))
+
+    def enqueue_unless(
+        self,
+        project: Any,
+        kind: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        statuses: Iterable[str] = ("queued", "running", "succeeded"),
+    ) -> JobView | None:
+        """Queue a job of ``kind`` unless the project already has one in ``statuses``;
+        the check and the insert are one transaction (the project row is locked on
+        PostgreSQL), so two processes calling it at once queue one job.
+
+        Returns:
+            The new job, or None when one of ``kind`` in ``statuses`` exists.
+
+        Raises:
+            NotFoundError: unknown project.
+            StoreInputError: bad kind or params (as :meth:`enqueue`).
+        """
+        clean = self.prepare(kind, params)
+        wanted = list(statuses)
+        with self.store.session(write=True) as s:
+            proj = self.store.project_row(s, project)
+            s.execute(select(m.Project.id).where(m.Project.id == proj.id).with_for_update())
+            existing = s.scalar(
+                select(m.Job.id)
+                .where(m.Job.project_id == proj.id, m.Job.kind == kind, m.Job.status.in_(wanted))
+                .limit(1)
             )
-            s.add(job)
-            s.flush()
-            return JobView.of(job)
+            if existing is not None:
+                return None
+            return JobView.of(self.insert(s, proj, kind, clean))
 
     def get(self, job_id: int) -> JobView:
         """A job by id.
@@ -272,6 +327,7 @@ class JobQueue:
                 job.status = "cancelled"
                 job.finished_at = self.store.now()
                 job.message = "cancelled before it started"
+                record_event(job, "cancelled", job.finished_at, job.message)
             elif job.status == "running":
                 job.cancel_requested = True
             s.flush()
@@ -316,6 +372,7 @@ class JobQueue:
             job.attempts += 1
             job.progress = 0.0
             job.message = f"started by {worker_id} (attempt {job.attempts})"
+            record_event(job, "claimed", now, job.message)
             s.flush()
             return JobView.of(job)
 
@@ -348,6 +405,26 @@ class JobQueue:
             s.flush()
             return JobView.of(job)
 
+    def check_owner(self, job_id: int, worker_id: str, attempt: int | None = None) -> None:
+        """Fence for a worker about to write on a job's behalf (artifacts, rows).
+
+        Raises:
+            JobLostError: the job is not running under ``worker_id`` (recovered as stale,
+                claimed again, finished or cancelled meanwhile), or, when ``attempt`` is
+                given, it runs a later attempt than ``attempt``.
+            NotFoundError: no such job.
+        """
+        with self.store.session() as s:
+            job = s.get(m.Job, job_id)
+            if job is None:
+                raise NotFoundError(f"job {job_id!r} not found")
+            if job.status == "running" and job.worker_id == worker_id and (attempt is None or job.attempts == attempt):
+                return
+            raise JobLostError(
+                f"job {job_id} is no longer this worker's (attempt {attempt}): it is {job.status} under worker "
+                f"{job.worker_id!r}, attempt {job.attempts}; stop writing on its behalf"
+            )
+
     def finish(
         self, job_id: int, result: Mapping[str, Any] | None = None, *, worker_id: str | None = None
     ) -> JobView:
@@ -357,7 +434,7 @@ class JobQueue:
             StoreInputError: ``result`` is not a JSON-serialisable mapping.
             JobLostError: the job is not running (under ``worker_id``, if given).
         """
-        clean = _json_mapping(result, "job result")
+        clean = json_mapping(result, "job result")
         with self.store.session(write=True) as s:
             job = self._owned(s, job_id, worker_id)
             now = self.store.now()
@@ -367,6 +444,7 @@ class JobQueue:
             job.error = None
             job.heartbeat_at = now
             job.finished_at = now
+            record_event(job, "succeeded", now)
             s.flush()
             return JobView.of(job)
 
@@ -398,11 +476,14 @@ class JobQueue:
         """
         with self.store.session(write=True) as s:
             job = self._owned(s, job_id, worker_id)
+            now = self.store.now()
             if job.cancel_requested:
                 job.status = "cancelled"
-                job.finished_at = job.heartbeat_at = self.store.now()
+                job.finished_at = job.heartbeat_at = now
                 job.message = "cancelled while running"
+                record_event(job, "cancelled", now, job.message)
             else:
+                record_event(job, "released", now, reason)
                 job.status = "queued"
                 job.worker_id = None
                 job.started_at = None
@@ -432,6 +513,7 @@ class JobQueue:
                 job.message = error.strip().splitlines()[0][:500]
             if message is not None:
                 job.message = message
+            record_event(job, status, now, job.message)
             s.flush()
             return JobView.of(job)
 
@@ -476,6 +558,7 @@ class JobQueue:
                     f"{(now - last).total_seconds():.1f} s ago, by worker {job.worker_id!r})"
                 )
                 job.error = reason
+                record_event(job, "recovered", now, reason)
                 if job.attempts < max_attempts and not job.cancel_requested:
                     job.status = "queued"
                     job.message = f"{reason}; queued again (attempt {job.attempts} of {max_attempts} failed)"
@@ -487,6 +570,7 @@ class JobQueue:
                     job.status = "failed"
                     job.message = reason
                     job.finished_at = now
+                    record_event(job, "failed", now, reason)
                 recovered.append(job)
             s.flush()
             return [JobView.of(j) for j in recovered]

@@ -12,7 +12,9 @@ It is assembled from one module per concern:
 * :mod:`fkpd.store.catalogue` — projects, annotators, policy versions, clips;
 * :mod:`fkpd.store.pairs` — pairs, retiring them, imported labelled pairs;
 * :mod:`fkpd.store.assignment` — leased assignment (:meth:`Store.next_pair`) and
-  idempotent answers (:meth:`Store.answer`), with the rules and the concurrency scheme;
+  idempotent answers (:meth:`Store.answer`, only for pairs leased to the annotator), with
+  the rules and the concurrency scheme;
+* :mod:`fkpd.store.invites` — invite links of projects in ``invite`` identity mode;
 * :mod:`fkpd.store.reports` — progress, comparison frames, training pairs, statistics;
 * :mod:`fkpd.store.queue` — the job queue, ``store.jobs``.
 """
@@ -22,13 +24,14 @@ from __future__ import annotations
 from fkpd.store.assignment import AssignmentMixin
 from fkpd.store.catalogue import CatalogueMixin
 from fkpd.store.core import DEFAULT_SETTINGS, StoreCore, validate_settings
+from fkpd.store.invites import InvitesMixin
 from fkpd.store.pairs import PairsMixin
 from fkpd.store.reports import ReportsMixin
 
 __all__ = ["DEFAULT_SETTINGS", "Store", "validate_settings"]
 
 
-class Store(PairsMixin, CatalogueMixin, AssignmentMixin, ReportsMixin, StoreCore):
+class Store(PairsMixin, CatalogueMixin, AssignmentMixin, InvitesMixin, ReportsMixin, StoreCore):
     """Preference store on SQLite or PostgreSQL, plus the artifact directory beside it.
 
     Args:
@@ -42,4 +45,8 @@ class Store(PairsMixin, CatalogueMixin, AssignmentMixin, ReportsMixin, StoreCore
             sharing a database should have synchronised clocks.
         migrate: run :func:`fkpd.store.db.init_db` (``alembic upgrade head``) on open.
         engine_kwargs: extra arguments for :func:`sqlalchemy.create_engine`.
+
+    Raises:
+        StoreUnavailableError: the database refuses connections or is not a database.
+        StoreError: the database was created by a newer version (unknown migration).
     """

@@ -19,7 +19,9 @@ from fkpd.store.outcomes import Outcome, outcome_to_p_left
 
 @dataclass(frozen=True)
 class ProjectInfo:
-    """A project. ``settings`` includes ``labels_per_pair`` and ``lease_seconds``."""
+    """A project. ``settings`` includes ``labels_per_pair`` and ``lease_seconds``;
+    ``identity`` is ``"open"`` (annotators name themselves) or ``"invite"`` (annotators
+    come through invite links, :meth:`fkpd.store.Store.create_invite`)."""
 
     id: int
     name: str
@@ -27,6 +29,7 @@ class ProjectInfo:
     instructions: str
     settings: dict[str, Any]
     created_at: datetime
+    identity: str = "open"
 
     @property
     def labels_per_pair(self) -> int:
@@ -40,7 +43,8 @@ class ProjectInfo:
 
     @classmethod
     def of(cls, row: m.Project) -> "ProjectInfo":
-        return cls(row.id, row.name, row.task_id, row.instructions, dict(row.settings), row.created_at)
+        return cls(row.id, row.name, row.task_id, row.instructions, dict(row.settings), row.created_at,
+                   row.identity or "open")
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,10 @@ class JobView:
         attempts: how many times the job was claimed.
         cancel_requested: :meth:`fkpd.store.queue.JobQueue.cancel` was called while it ran.
         result: the handler's JSON result once succeeded.
+        history: the job's events, oldest first, each ``{"at": ISO time (UTC), "event":
+            "queued" | "claimed" | "released" | "recovered" | "failed" | "succeeded" |
+            "cancelled", "attempt": int, "worker": str | None, "reason": str}``; a job
+            whose worker died keeps its ``recovered`` event after it succeeds.
     """
 
     id: int
@@ -223,6 +231,7 @@ class JobView:
     started_at: datetime | None
     finished_at: datetime | None
     result: dict[str, Any] | None
+    history: tuple[dict[str, Any], ...] = ()
 
     @property
     def done(self) -> bool:
@@ -249,4 +258,30 @@ class JobView:
             started_at=row.started_at,
             finished_at=row.finished_at,
             result=None if row.result is None else dict(row.result),
+            history=tuple(dict(e) for e in (row.history or ())),
         )
+
+
+@dataclass(frozen=True)
+class InviteInfo:
+    """An invite link of a project (never its token, which only its creator sees once).
+
+    Attributes:
+        annotator: the name of the annotator the link speaks for.
+        revoked_at: when it was revoked (UTC), or None while it is valid.
+        token: the token itself, only on the record :meth:`fkpd.store.Store.create_invite`
+            returns (None everywhere else: the store keeps only its sha256).
+    """
+
+    id: int
+    project_id: int
+    annotator_id: int
+    annotator: str
+    created_at: datetime
+    revoked_at: datetime | None
+    token: str | None = None
+
+    @property
+    def active(self) -> bool:
+        """True while the invite is not revoked."""
+        return self.revoked_at is None

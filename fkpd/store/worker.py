@@ -10,7 +10,14 @@
   (:meth:`JobContext.beat`); a worker that stops heart-beating has its job recovered by
   another worker's :meth:`~fkpd.store.queue.JobQueue.recover_stale`.
 * A handler gets a :class:`JobContext`: the job, its parameters, the store, and the
-  progress / cancellation hooks.
+  progress / cancellation hooks. :func:`current_job` returns it anywhere in the handler's
+  thread, and :meth:`JobContext.ensure_current` is the fence artifact writers call before
+  each write: once the job was recovered by another worker (or cancelled, or finished),
+  it raises :class:`~fkpd.store.errors.JobLostError`, so a worker that was frozen past its
+  heartbeat stops writing into the job's folders.
+* While idle, a worker sweeps the artifact directory (:func:`fkpd.store.sweep.sweep_artifacts`):
+  temporary files of killed writes and clip files no row names, once older than a grace
+  period (``sweep_grace_s``), every ``sweep_every_s``; each removal is logged.
 
 :func:`run_worker` is the body of the one worker command, ``fkpd worker``
 (:mod:`fkpd.cli`); it imports the modules that register handlers
@@ -19,6 +26,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import logging
 import os
@@ -39,11 +47,20 @@ from fkpd.store.errors import (
     WorkerStopping,
 )
 from fkpd.store.queue import HANDLERS, Handler, JobView, check_progress
+from fkpd.store.sweep import DEFAULT_GRACE_S, sweep_artifacts
 
 if TYPE_CHECKING:
     from fkpd.store.store import Store
 
 log = logging.getLogger(__name__)
+
+_CURRENT: contextvars.ContextVar["JobContext | None"] = contextvars.ContextVar("fkpd_current_job", default=None)
+
+
+def current_job() -> "JobContext | None":
+    """The :class:`JobContext` of the job running in this thread (set by
+    :meth:`Worker.execute` around the handler call), or None outside a job."""
+    return _CURRENT.get()
 
 
 class JobContext:
@@ -127,6 +144,22 @@ class JobContext:
         if self.stopping.is_set():
             raise WorkerStopping(f"worker {self.worker_id} is stopping")
 
+    def ensure_current(self) -> None:
+        """Fence: return only if this worker still runs this attempt of the job. Call it
+        right before writing an artifact or a row on the job's behalf.
+
+        Raises:
+            JobLostError: the job was recovered by another worker, claimed again,
+                cancelled or finished meanwhile (recorded in :attr:`lost` too).
+        """
+        if self.lost is not None:
+            raise self.lost
+        try:
+            self.store.jobs.check_owner(self.job_id, self.worker_id, self.job.attempts)
+        except JobLostError as exc:
+            self.lost = exc
+            raise
+
     def beat(self) -> None:
         """Write a heartbeat with the latest progress now (the heartbeat thread calls this).
 
@@ -194,6 +227,9 @@ class Worker:
         stale_after_s: while idle, recover jobs whose heartbeat is older than this
             (None: never). Keep it well above ``heartbeat_s``.
         max_attempts: passed to :meth:`~fkpd.store.queue.JobQueue.recover_stale`.
+        sweep_grace_s: while idle, remove temporary files and unregistered clip files
+            older than this (:func:`fkpd.store.sweep.sweep_artifacts`); None: never.
+        sweep_every_s: seconds between two sweeps.
     """
 
     def __init__(
@@ -205,16 +241,23 @@ class Worker:
         heartbeat_s: float = 5.0,
         stale_after_s: float | None = 120.0,
         max_attempts: int = 1,
+        sweep_grace_s: float | None = DEFAULT_GRACE_S,
+        sweep_every_s: float = 600.0,
     ) -> None:
         if not heartbeat_s > 0:
             raise StoreInputError(f"heartbeat_s must be > 0, got {heartbeat_s!r}")
+        if sweep_grace_s is not None and not sweep_grace_s > 0:
+            raise StoreInputError(f"sweep_grace_s must be > 0 or None, got {sweep_grace_s!r}")
         self.store = store
         self.handlers: Mapping[str, Handler] = HANDLERS if handlers is None else handlers
         self.worker_id = worker_id or default_worker_id()
         self.heartbeat_s = heartbeat_s
         self.stale_after_s = stale_after_s
         self.max_attempts = max_attempts
+        self.sweep_grace_s = sweep_grace_s
+        self.sweep_every_s = sweep_every_s
         self._last_recovery = float("-inf")
+        self._last_sweep = float("-inf")
 
     def run_one(self, stop: threading.Event | None = None) -> JobView | None:
         """Claim one job and run it; returns its final state, or None if none was queued.
@@ -240,6 +283,7 @@ class Worker:
         log.info("worker %s runs job %s (%s)", self.worker_id, job.id, job.kind)
         interrupt: BaseException | None = None
         beat.start()
+        token = _CURRENT.set(ctx)
         try:
             handler = self.handlers.get(job.kind)
             if handler is None:
@@ -263,6 +307,7 @@ class Worker:
             if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit
                 interrupt = exc
         finally:
+            _CURRENT.reset(token)
             beat.stop()
         try:
             view = self._settle(ctx, end)
@@ -294,6 +339,25 @@ class Worker:
         for job in recovered:
             log.warning("recovered job %s: %s", job.id, job.message)
         return recovered
+
+    def sweep_if_due(self) -> int:
+        """Sweep the artifact directory if ``sweep_grace_s`` is set and ``sweep_every_s``
+        passed since the last sweep; returns the number of files removed. A failure is
+        logged, never raised: sweeping must not stop a worker."""
+        if self.sweep_grace_s is None:
+            return 0
+        now = time.monotonic()
+        if now - self._last_sweep < self.sweep_every_s:
+            return 0
+        self._last_sweep = now
+        try:
+            report = sweep_artifacts(self.store, self.sweep_grace_s)
+        except Exception:  # noqa: BLE001 - a full disk or a vanished folder must not kill the worker
+            log.warning("sweeping %s failed", self.store.artifact_dir, exc_info=True)
+            return 0
+        if report.removed:
+            log.info("swept %d stale file(s) from %s", report.removed, self.store.artifact_dir)
+        return report.removed
 
     def run(
         self,
@@ -327,6 +391,7 @@ class Worker:
             if once or (max_jobs is not None and ran >= max_jobs):
                 break
             if job is None:
+                self.sweep_if_due()
                 stop.wait(poll_s)
         return ran
 
@@ -344,6 +409,8 @@ def run_worker(
     max_attempts: int = 1,
     max_jobs: int | None = None,
     stop: threading.Event | None = None,
+    sweep_grace_s: float | None = DEFAULT_GRACE_S,
+    sweep_every_s: float = 600.0,
 ) -> int:
     """Run a :class:`Worker` on ``store`` (the body of a ``worker`` CLI command).
 
@@ -351,7 +418,8 @@ def run_worker(
     fill :data:`HANDLERS`. In the main thread, SIGTERM and SIGINT make the worker stop:
     the current job goes back to the queue at its next check point (a job whose handler
     does not check again runs to its end), and a second SIGINT interrupts it at once
-    (it is then marked failed).
+    (it is then marked failed). While idle the worker sweeps the artifact directory
+    (``sweep_grace_s``, ``sweep_every_s``: see :class:`Worker`).
 
     Returns:
         The number of jobs run.
@@ -368,6 +436,8 @@ def run_worker(
         heartbeat_s=heartbeat_s,
         stale_after_s=stale_after_s,
         max_attempts=max_attempts,
+        sweep_grace_s=sweep_grace_s,
+        sweep_every_s=sweep_every_s,
     )
     stop = stop or threading.Event()
     previous: dict[int, Any] = {}

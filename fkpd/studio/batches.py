@@ -60,7 +60,7 @@ from fkpd.policy.rollout import write_video
 from fkpd.prefs.labellers import Label, Labeller
 from fkpd.prefs.pairs import RolledClip, RolloutPairSource
 from fkpd.prefs.segments import Segment
-from fkpd.store import JobContext, PolicyVersionInfo, ProjectInfo, Store
+from fkpd.store import JobContext, PolicyVersionInfo, ProjectInfo, Store, current_job
 from fkpd.studio.errors import RoundError
 from fkpd.studio.params import TRAINING_KINDS, BatchSettings
 from fkpd.train.align import AlignConfig
@@ -178,6 +178,7 @@ class StoreLabeller(Labeller):
         self.store, self.project, self.job_id = store, project, job_id
         self._clips: dict[int, list[dict[str, Any]]] = {}
         self.pair_ids: dict[int, list[int]] = {}
+        self._fence: Callable[[], None] = lambda: None
 
     def clip_writer(self, version: PolicyVersionInfo, round_: int, total: int,
                     progress: Callable[[float, str], None] | None = None) -> Callable[[RolledClip], None]:
@@ -187,12 +188,24 @@ class StoreLabeller(Labeller):
         (ground-truth return and success included, never shown to annotators) for
         :meth:`request`.
 
+        Writes are fenced on the job's current attempt: inside a worker's job
+        (:func:`fkpd.store.current_job`), each clip first checks that this worker still
+        runs this attempt of the job (:meth:`JobContext.ensure_current`), so a worker
+        whose job was recovered by another one (it was frozen past its heartbeat) stops
+        instead of writing into the batch folder.
+
         Args:
             version: the version the clips come from.
             round_: the round they are labelled for.
             total: clips in the batch (for progress messages).
             progress: optional ``(fraction, message)`` callback, once per clip.
+
+        Raises (from the returned writer):
+            JobLostError: the job is no longer this worker's attempt; nothing is written.
         """
+        ctx = current_job()
+        fence = ctx.ensure_current if ctx is not None and ctx.job_id == self.job_id else (lambda: None)
+        self._fence = fence
         task = self.project.task_id
         fps = get_task(task).fps
         folder = f"projects/{self.project.id}/batches/round{round_:03d}-v{version.id}-{uuid.uuid4().hex[:8]}"
@@ -200,6 +213,7 @@ class StoreLabeller(Labeller):
         store = self.store
 
         def write(clip: RolledClip) -> None:
+            fence()
             k, j, seg = clip.pair, clip.side, clip.segment
             stem = f"{folder}/p{k:03d}_{'ab'[j]}"
             video, video_sha = store.write_artifact_atomic(
@@ -223,6 +237,7 @@ class StoreLabeller(Labeller):
         transaction, then its pairs in another; the new pair ids go to
         ``pair_ids[round_]``."""
         clips = self._clips.pop(round_, [])
+        self._fence()  # the clip writer's fence: a job taken over meanwhile registers nothing
         if len(clips) != 2 * len(pairs):
             raise RoundError(f"round {round_}: {len(clips)} clip files were written for {len(pairs)} pairs; "
                              "roll the batch out with this labeller's clip_writer")

@@ -3,8 +3,9 @@
 * :class:`StudioConfig` — where the store is, which project and task, which bootstrap
   parameters, whether to start a local worker; read from the environment
   (``FKPD_*`` variables, see :meth:`StudioConfig.from_env`).
-* :func:`open_project` — creates the default project on first start and queues its
-  bootstrap job; a second start finds both and resumes.
+* :func:`open_project` — creates the default project together with its bootstrap job
+  (one transaction) on first start; a later start finds both and resumes, and queues a
+  bootstrap for a project that has neither a policy version nor one.
 * :func:`start_local_worker` — ``fkpd worker`` as a child process that exits with the app.
 * :class:`StudioError` (bad input from the app), the job kinds and answers the pages share
   (:data:`ACTIVE`, :data:`OUTCOMES`, :data:`ROUND_FIELDS`, ...) and
@@ -25,6 +26,7 @@ from fkpd.envs import DEFAULT_TASK, get_task
 from fkpd.envs.metaworld import INSTRUCTIONS as DEFAULT_INSTRUCTIONS  # noqa: F401 (re-exported)
 from fkpd.store import JobView, ProjectInfo, Store
 from fkpd.store.db import labels_dir
+from fkpd.store.models import IDENTITY_MODES
 from fkpd.studio.errors import StudioError
 from fkpd.studio.params import ROUND_FIELDS, TRAINING_KINDS, BootstrapParams  # noqa: F401 (re-exported)
 
@@ -63,6 +65,9 @@ class StudioConfig:
         start_worker: start a local ``fkpd worker`` child process.
         worker_threads: torch threads of that worker (0: torch's default); 1 leaves a
             core to the app on a 2-core machine.
+        identity: how annotators of a *new* project are known: ``"invite"`` (invite links
+            with a random token, the default) or ``"open"`` (the name in the URL, for
+            demos); an existing project keeps its mode (``fkpd annotators mode``).
     """
 
     database_url: str = ""
@@ -72,6 +77,7 @@ class StudioConfig:
     bootstrap: dict[str, Any] = field(default_factory=dict)
     start_worker: bool = True
     worker_threads: int = 1
+    identity: str = "invite"
 
     @property
     def worker_log(self) -> Path:
@@ -82,14 +88,16 @@ class StudioConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "StudioConfig":
         """Read ``FKPD_DATABASE_URL``, ``FKPD_ARTIFACT_DIR``, ``FKPD_PROJECT``,
-        ``FKPD_TASK``, ``FKPD_BOOTSTRAP`` (JSON object), ``FKPD_START_WORKER`` (0/1) and
-        ``FKPD_WORKER_THREADS``.
+        ``FKPD_TASK``, ``FKPD_BOOTSTRAP`` (JSON object), ``FKPD_START_WORKER`` (0/1),
+        ``FKPD_WORKER_THREADS`` and ``FKPD_IDENTITY`` (``invite`` or ``open``, for a new
+        project).
 
         The project name defaults to the task's short name (``door-open`` for
         ``metaworld/door-open-v3``).
 
         Raises:
-            StudioError: ``FKPD_BOOTSTRAP`` is not a JSON object, or a number is malformed.
+            StudioError: ``FKPD_BOOTSTRAP`` is not a JSON object, a number is malformed,
+                or ``FKPD_IDENTITY`` is neither ``invite`` nor ``open``.
         """
         env = os.environ if env is None else env
         task = env.get("FKPD_TASK", "").strip() or DEFAULT_TASK
@@ -107,12 +115,16 @@ class StudioConfig:
         except ValueError as exc:
             raise StudioError(f"FKPD_WORKER_THREADS must be an integer, got {env.get('FKPD_WORKER_THREADS')!r}") \
                 from exc
+        identity = env.get("FKPD_IDENTITY", "").strip().lower() or "invite"
+        if identity not in IDENTITY_MODES:
+            raise StudioError(f"FKPD_IDENTITY must be 'invite' (annotators come through invite links) or 'open' "
+                              f"(annotators type their name), got {env.get('FKPD_IDENTITY')!r}")
         return cls(database_url=env.get("FKPD_DATABASE_URL", "").strip(),
                    artifact_dir=env.get("FKPD_ARTIFACT_DIR", "").strip(),
                    project=env.get("FKPD_PROJECT", "").strip() or default_project, task=task,
                    bootstrap=bootstrap,
                    start_worker=env.get("FKPD_START_WORKER", "1").strip().lower() not in ("0", "false", "no"),
-                   worker_threads=threads)
+                   worker_threads=threads, identity=identity)
 
     def open_store(self) -> Store:
         """The store (migrated to the current schema)."""
@@ -120,36 +132,44 @@ class StudioConfig:
 
 
 def open_project(store: Store, cfg: StudioConfig) -> tuple[ProjectInfo, JobView | None]:
-    """The configured project, created (with its bootstrap job queued) on first start.
+    """The configured project, created with its bootstrap job queued on first start.
 
-    A later start finds the project and queues nothing: a bootstrap that was running when
-    the last app stopped is requeued by the worker's stale-job recovery and resumes from
-    its saved dataset and BC state (:func:`fkpd.studio.bootstrap.bootstrap`). A bootstrap that
-    *failed* is not retried automatically; the Label page shows its error and an admin
-    can retry (:func:`retry_bootstrap`).
+    The project and its bootstrap job are created in one transaction
+    (:meth:`Store.create_project_with_job`): a bootstrap that cannot be queued (a bad
+    ``FKPD_BOOTSTRAP``) leaves no project behind. A later start finds the project: a
+    bootstrap that was running when the last app stopped is requeued by the worker's
+    stale-job recovery and resumes from its saved dataset and BC state
+    (:func:`fkpd.studio.bootstrap.bootstrap`). A project that has no servable policy
+    version and no bootstrap job queued, running or succeeded (one that was stranded, or
+    whose bootstrap failed or was cancelled) gets a new bootstrap with the current
+    settings; the check and the insert are one transaction, so two apps starting at once
+    queue one.
 
     Returns:
         ``(project, job)`` where ``job`` is the bootstrap job queued now, or None.
 
     Raises:
         UnknownTaskError: the configured task does not exist.
+        ParamError: ``FKPD_BOOTSTRAP`` holds a bad value (NaN included).
+        StoreInputError: the bootstrap parameters are not strict JSON.
     """
     from fkpd.envs import get_task
+    from fkpd.store import AlreadyExistsError
 
     get_task(cfg.task)  # a clear error for a typo in FKPD_TASK
     BootstrapParams.from_params(cfg.bootstrap)  # and for a bad FKPD_BOOTSTRAP (ParamError, NaN included)
     existing = {p.name: p for p in store.list_projects()}
-    if cfg.project in existing:
-        return existing[cfg.project], None
-    from fkpd.store import AlreadyExistsError
-
-    try:
-        project = store.create_project(cfg.project, cfg.task,
-                                       instructions=default_instructions(cfg.task))
-    except AlreadyExistsError:  # another app process created it a moment ago
-        return store.get_project(cfg.project), None
-    job = store.jobs.enqueue(project.id, "bootstrap", dict(cfg.bootstrap))
-    return project, job
+    if cfg.project not in existing:
+        try:
+            return store.create_project_with_job(cfg.project, cfg.task, "bootstrap", dict(cfg.bootstrap),
+                                                 instructions=default_instructions(cfg.task), identity=cfg.identity)
+        except AlreadyExistsError:  # another app process created it a moment ago
+            existing[cfg.project] = store.get_project(cfg.project)
+    project = existing[cfg.project]
+    if any(v.checkpoint_path is not None for v in store.list_policy_versions(project.id)):
+        return project, None
+    return project, store.jobs.enqueue_unless(project.id, "bootstrap", dict(cfg.bootstrap),
+                                              statuses=("queued", "running", "succeeded"))
 
 
 # ------------------------------------------------------------------ local worker

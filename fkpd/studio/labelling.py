@@ -3,7 +3,9 @@
 * :func:`lease_for_display` — the current pair and the prefetched next one, with their
   videos checked; a pair whose video is missing or corrupt is set aside
   (:meth:`Store.retire_pair`) and reported instead of crashing the page.
-* :func:`record_answers` — answers sent by the browser, stored idempotently.
+* :func:`record_answers` — answers sent by the browser, each checked on its own
+  (a malformed one is skipped and logged, never raised) and stored idempotently, only
+  for pairs leased to that annotator in that project.
 
 No function here takes a filesystem path from the browser: videos are read from the
 artifact directory by clip id (:meth:`Store.resolve` refuses paths that escape it).
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -22,12 +25,11 @@ from typing import Any, Iterable, Mapping
 from fkpd.store import (
     AnnotatorInfo,
     ClipView,
-    NotFoundError,
-    PairUnavailableError,
+    NotLeasedError,
     PairView,
     ProjectInfo,
     Store,
-    StoreInputError,
+    StoreError,
 )
 from fkpd.studio.config import OUTCOMES
 
@@ -116,9 +118,52 @@ def lease_for_display(store: Store, project: ProjectInfo, annotator: AnnotatorIn
     return good, notices
 
 
+#: Largest pair id an answer may name (the store's row ids are 32-bit).
+MAX_PAIR_ID = 2**31 - 1
+#: ``shown_ms`` must fall between these epoch milliseconds (2000-01-01 and 2200-01-01).
+SHOWN_MS_RANGE = (946_684_800_000, 7_258_118_400_000)
+
+
+def parse_answer(item: Any) -> tuple[int, str, datetime | None]:
+    """One answer from the browser as ``(pair_id, outcome, shown_at)``.
+
+    Args:
+        item: ``{"pair": int, "outcome": "left"|"right"|"equal"|"skip", "shown_ms":
+            epoch milliseconds}``; ``shown_ms`` may be missing or null.
+
+    Raises:
+        ValueError: not a mapping; a pair id that is not an int in ``[1, 2**31 - 1]``;
+            an unknown outcome; a ``shown_ms`` that is not a finite number of epoch ms
+            between the years 2000 and 2200.
+    """
+    if not isinstance(item, Mapping):
+        raise ValueError(f"an answer must be an object, got {type(item).__name__}")
+    pair_id = item.get("pair")
+    if isinstance(pair_id, bool) or not isinstance(pair_id, int) or not 1 <= pair_id <= MAX_PAIR_ID:
+        raise ValueError(f"pair must be an integer id between 1 and {MAX_PAIR_ID}, got {pair_id!r:.40}")
+    outcome = item.get("outcome")
+    if not isinstance(outcome, str) or outcome not in OUTCOMES:
+        raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r:.40}")
+    shown = item.get("shown_ms")
+    if shown is None:
+        return pair_id, outcome, None
+    if isinstance(shown, bool) or not isinstance(shown, (int, float)) or not math.isfinite(shown) \
+            or not SHOWN_MS_RANGE[0] <= shown <= SHOWN_MS_RANGE[1]:
+        raise ValueError(f"shown_ms must be epoch milliseconds between the years 2000 and 2200, got {shown!r:.40}")
+    return pair_id, outcome, datetime.fromtimestamp(float(shown) / 1000.0, tz=timezone.utc)
+
+
 def record_answers(store: Store, annotator: AnnotatorInfo, answers: Iterable[Mapping[str, Any]],
-                   recorded: set[int]) -> list[str]:
-    """Store answers sent by the browser, each at most once.
+                   recorded: set[Any], *, project: ProjectInfo | None = None) -> list[str]:
+    """Store answers sent by the browser, each at most once, each checked on its own.
+
+    A malformed answer (a pair id that is not a sane integer, an unknown outcome, a
+    ``shown_ms`` that is not a plausible time, an entry that is not an object) is
+    skipped and logged; it never raises and never stops the answers after it, which
+    matters because the browser resends the whole list on every rerun. An answer for a
+    pair not leased to ``annotator`` (or not of ``project``) is refused by the store
+    (:class:`~fkpd.store.NotLeasedError`) and logged, and the lease holder's own answer
+    is unaffected.
 
     Args:
         store: the store.
@@ -126,36 +171,46 @@ def record_answers(store: Store, annotator: AnnotatorInfo, answers: Iterable[Map
         answers: ``{"pair": id, "outcome": "left"|"right"|"equal"|"skip", "shown_ms": epoch
             ms}`` objects, in the order given (the browser keeps every answer of the
             session until the page reloads, so they arrive again on every rerun).
-        recorded: pair ids already stored in this browser session; updated in place. The
+        recorded: what this browser session has dealt with (pair ids stored or refused,
+            and markers of malformed entries already reported); updated in place. The
             store is idempotent per (pair, annotator) as well, so a repeat is harmless.
+        project: the project the page serves; when given, answers for pairs of other
+            projects are refused.
 
     Returns:
-        Messages for answers that could not be stored (a pair that was retired or filled
-        by someone else meanwhile, a malformed entry).
+        Messages for answers that could not be stored (a pair that was retired, filled
+        by someone else meanwhile or not leased to this annotator, a malformed entry),
+        each reported once per session. A store failure that may pass (the database
+        briefly unreachable) is reported and retried on the next rerun.
     """
     problems = []
     for item in answers or ():
         try:
-            pair_id = int(item["pair"])
-            outcome = str(item["outcome"])
-        except (KeyError, TypeError, ValueError):
-            problems.append(f"ignored a malformed answer {item!r}")
+            pair_id, outcome, shown_at = parse_answer(item)
+        except ValueError as exc:
+            marker = ("malformed", repr(item)[:200])
+            if marker not in recorded:
+                recorded.add(marker)
+                log.warning("skipped a malformed answer from annotator %r: %s (%.200r)", annotator.name, exc, item)
+                problems.append(f"ignored a malformed answer ({exc})")
             continue
         if pair_id in recorded:
             continue
-        if outcome not in OUTCOMES:
-            problems.append(f"ignored answer {outcome!r} for pair {pair_id}")
-            recorded.add(pair_id)
-            continue
-        shown = item.get("shown_ms")
-        shown_at = (datetime.fromtimestamp(float(shown) / 1000.0, tz=timezone.utc)
-                    if isinstance(shown, (int, float)) and shown > 0 else None)
         try:
-            store.answer(pair_id, annotator.id, outcome, shown_at=shown_at)
-        except (PairUnavailableError, NotFoundError, StoreInputError) as exc:
+            store.answer(pair_id, annotator.id, outcome, shown_at=shown_at,
+                         project=None if project is None else project.id)
+        except NotLeasedError as exc:
+            log.warning("refused an answer of annotator %r for pair %s: %s", annotator.name, pair_id, exc)
             problems.append(f"your answer to pair {pair_id} was not stored: {exc}")
+        except StoreError as exc:
+            problems.append(f"your answer to pair {pair_id} was not stored: {exc}")
+        except Exception as exc:  # noqa: BLE001 - e.g. the database briefly unreachable: retry on the next rerun
+            log.warning("could not store the answer of %r for pair %s", annotator.name, pair_id, exc_info=True)
+            problems.append(f"your answer to pair {pair_id} could not be stored just now ({type(exc).__name__}); "
+                            "it is sent again with your next answer")
+            continue
         recorded.add(pair_id)
     return problems
 
 
-__all__ = ["DisplayPair", "clip_video_b64", "lease_for_display", "record_answers"]
+__all__ = ["DisplayPair", "clip_video_b64", "lease_for_display", "parse_answer", "record_answers"]
