@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.fn(args) or 0)
     except FKPDError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # one line, whatever a library wrote
         return 2
     except KeyboardInterrupt:
         print("interrupted; checkpoints written so far are intact", file=sys.stderr)

@@ -239,6 +239,9 @@ def test_labels_import_errors_name_the_commands_flags(store, project, tmp_path, 
     labels_only.write_bytes(pickle.dumps([0, 1]))
     err = _one_line_error(capsys, main(_cli_import(store, labels_only, project, "--segment-length", str(L))))
     assert "--indices-file and --indices-2-file" in err
+    # a library error spread over several lines (h5py on a folder) still prints as one line
+    err = _one_line_error(capsys, main(_cli_import(store, nolen, tmp_path, "--segment-length", str(L))))
+    assert "the dataset the labels index cannot be read" in err
     # the Python API keeps speaking in keyword arguments
     with pytest.raises(StoreInputError, match="segment_length=0 is not allowed"):
         import_pt_labels(store, "proj", project, nolen, segment_length=0)

@@ -304,9 +304,16 @@ def import_pt_labels(
 
 def _refuse_a_second_import(store: "Store", project: Any, name: str) -> None:
     """Raise AlreadyExistsError when annotator ``name`` already has comparisons in the
-    project (without creating the annotator)."""
+    project (without creating the annotator); StoreInputError for a name the store
+    would refuse (empty, too long)."""
+    from fkpd.store.core import clean_name
+
     try:
-        who = store.get_annotator(name.strip())
+        name = clean_name(name, "annotator")
+    except StoreInputError as exc:
+        raise StoreInputError(f"{exc}; pass annotator= with another name") from None
+    try:
+        who = store.get_annotator(name)
     except NotFoundError:
         return
     if not store.comparisons_frame(project.id, annotator=who.id).empty:

@@ -118,7 +118,7 @@ def load_label_file(path: str | os.PathLike[str]) -> Any:
     except ImportFormatError:
         raise
     except Exception as exc:  # noqa: BLE001 - numpy, h5py and pickle fail in many ways on a corrupt file
-        reason = f"{type(exc).__name__}: {exc}".strip()
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line, whatever the library wrote
         raise ImportFormatError(
             f"cannot read label file {path} as {kind} ({reason[:200]}); the file is corrupt or not a label "
             "file: re-download it, or pass the .npz/.npy/.h5 or pickle the project published"
