@@ -168,12 +168,12 @@ def import_pt_labels(
     """Import Preference Transformer / Uni-RLHF labels over a user-provided D4RL dataset.
 
     Writes one segment ``.npz`` per distinct start index (under
-    ``imported/<project id>/<name>/``), then in one transaction creates a policy
-    version without checkpoint (``metrics`` records the sources), the clips (no reset
-    seed; ``gt_return`` = segment reward sum; ``meta.start_index`` and ``meta.row``, the
-    first file row), one pair per query with status ``done`` (imported pairs are never
-    offered to annotators: they have no videos) and one comparison each by the
-    annotator. The comparisons are then training data of the project's alignment rounds
+    ``imported/<project id>/<name>/<import id>/``, a folder of this import alone), then
+    in one transaction creates a policy version without checkpoint (``metrics`` records
+    the sources), the clips (no reset seed; ``gt_return`` = segment reward sum;
+    ``meta.start_index`` and ``meta.row``, the first file row), one pair per query with
+    status ``done`` (imported pairs are never offered to annotators: they have no videos)
+    and one comparison each by the annotator. The comparisons are then training data of the project's alignment rounds
     (:meth:`Store.training_pairs`), next to its own labels.
 
     Args:
