@@ -174,6 +174,12 @@ def _cmd_loop(args: argparse.Namespace) -> int:
                        dataclass_from_args(PolicyConfig, args))
     out = Path(summary["out_dir"])
     print(f"final checkpoint: {summary['rounds'][-1]['checkpoint']}")
+    best = summary["best"]
+    print(f"best version so far: round {best['round']} ({best['checkpoint']}), success {best['success_rate']:.0%}")
+    flagged = [row["round"] for row in summary["rounds"][1:] if row.get("worse_than_parent")]
+    if flagged:
+        print(f"WARNING: round(s) {flagged} evaluated worse than their parent beyond the 95% interval; "
+              "see loop.json (vs_parent), or rerun with --continue-from best")
     print(f"metrics: {out / 'loop.json'}  plot: {out / 'loop.png'}  labels: {out / 'prefs.json'}")
     return 0
 

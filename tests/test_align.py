@@ -354,3 +354,31 @@ def test_loop_cli_smoke(tiny_dataset, tiny_checkpoint, tmp_path, capsys):
     assert main(["loop", "--task", OTHER, "--bc-checkpoint", str(tiny_checkpoint), "--dataset", str(tiny_dataset),
                  "--out-dir", str(tmp_path / "bad")]) == 2
     assert "is for task 'metaworld/door-open-v3', not 'metaworld/button-press-v3'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_loop_compares_rounds_with_their_parent_and_can_continue_from_the_best(tiny_dataset, tiny_checkpoint,
+                                                                              tmp_path, capsys):
+    out = tmp_path / "best"
+    args = ["loop", "--task", TASK, "--teacher", "return", "--rounds", "2", "--pairs-per-round", "3",
+            "--segment-length", "8", "--max-episode-steps", "20", "--eval-episodes", "3", "--n-envs", "3",
+            "--bc-checkpoint", str(tiny_checkpoint), "--dataset", str(tiny_dataset), "--out-dir", str(out),
+            "--steps", "4", "--batch-pairs", "2", "--bc-batch-size", "16", "--device", "cpu",
+            "--continue-from", "best"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "loop.json").read_text())
+    rounds = summary["rounds"]
+    assert len(rounds[0]["episode_successes"]) == 3 and len(rounds[0]["episode_returns"]) == 3
+    for r in rounds[1:]:
+        cmp = r["vs_parent"]
+        parent = rounds[r["parent_round"]]
+        assert cmp["episodes"] == 3 and r["worse_than_parent"] == cmp["worse"]
+        assert cmp["delta_return"] == pytest.approx(r["mean_return"] - parent["mean_return"], abs=1e-6)
+        assert read_checkpoint_meta(r["checkpoint"])["parent"] == parent["checkpoint"]
+    # round 2 starts from the better of rounds 0 and 1 (success rate, then mean return)
+    key = lambda row: (row["success_rate"], row["mean_return"])  # noqa: E731
+    assert rounds[2]["parent_round"] == max(rounds[:2], key=key)["round"]
+    assert summary["best"]["round"] == max(rounds, key=key)["round"]
+    assert f"best version so far: round {summary['best']['round']}" in printed and "vs round" in printed
+    assert main(["loop", "--continue-from", "sideways", "--out-dir", str(tmp_path / "x")]) == 2

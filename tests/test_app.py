@@ -152,3 +152,29 @@ def test_compare_page_queues_a_comparison_of_two_versions(app, project_store):
     next(b for b in at.button if b.label == "Roll out both on the same seeds").click().run()
     jobs = project_store.jobs.list(PROJECT, status="queued")
     assert [j.kind for j in jobs] == ["compare"] and jobs[0].params["version_a"] == v0.id
+
+
+def test_rounds_page_flags_a_worse_version_and_rolls_it_back(app, project_store):
+    from fkpd.studio import current_version
+    from fkpd.train.evaluate import compare_with_parent
+
+    v0 = project_store.latest_policy_version(PROJECT)
+    n = v0.metrics["episodes"]
+    cmp = compare_with_parent({"episode_successes": [0] * n, "episode_returns": [0.0] * n},
+                              {"episode_successes": [1] * n, "episode_returns": [5.0] * n})
+    v1 = project_store.add_policy_version(PROJECT, v0.checkpoint_path, parent_id=v0.id, round=1,
+                                          metrics={"kind": "alignment_round", "success_rate": 0.0, "vs_parent": cmp})
+    at = app()
+    at.switch_page("pages/rounds.py").run()
+    assert not at.exception
+    assert any(f"v{v1.id} evaluated worse than its parent v{v0.id}" in w.value for w in at.warning)
+    label = f"Roll back: serve v{v0.id} again"
+    assert not [b for b in at.button if b.label == label], "only an admin can roll back"
+    at.text_input(key="admin_pw").input(ADMIN_PASSWORD)
+    next(b for b in at.button if b.label == "Sign in").click().run()
+    next(b for b in at.button if b.label == label).click().run()
+    assert not at.exception
+    project = project_store.get_project(PROJECT)
+    assert current_version(project_store, project).id == v0.id
+    assert not at.warning, "the served version is no longer flagged"
+    assert at.metric[0].value == f"v{v0.id} (round 0)"

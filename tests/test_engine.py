@@ -118,3 +118,42 @@ def test_scripted_labeller_labels_at_once_and_keeps_rounds(tiny_checkpoint):
             assert (p == 1.0) == (a.ret > b.ret) or a.ret == b.ret, "the return teacher prefers the higher return"
     assert labeller.rounds[1][1] == [("left" if p == 1.0 else "right" if p == 0.0 else "equal" if p == 0.5
                                       else "skip") for _, _, p in labeller.new_labels(1)]
+
+
+def test_compare_with_parent_is_paired_and_flags_only_beyond_the_interval():
+    from fkpd.train.evaluate import compare_with_parent, describe_comparison
+
+    parent = {"episode_successes": [1] * 30 + [0] * 20, "episode_returns": [100.0] * 50}
+    same = compare_with_parent(dict(parent), parent)
+    assert same["delta_success"] == 0 and same["delta_success_ci95"] == [0.0, 0.0] and not same["worse"]
+    # 15 of the parent's 30 successes lost on the same seeds: worse beyond the interval
+    worse = {"episode_successes": [1] * 15 + [0] * 35, "episode_returns": [90.0] * 50}
+    cmp = compare_with_parent(worse, parent)
+    assert cmp["delta_success"] == pytest.approx(-0.3) and cmp["delta_success_ci95"][1] < 0 and cmp["worse"]
+    assert cmp["metric"] == "success" and cmp["episodes"] == 50 and cmp["delta_return"] == pytest.approx(-10.0)
+    assert "WORSE" in describe_comparison(cmp)
+    # one episode fewer is within the interval: not flagged
+    slight = {"episode_successes": [1] * 29 + [0] * 21, "episode_returns": [100.0] * 50}
+    assert not compare_with_parent(slight, parent)["worse"]
+    # pairing: the same success rate on other seeds is a change on each seed, and nets to 0
+    shuffled = {"episode_successes": [0] * 20 + [1] * 30, "episode_returns": [100.0] * 50}
+    assert compare_with_parent(shuffled, parent)["delta_success"] == 0.0
+    # without successes (locomotion), the return decides; missing data gives no comparison
+    flat = {"episode_successes": [0] * 20, "episode_returns": [50.0] * 20}
+    lower = {"episode_successes": [0] * 20, "episode_returns": [40.0 + i % 3 for i in range(20)]}
+    cmp = compare_with_parent(lower, flat)
+    assert cmp["metric"] == "return" and cmp["worse"]
+    assert compare_with_parent(lower, None) is None and compare_with_parent({}, parent) is None
+    assert describe_comparison(None) == "no paired comparison with its parent"
+
+
+def test_engine_compares_each_round_with_its_parent(tiny_checkpoint, tiny_dataset, tmp_path):
+    envs = [make_env(TASK, max_episode_steps=12) for _ in range(2)]
+    engine = _engine(tiny_checkpoint, tiny_dataset, _Recorder(), envs)
+    ref = DiffusionPolicy.load(tiny_checkpoint)
+    parent_ev = engine.evaluator(ref)
+    assert len(parent_ev["episode_successes"]) == len(parent_ev["episode_returns"]) == 2
+    engine.make_batch(ref, 1)
+    res = engine.run_round(1, tiny_checkpoint, tmp_path / "r1", parent_evaluation=parent_ev)
+    assert res.comparison["episodes"] == 2 and "worse" in res.comparison
+    assert res.comparison["delta_return"] == pytest.approx(res.evaluation["mean_return"] - parent_ev["mean_return"])

@@ -271,3 +271,33 @@ def test_enqueue_round_stores_checked_parameters(project_store):
     with pytest.raises(ParamError, match="beta is nan"):
         enqueue_round(store, project, {"beta": math.nan})
     assert [j.kind for j in store.jobs.list(project.id)] == ["bootstrap"], "nothing queued for a bad value"
+
+
+def test_a_worse_round_is_flagged_and_an_admin_can_roll_it_back(project_store):
+    from fkpd.studio import RoundError, current_version, roll_back, served_versions
+    from fkpd.train.evaluate import compare_with_parent
+
+    store = project_store
+    project = store.get_project(PROJECT)
+    v0 = store.latest_policy_version(project.id)
+    assert len(v0.metrics["episode_successes"]) == v0.metrics["episodes"], "the bootstrap keeps per-episode results"
+    with pytest.raises(RoundError, match="no earlier version"):
+        roll_back(store, project)
+    n = v0.metrics["episodes"]
+    parent = {"episode_successes": [1] * n, "episode_returns": [10.0] * n}
+    child = {"episode_successes": [0] * n, "episode_returns": [1.0] * n}
+    cmp = compare_with_parent(child, parent)
+    v1 = store.add_policy_version(project.id, v0.checkpoint_path, parent_id=v0.id, round=1,
+                                  metrics={"kind": "alignment_round", "success_rate": 0.0, "vs_parent": cmp,
+                                           "success_ci95": [0.0, 0.3]})
+    hist = rounds_history(store, project)
+    assert hist.set_index("version").loc[v1.id, "vs_parent"].endswith("WORSE")
+    assert hist.set_index("version").loc[v1.id, "status"] == "served"
+    assert hist.set_index("version").loc[v1.id, "success_ci95"] == "0–30%"
+    assert roll_back(store, project).id == v0.id
+    assert current_version(store, project).id == v0.id, "the parent is served again"
+    assert [v.id for v in served_versions(store, project)] == [v0.id]
+    hist = rounds_history(store, project)
+    assert hist.set_index("version").loc[v1.id, "status"] == "rolled back", "kept in the history"
+    assert hist.set_index("version").loc[v0.id, "status"] == "served"
+    assert store.get_policy_version(v1.id).id == v1.id, "nothing is deleted"

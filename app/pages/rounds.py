@@ -9,11 +9,13 @@ from fkpd.studio import (
     enqueue_round,
     error_headline,
     job_summary,
+    describe_comparison,
     latest_training_job,
+    roll_back,
     round_defaults,
     rounds_history,
 )
-from studio_ui import admin_sign_in, studio
+from studio_ui import admin_sign_in, is_admin, studio
 
 s = studio()
 defaults = round_defaults()
@@ -28,6 +30,20 @@ sr = None if latest is None else latest.metrics.get("success_rate")
 c2.metric("Success rate", "—" if sr is None else f"{100 * sr:.0f}%")
 c3.metric("Comparisons to train on", n_labels)
 c4.metric("Latest batch", f"{answered}/{total}")
+vs_parent = None if latest is None else latest.metrics.get("vs_parent")
+if vs_parent and vs_parent.get("worse"):
+    st.warning(f"The current policy v{latest.id} evaluated worse than its parent v{latest.parent_id}: "
+               f"{describe_comparison(vs_parent, 'its parent')}. Labelling continues on it until an admin rolls "
+               "it back.", icon=":material/trending_down:")
+    if is_admin() and st.button(f"Roll back: serve v{latest.parent_id} again", key="roll_back",
+                                help="v{} stays in the store and the history (marked rolled back); its comparisons "
+                                     "keep training later rounds, which start from the parent.".format(latest.id)):
+        try:
+            served = roll_back(s.store, s.project)
+            st.success(f"v{served.id} is served again.")
+            st.rerun()
+        except StudioError as exc:
+            st.error(str(exc))
 
 st.subheader("Run an alignment round")
 if not admin_sign_in(s):

@@ -39,7 +39,8 @@ from fkpd.studio.history import (
     version_label,
 )
 from fkpd.studio.labelling import DisplayPair, clip_video_b64, lease_for_display, record_answers
-from fkpd.studio.batches import served_versions
+from fkpd.studio.batches import roll_back, served_versions
+from fkpd.train.evaluate import describe_comparison
 from fkpd.studio.errors import ParamError, RoundError
 from fkpd.studio.params import BatchSettings, BootstrapParams, RoundParams, round_defaults
 
@@ -49,4 +50,4 @@ __all__ = ['COMPARE', 'TRAINING_KINDS', 'ACTIVE', 'OUTCOMES', 'ROUND_FIELDS', 'D
            'AdminAuth', 'clean_annotator_name', 'DisplayPair', 'clip_video_b64', 'lease_for_display', 'record_answers',
            'rounds_history', 'enqueue_round', 'export_bytes', 'CompareParams', 'enqueue_compare', 'compare',
            'compare_videos', 'version_label', 'ParamError', 'RoundError', 'BatchSettings', 'BootstrapParams',
-           'RoundParams', 'round_defaults']
+           'RoundParams', 'round_defaults', 'roll_back', 'describe_comparison']

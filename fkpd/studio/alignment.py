@@ -36,6 +36,7 @@ from fkpd.studio.batches import (Stage, Watch, apply_threads, checkpoint_dir, en
 from fkpd.studio.errors import RoundError
 from fkpd.studio.params import ALIGNMENT_ROUND, BatchSettings, RoundParams
 from fkpd.train.engine import NoLabelsError, RoundEngine, RoundResult
+from fkpd.train.evaluate import describe_comparison
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,8 @@ def alignment_round(ctx: JobContext) -> dict[str, Any]:
         "policy_version_id": version.id, "round": version.round, "parent_id": version.parent_id,
         "reference_id": m.get("reference_id"), "labels_used": m.get("labels_used"),
         "implicit_acc": m.get("implicit_acc"), "success_rate": m.get("success_rate"),
-        "mean_return": m.get("mean_return"), "next_round": version.round + 1, "pair_ids": pair_ids})
+        "mean_return": m.get("mean_return"), "vs_parent": m.get("vs_parent"), "next_round": version.round + 1,
+        "pair_ids": pair_ids})
 
 
 def _train_and_register(ctx: JobContext, engine: RoundEngine, project: ProjectInfo, settings: BatchSettings,
@@ -125,11 +127,12 @@ def _train_and_register(ctx: JobContext, engine: RoundEngine, project: ProjectIn
             "implicit_acc": a.after.get("implicit_acc"), "implicit_acc_before": a.before.get("implicit_acc"),
             "reward_margin": a.after.get("reward_margin"), "dpo_loss": a.after.get("dpo"),
             "train": a.metrics, **result.evaluation, "align_s": result.align_s, "eval_s": result.eval_s,
-            "steps_per_s": a.steps_per_s}))
+            "steps_per_s": a.steps_per_s, "vs_parent": result.comparison}))
 
     try:
         result = engine.run_round(round_, init_dir, out, register=register, on_start=started,
-                                  on_step=Watch(ctx, stage, "aligning"), eval_progress=Stage(ctx, 0.75, 0.85))
+                                  on_step=Watch(ctx, stage, "aligning"), eval_progress=Stage(ctx, 0.75, 0.85),
+                                  parent_evaluation=previous.metrics)
     except NoLabelsError:
         answered, total = store.batch_progress(project.id)
         raise RoundError(
@@ -137,6 +140,6 @@ def _train_and_register(ctx: JobContext, engine: RoundEngine, project: ProjectIn
             f"yet (skips are never trained on; latest batch: {answered}/{total} answers). Label some pairs, "
             f"then enqueue the round again. Version {previous.id} stays the served policy.") from None
     version = result.registered
-    log.info("job %s registered policy version %s (round %s) of project %s", ctx.job_id, version.id, round_,
-             project.name)
+    log.info("job %s registered policy version %s (round %s) of project %s: %s", ctx.job_id, version.id, round_,
+             project.name, describe_comparison(result.comparison, f"version {previous.id}"))
     return version

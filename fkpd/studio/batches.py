@@ -122,10 +122,39 @@ def ensure_sole_training_job(ctx: JobContext) -> None:
             "Wait for it to finish, or cancel it (a job whose worker died is failed by stale recovery).")
 
 
+#: Project setting listing the ids of versions an admin rolled back (set aside): they are
+#: kept in the store and in the history but never served or trained from again.
+ROLLED_BACK = "rolled_back_versions"
+
+
 def served_versions(store: Store, project: ProjectInfo) -> list[PolicyVersionInfo]:
-    """The project's policy versions that have a checkpoint (can be rolled out), oldest
-    first; versions that only hold imported labels are left out."""
-    return [v for v in store.list_policy_versions(project.id) if v.checkpoint_path is not None]
+    """The project's policy versions that can be served, oldest first: those with a
+    checkpoint (versions that only hold imported labels are left out) that were not
+    rolled back (:func:`roll_back`). The last one is the served policy, which the next
+    round trains from and renders its batch with."""
+    rolled = set(store.get_project(project.id).settings.get(ROLLED_BACK) or ())
+    return [v for v in store.list_policy_versions(project.id) if v.checkpoint_path is not None and v.id not in rolled]
+
+
+def roll_back(store: Store, project: ProjectInfo) -> PolicyVersionInfo:
+    """Set the served version aside and serve its parent again (one click on the Rounds
+    page). The version stays in the store and the history, marked rolled back; its
+    comparisons keep training later rounds, which start from the parent.
+
+    Returns:
+        The version served now.
+
+    Raises:
+        RoundError: only version 0 is served (nothing to roll back to).
+    """
+    versions = served_versions(store, project)
+    if len(versions) < 2:
+        raise RoundError("only the behaviour-cloned version 0 is served; there is no earlier version to roll back to")
+    rolled = list(store.get_project(project.id).settings.get(ROLLED_BACK) or ())
+    store.update_project(project.id, settings={ROLLED_BACK: rolled + [versions[-1].id]})
+    log.info("project %s: version %s rolled back; version %s is served again", project.name, versions[-1].id,
+             versions[-2].id)
+    return versions[-2]
 
 
 def checkpoint_dir(store: Store, version: PolicyVersionInfo) -> Path:

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 from fkpd.store import JobView, ProjectInfo, Store
 from fkpd.studio.compare import COMPARE
 from fkpd.studio.config import ACTIVE, ROUND_FIELDS, TRAINING_KINDS, StudioError
-from fkpd.studio.batches import served_versions
+from fkpd.studio.batches import ROLLED_BACK, served_versions
 from fkpd.studio.params import RoundParams
 
 
@@ -102,17 +102,30 @@ def rounds_history(store: Store, project: ProjectInfo):
         to the intent, :func:`fkpd.prefs.teachers.intent_scores`) come before
         ``implicit_acc``. A version that holds imported labels
         (no checkpoint) shows ``— (imported labels)`` as its regulariser.
+        ``success_ci95`` is the 95% Wilson interval of the success rate as text;
+        ``vs_parent`` the paired change in success against the parent on the same
+        evaluation seeds with its 95% bootstrap interval, ending in ``WORSE`` when the
+        version is worse beyond it (:func:`fkpd.train.evaluate.compare_with_parent`);
+        ``status`` is ``served`` (the current policy), ``rolled back`` or empty.
     """
     import pandas as pd
 
-    cols = ["round", "version", "created", "labels_used", "success_rate", "mean_return", "implicit_acc",
+    rolled = set(store.get_project(project.id).settings.get(ROLLED_BACK) or ())
+    served = served_versions(store, project)
+    served_id = served[-1].id if served else None
+    cols = ["round", "version", "status", "created", "labels_used", "success_rate", "success_ci95", "vs_parent",
+            "mean_return", "implicit_acc",
             "implicit_acc_before", "reward_margin", "objective", "regularizer", "beta", "lam", "c_bc", "steps",
             "eval_episodes"]
     rows = []
     for v in store.list_policy_versions(project.id):
         m = v.metrics
         kind = "— (imported labels)" if m.get("source") == "import" else "— (BC)" if v.round == 0 else None
+        ci = m.get("success_ci95")
         rows.append({"round": v.round, "version": v.id, "created": v.created_at,
+                     "status": "served" if v.id == served_id else "rolled back" if v.id in rolled else "",
+                     "success_ci95": f"{100 * ci[0]:.0f}–{100 * ci[1]:.0f}%" if ci and None not in ci else None,
+                     "vs_parent": _vs_parent(m.get("vs_parent")),
                      "labels_used": m.get("labels_used", 0), "success_rate": m.get("success_rate"),
                      "mean_return": m.get("mean_return"), "d4rl_score": m.get("d4rl_normalized_score"),
                      "implicit_acc": m.get("implicit_acc"),
@@ -128,6 +141,15 @@ def rounds_history(store: Store, project: ProjectInfo):
     at = cols.index("implicit_acc")
     cols[at:at] = intents
     return pd.DataFrame(rows, columns=cols)
+
+
+def _vs_parent(cmp: Mapping[str, Any] | None) -> str | None:
+    """``−20 pts [−35, −5] WORSE`` for a stored paired comparison (None without one)."""
+    if not cmp:
+        return None
+    lo, hi = cmp["delta_success_ci95"]
+    text = f"{100 * cmp['delta_success']:+.0f} pts [{100 * lo:+.0f}, {100 * hi:+.0f}]"
+    return text + (" WORSE" if cmp.get("worse") else "")
 
 
 def enqueue_round(store: Store, project: ProjectInfo, params: Mapping[str, Any]) -> JobView:

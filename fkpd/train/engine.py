@@ -40,7 +40,7 @@ from fkpd.prefs.labellers import Labeller
 from fkpd.prefs.pairs import ClipSink, PairSource
 from fkpd.prefs.segments import PreferenceError, Segment
 from fkpd.train.align import AlignConfig, AlignResult, WinnerFirstPair, align, pairs_from_labels
-from fkpd.train.evaluate import Evaluator
+from fkpd.train.evaluate import Evaluator, compare_with_parent
 
 
 class NoLabelsError(PreferenceError):
@@ -67,6 +67,9 @@ class RoundResult:
         trained_pairs: winner-first pairs trained on (skips dropped).
         config: the round's resolved :class:`~fkpd.train.align.AlignConfig`.
         align_s, eval_s: wall seconds of alignment and evaluation.
+        comparison: :func:`fkpd.train.evaluate.compare_with_parent` of π_r against its
+            parent on the same evaluation seeds (None without the parent's evaluation);
+            ``comparison["worse"]`` flags a round that undid its parent's gains.
         registered: what the ``register`` callback returned (e.g. a store version).
     """
 
@@ -80,6 +83,7 @@ class RoundResult:
     config: AlignConfig
     align_s: float
     eval_s: float
+    comparison: dict[str, Any] | None = None
     registered: Any = None
 
 
@@ -146,7 +150,8 @@ class RoundEngine:
                   register: Callable[[RoundResult], Any] | None = None, progress: bool = False,
                   on_step: Callable[[int, int], None] | None = None,
                   on_start: Callable[[int, int], None] | None = None,
-                  eval_progress: Callable[[float, str], None] | None = None) -> RoundResult:
+                  eval_progress: Callable[[float, str], None] | None = None,
+                  parent_evaluation: dict[str, Any] | None = None) -> RoundResult:
         """Align π_{r−1} on all labels so far, evaluate π_r, register it.
 
         Args:
@@ -161,6 +166,8 @@ class RoundEngine:
                 raises stops the round before anything is saved.
             on_start: called with ``(trained pairs, labels)`` once the labels are read.
             eval_progress: ``(fraction, message)`` callback of the evaluation.
+            parent_evaluation: π_{r−1}'s evaluation (same evaluator, same seeds), for
+                the paired comparison ``RoundResult.comparison``.
 
         Returns:
             :class:`RoundResult`.
@@ -184,7 +191,7 @@ class RoundEngine:
         t0 = time.time()
         evaluation = self.evaluator(policy, progress=eval_progress)
         result = RoundResult(round_, alignment.checkpoint, policy, alignment, evaluation, n_labels, len(pairs), cfg,
-                             align_s, time.time() - t0)
+                             align_s, time.time() - t0, compare_with_parent(evaluation, parent_evaluation))
         if register is not None:
             result.registered = register(result)
         return result

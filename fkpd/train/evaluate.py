@@ -6,7 +6,9 @@
 success rate with its 95% Wilson interval, returns, the task's score (D4RL normalised
 score on ``d4rl/`` tasks), the intent teachers' scores, smoothness, and, when given, a
 scripted teacher's own intent score and the out-of-distribution diagnostic
-:class:`ActionOOD`.
+:class:`ActionOOD`. It keeps the per-episode successes and returns, so that
+:func:`compare_with_parent` can compare a new version with its parent episode by episode
+on the same evaluation seeds (a paired comparison, with a bootstrap interval).
 """
 
 from __future__ import annotations
@@ -88,8 +90,9 @@ def evaluate_version(policy: DiffusionPolicy, envs: Sequence, episodes: int, see
         scale) and ``d4rl_dataset``; the intent teachers' scores over the episodes
         (``intent_smooth``, ``intent_high_gripper`` on MetaWorld;
         :func:`fkpd.prefs.teachers.intent_scores`); ``smoothness`` (mean squared action
-        change per step); ``intent_score`` and ``ood_action_dist`` as above; and
-        ``eval_s`` (wall seconds).
+        change per step); ``intent_score`` and ``ood_action_dist`` as above;
+        ``episode_successes`` (0/1) and ``episode_returns`` per episode, in the order of
+        the evaluation seeds; and ``eval_s`` (wall seconds).
     """
     t0 = time.time()
 
@@ -103,6 +106,8 @@ def evaluate_version(policy: DiffusionPolicy, envs: Sequence, episodes: int, see
     out: dict[str, Any] = {k: summary[k] for k in SUMMARY_KEYS if k in summary}
     out.update(intent_scores(segments, res.task_id))
     out["smoothness"] = float(np.mean([float(np.square(np.diff(e.actions, axis=0)).sum(1).mean()) for e in eps]))
+    out["episode_successes"] = [int(bool(x)) for x in res.successes]
+    out["episode_returns"] = [float(x) for x in res.returns]
     if teacher is not None:
         out["intent_score"] = float(np.mean([teacher.intent_score(s) for s in segments]))
     if ood is not None:
@@ -136,3 +141,66 @@ class Evaluator:
         finally:
             if callable(self.envs):
                 close_envs(envs)
+
+
+#: Bootstrap resamples of :func:`compare_with_parent` (fixed seed: the interval of one
+#: comparison is reproducible).
+BOOTSTRAP_RESAMPLES = 5000
+
+
+def _paired(child: Sequence[float], parent: Sequence[float], seed: int = 0) -> tuple[float, tuple[float, float]]:
+    """Mean of child − parent over paired episodes and its 95% percentile-bootstrap
+    interval (episodes resampled with replacement)."""
+    d = np.asarray(child, np.float64) - np.asarray(parent, np.float64)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), size=(BOOTSTRAP_RESAMPLES, len(d)))].mean(1)
+    return float(d.mean()), (float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975)))
+
+
+def compare_with_parent(child: dict[str, Any], parent: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Compare a version's evaluation with its parent's, episode by episode.
+
+    Both evaluations roll out the same evaluation reset seeds (``10_000 + i``), so the
+    first ``n = min(n_child, n_parent)`` episodes are paired: each difference is the
+    same initial state under the two policies. The change in success rate and in mean
+    return come with 95% percentile-bootstrap intervals over the paired episodes.
+
+    A version is flagged ``worse`` when its success rate is lower beyond the interval
+    (the interval's upper end is below 0); when neither version succeeded in any of the
+    paired episodes (no information in success, e.g. locomotion), when the return's
+    interval is entirely below 0.
+
+    Args:
+        child, parent: :func:`evaluate_version` outputs (with ``episode_successes`` and
+            ``episode_returns``); ``parent`` None for version 0.
+
+    Returns:
+        None without a parent or per-episode results (evaluations made before they were
+        kept); else ``episodes`` (n), ``delta_success`` (fraction, child − parent),
+        ``delta_success_ci95``, ``delta_return``, ``delta_return_ci95``, ``worse``
+        (bool) and ``metric`` (``success`` or ``return``, what ``worse`` was decided on).
+    """
+    if not parent:
+        return None
+    cs, ps = child.get("episode_successes"), parent.get("episode_successes")
+    cr, pr = child.get("episode_returns"), parent.get("episode_returns")
+    if not (cs and ps and cr and pr):
+        return None
+    n = min(len(cs), len(ps), len(cr), len(pr))
+    ds, ds_ci = _paired(cs[:n], ps[:n])
+    dr, dr_ci = _paired(cr[:n], pr[:n])
+    informative = any(cs[:n]) or any(ps[:n])
+    worse = ds_ci[1] < 0 if informative else dr_ci[1] < 0
+    return {"episodes": n, "delta_success": ds, "delta_success_ci95": list(ds_ci), "delta_return": dr,
+            "delta_return_ci95": list(dr_ci), "worse": bool(worse), "metric": "success" if informative else "return"}
+
+
+def describe_comparison(cmp: dict[str, Any] | None, parent: str = "its parent") -> str:
+    """One line for logs and pages, e.g. ``success −20 pts vs its parent (95% CI −35 to
+    −5, 50 paired episodes): WORSE``."""
+    if not cmp:
+        return f"no paired comparison with {parent}"
+    lo, hi = cmp["delta_success_ci95"]
+    text = (f"success {100 * cmp['delta_success']:+.0f} pts vs {parent} (95% CI {100 * lo:+.0f} to {100 * hi:+.0f}, "
+            f"{cmp['episodes']} paired episodes), return {cmp['delta_return']:+.1f}")
+    return text + (": WORSE beyond the interval" if cmp["worse"] else "")

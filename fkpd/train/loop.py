@@ -50,7 +50,7 @@ from fkpd.prefs.segments import Segment, save_preferences
 from fkpd.prefs.teachers import ScriptedTeacher, make_teacher
 from fkpd.train.align import AlignConfig, PairWindows, evaluate_pairs, pairs_from_labels
 from fkpd.train.engine import RoundEngine
-from fkpd.train.evaluate import ActionOOD, Evaluator
+from fkpd.train.evaluate import ActionOOD, Evaluator, describe_comparison
 
 
 @dataclass
@@ -79,8 +79,13 @@ class LoopConfig:
     ood_k: int = field(default=10, metadata={"help": "k nearest dataset states for the OOD diagnostic"})
     render: bool = field(default=False, metadata={"help": "write an MP4 clip per segment (slow on CPU)"})
     seed: int = field(default=0, metadata={"help": "seeds data, BC, pairs, teacher and alignment"})
+    continue_from: str = field(default="latest", metadata={
+        "help": "the version each round starts from and rolls out its pairs with: latest (the previous round's) "
+                "or best (the best so far by success rate, then mean return, on the same evaluation seeds)"})
 
     def __post_init__(self) -> None:
+        if self.continue_from not in ("latest", "best"):
+            raise ConfigError(f"--continue-from must be latest or best, got {self.continue_from!r}")
         for name in ("rounds", "pairs_per_round", "bc_episodes", "bc_steps", "eval_episodes", "n_envs", "ood_k"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"LoopConfig.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -153,7 +158,11 @@ def run_loop(cfg: LoopConfig, align_cfg: AlignConfig | None = None, policy_cfg: 
 
     Returns:
         The summary written to ``OUT/loop.json``: config, paths, ``rounds`` (one dict of
-        metrics per round, round 0 = BC) and ``wall_s``.
+        metrics per round, round 0 = BC; from round 1 on, ``parent_round``, ``vs_parent``
+        (:func:`fkpd.train.evaluate.compare_with_parent`, paired on the evaluation seeds)
+        and ``worse_than_parent``), ``best`` (the best version by success rate, then
+        return) and ``wall_s``. With ``continue_from="best"`` each round starts from the
+        best version so far instead of the previous round's.
 
     Raises:
         FKPDError subclasses from data generation, BC, alignment and evaluation;
@@ -258,28 +267,43 @@ def run_loop(cfg: LoopConfig, align_cfg: AlignConfig | None = None, policy_cfg: 
     summary["rounds"].append({"round": 0, "checkpoint": str(bc), "labels": 0, **ev})
     log(_format_row(summary["rounds"][-1]))
     write()
-    current, policy = Path(bc), ref
+    # (round, checkpoint, policy, evaluation) of the version the next round starts from
+    parent = (0, Path(bc), ref, ev)
+    best = parent
     for r in range(1, cfg.rounds + 1):
         t_round = time.time()
+        parent_round, current, policy, parent_ev = parent
         offered = offer(policy, r)
-        res = engine.run_round(r, current, out / f"round{r}" / "align", progress=progress)
-        current, policy = res.checkpoint, res.policy
+        res = engine.run_round(r, current, out / f"round{r}" / "align", progress=progress, parent_evaluation=parent_ev)
+        this = (r, res.checkpoint, res.policy, res.evaluation)
+        if _score(res.evaluation) > _score(best[3]):
+            best = this
+        parent = best if cfg.continue_from == "best" else this
         a = res.alignment
-        row = {"round": r, "checkpoint": str(current), "labels": res.labels_used,
+        row = {"round": r, "parent_round": parent_round, "checkpoint": str(res.checkpoint), "labels": res.labels_used,
                "trained_pairs": a.after["pairs"], "outcomes": offered["outcomes"],
                "label_return_agreement": offered["label_return_agreement"],
                "implicit_acc_new": offered["implicit_acc_new"], "implicit_acc": a.after["implicit_acc"],
                "reward_margin": a.after["reward_margin"], "dpo_loss": a.after["dpo"],
                "train_reg": a.metrics.get("reg", 0.0), "align_steps_per_s": a.steps_per_s,
                "rollout_s": offered["rollout_s"], "align_s": res.align_s, **res.evaluation,
+               "vs_parent": res.comparison, "worse_than_parent": bool(res.comparison and res.comparison["worse"]),
                "round_s": time.time() - t_round}
         summary["rounds"].append(row)
         log(_format_row(row))
+        log(f"round {r} vs round {parent_round}: {describe_comparison(res.comparison, f'round {parent_round}')}")
         write()
+    summary["best"] = {"round": best[0], "checkpoint": str(best[1]), "success_rate": best[3].get("success_rate"),
+                       "mean_return": best[3].get("mean_return")}
     for env in envs:
         env.close()
     write()
     return summary
+
+
+def _score(evaluation: dict[str, Any]) -> tuple[float, float]:
+    """What "best version so far" means: success rate, then mean return."""
+    return (float(evaluation.get("success_rate") or 0.0), float(evaluation.get("mean_return") or 0.0))
 
 
 def _format_row(row: dict[str, Any]) -> str:
