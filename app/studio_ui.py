@@ -82,6 +82,20 @@ def studio() -> Studio:
         st.stop()
 
 
+def _show_annotator(name: str) -> None:
+    st.markdown("**Annotator**")
+    st.text(name)  # plain text: a name is never rendered as Markdown (links, images)
+
+
+def _name_in_sidebar(name: str) -> None:
+    """Show the annotator in the sidebar now if the sidebar (drawn before the page) did
+    not know it yet: the first run of a page that learnt who is labelling."""
+    if st.session_state.get("_sidebar_annotator") != name:
+        st.session_state["_sidebar_annotator"] = name
+        with st.sidebar:
+            _show_annotator(name)
+
+
 def is_admin() -> bool:
     return bool(st.session_state.get("is_admin"))
 
@@ -91,9 +105,9 @@ def sidebar(s: Studio) -> None:
     with st.sidebar:
         st.markdown(f"**Project** `{s.project.name}`  \n**Task** `{s.project.task_id}`")
         name = st.session_state.get("annotator")
+        st.session_state["_sidebar_annotator"] = name
         if name:
-            st.markdown("**Annotator**")
-            st.text(name)  # plain text: a name is never rendered as Markdown (links, images)
+            _show_annotator(name)
             if not st.session_state.get("invited") and st.button("Change name", key="change_name"):
                 st.session_state.pop("annotator", None)
                 st.query_params.pop("annotator", None)
@@ -158,7 +172,9 @@ def annotator_gate(s: Studio) -> AnnotatorInfo:
     st.session_state["annotator"] = name
     if st.query_params.get("annotator") != name:
         st.query_params["annotator"] = name
-    return annotator_from_name(s.store, s.store.get_project(s.project.id), name)
+    annotator = annotator_from_name(s.store, s.store.get_project(s.project.id), name)
+    _name_in_sidebar(annotator.name)
+    return annotator
 
 
 def _invited(s: Studio) -> AnnotatorInfo:
@@ -177,4 +193,5 @@ def _invited(s: Studio) -> AnnotatorInfo:
     if st.query_params.get("token") != token:
         st.query_params["token"] = token
     st.query_params.pop("annotator", None)
+    _name_in_sidebar(annotator.name)
     return annotator
