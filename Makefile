@@ -23,10 +23,11 @@ $(STAMP): requirements.txt pyproject.toml
 
 venv: $(STAMP)
 
-# The app on http://localhost:$(PORT): on first start it creates the project for $(TASK)
-# (SQLite under labels/), queues its bootstrap and starts a local worker.
+# The app on http://localhost:$(PORT). Before the server answers, fkpd.studio.serve creates
+# the project for $(TASK) (SQLite under labels/) with its bootstrap queued and starts the
+# local workers, so the bootstrap runs with no browser open; Ctrl-C stops them all.
 run: venv
-	FKPD_TASK=$(TASK) $(VENV)/bin/streamlit run app/streamlit_app.py --server.port $(PORT)
+	FKPD_TASK=$(TASK) $(PY) -m fkpd.studio.serve app/streamlit_app.py --server.port $(PORT)
 
 # The headless behaviour-cloning pipeline (data, BC, evaluation, clips), no app.
 pipeline: venv

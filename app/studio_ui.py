@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import atexit
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import streamlit as st
 
 from fkpd.store import AnnotatorInfo, ProjectInfo, Store
-from fkpd.studio import AdminAuth, StudioConfig, StudioError, clean_annotator_name, open_project, start_local_worker
+from fkpd.studio import AdminAuth, StudioConfig, StudioError, clean_annotator_name, open_project, start_local_workers
 from fkpd.studio.identity import OPEN, annotator_from_name, annotator_from_token
 
 log = logging.getLogger("fkpd.app")
@@ -29,7 +30,33 @@ class Studio:
     store: Store
     project: ProjectInfo
     auth: AdminAuth
-    worker: object | None  # subprocess.Popen of the local worker, or None
+    workers: list = field(default_factory=list)  # subprocess.Popen of the local workers this app started
+    worker_pids: tuple[int, ...] = ()  # local workers started before the app (make run: fkpd.studio.serve)
+
+    def exited_worker(self) -> str | None:
+        """``"pid P (code C)"`` of a local worker that exited, or None while all run."""
+        for w in self.workers:
+            if w.poll() is not None:
+                return f"pid {w.pid}, code {w.returncode}"
+        for pid in self.worker_pids:
+            try:
+                with open(f"/proc/{pid}/stat") as fh:  # a dead child of `make run` is a zombie until reaped
+                    gone = fh.read().rsplit(")", 1)[-1].split()[0] in ("Z", "X")
+            except OSError:
+                gone = not _pid_exists(pid)
+            if gone:
+                return f"pid {pid}"
+        return None
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _log_to_terminal() -> None:
@@ -62,12 +89,15 @@ def _studio() -> Studio:
     print(f"FKPD Studio: admin password from {where}"
           + ("" if secret or auth.source == "FKPD_ADMIN_PASSWORD" else f" (read it with: cat {auth.source})"),
           flush=True)
-    worker = None
-    if cfg.start_worker:
-        worker = start_local_worker(cfg)
-        atexit.register(worker.terminate)
-        print(f"FKPD Studio: local worker started (pid {worker.pid}, log {cfg.worker_log})", flush=True)
-    return Studio(cfg, store, project, auth, worker)
+    workers = []
+    if cfg.start_worker:  # `streamlit run` alone; `make run` started them already (fkpd.studio.serve)
+        workers = start_local_workers(cfg)
+        for w in workers:
+            atexit.register(w.terminate)
+        print(f"FKPD Studio: local workers started (pids {', '.join(str(w.pid) for w in workers)}, log "
+              f"{cfg.worker_log})", flush=True)
+    pids = tuple(int(p) for p in os.environ.get("FKPD_LOCAL_WORKERS", "").split(",") if p.strip().isdigit())
+    return Studio(cfg, store, project, auth, workers, pids)
 
 
 def studio() -> Studio:
@@ -112,8 +142,9 @@ def sidebar(s: Studio) -> None:
                 st.session_state.pop("annotator", None)
                 st.query_params.pop("annotator", None)
                 st.rerun()
-        if s.worker is not None and s.worker.poll() is not None:
-            st.warning(f"The local worker exited (code {s.worker.returncode}); rounds will not run. "
+        exited = s.exited_worker()
+        if exited:
+            st.warning(f"A local worker exited ({exited}); rounds and new pairs will not come. "
                        f"See {s.cfg.worker_log} and restart `make run`.")
         if is_admin():
             st.markdown("**Admin** signed in")

@@ -15,6 +15,13 @@ Every pair of every round is fixed by :class:`PairPlan`, the one seed rule share
 * segment starts, then the two sampling-noise seeds of each pair, drawn in that order
   from ``numpy.random.default_rng(pair_seed(seed, r, 0))``; a fixed ``start`` overrides
   the drawn starts (the draw still happens, so the noise seeds do not depend on it).
+* more pairs for the same round (the app's *top-up* pairs, rendered while people label
+  and a round trains) continue the index: a plan of ``n`` pairs starting at index ``f``
+  (``PairPlan.for_round(..., first=f)``) has the reset seeds ``pair_seed(seed, r, f)``
+  … ``pair_seed(seed, r, f + n − 1)`` and draws from ``default_rng(pair_seed(seed, r,
+  f))``. ``f`` is the number of pairs the round already has, so a round's pairs never
+  share a reset seed; ``first = 0`` is the round's own batch, unchanged. Indices stay
+  below 100 000, where round r + 1's seeds begin.
 
 Shapes follow DESIGN.md §3: L segment length, Do/Da observation/action dims.
 """
@@ -58,6 +65,11 @@ class RolledClip:
 ClipSink = Callable[[RolledClip], None]
 
 log = logging.getLogger(__name__)
+
+
+#: Pairs one round may hold (its batch and its top-ups): pair indices stay below this,
+#: so round r's reset seeds never reach round r + 1's (:func:`pair_seed`).
+MAX_PAIRS_PER_ROUND = 100_000
 
 
 def pair_seed(seed: int, round_: int, i: int) -> int:
@@ -109,11 +121,19 @@ class PairPlan:
 
     @classmethod
     def for_round(cls, seed: int, round_: int, pairs: int, horizon: int, length: int,
-                  start: int | None = 0) -> "PairPlan":
-        """The plan of round ``round_``'s ``pairs`` pairs: reset seeds :func:`pair_seed`
-        ``(seed, round_, i)``, drawn with ``pair_seed(seed, round_, 0)``."""
-        seeds = [pair_seed(seed, round_, i) for i in range(pairs)]
-        return cls.draw(seeds, pair_seed(seed, round_, 0), horizon, length, start)
+                  start: int | None = 0, first: int = 0) -> "PairPlan":
+        """The plan of round ``round_``'s ``pairs`` pairs from index ``first`` on: reset
+        seeds :func:`pair_seed` ``(seed, round_, first + i)``, drawn with
+        ``pair_seed(seed, round_, first)`` (see the module docstring).
+
+        Raises:
+            ValueError: ``first < 0``, or ``first + pairs`` beyond :data:`MAX_PAIRS_PER_ROUND`.
+        """
+        if first < 0 or first + pairs > MAX_PAIRS_PER_ROUND:
+            raise ValueError(f"pairs {first}..{first + pairs - 1} of round {round_} do not fit the seed plan "
+                             f"(at most {MAX_PAIRS_PER_ROUND} pairs per round)")
+        seeds = [pair_seed(seed, round_, first + i) for i in range(pairs)]
+        return cls.draw(seeds, pair_seed(seed, round_, first), horizon, length, start)
 
     def __len__(self) -> int:
         return len(self.reset_seeds)
@@ -189,19 +209,21 @@ class RolloutPairSource(PairSource):
         start: first step of every segment; None draws one per pair.
         render: record frames (pass an ``on_clip`` that writes them).
         task_id: recorded in each segment.
+        first: index of the first pair (0: the round's batch; more pairs for a round
+            that has ``f`` already start at ``f``, see the module docstring).
     """
 
     def __init__(self, envs: Sequence | Callable[[int], list], pairs: int, length: int, seed: int = 0,
-                 start: int | None = 0, render: bool = False, task_id: str = "") -> None:
+                 start: int | None = 0, render: bool = False, task_id: str = "", first: int = 0) -> None:
         self.envs, self.pairs, self.length, self.seed = envs, int(pairs), int(length), int(seed)
-        self.start, self.render, self.task_id = start, bool(render), task_id
+        self.start, self.render, self.task_id, self.first = start, bool(render), task_id, int(first)
 
     def make_pairs(self, policy, round_: int, *, on_clip: ClipSink | None = None,
                    progress: Callable[[int, int], None] | None = None) -> list[tuple[Segment, Segment]]:
         envs = self.envs(2 * self.pairs) if callable(self.envs) else self.envs
         try:
             plan = PairPlan.for_round(self.seed, round_, self.pairs, int(envs[0].max_episode_steps), self.length,
-                                      self.start)
+                                      self.start, first=self.first)
             total = 2 * len(plan)
             return rollout_pairs(policy, envs, plan, render=self.render, task_id=self.task_id, on_clip=on_clip,
                                  progress=None if progress is None else (lambda done: progress(done, total)))

@@ -63,10 +63,11 @@ from fkpd.store.views import (
     PairView,
     PolicyVersionInfo,
     ProjectInfo,
+    PairSupply,
     TrainingPair,
 )
 from fkpd.store.sweep import SweepReport, sweep_artifacts
-from fkpd.store.worker import JobContext, Worker, current_job, run_worker
+from fkpd.store.worker import JobContext, Worker, current_job, register_idle_hook, run_worker
 
 __all__ = [
     "AlreadyExistsError",
@@ -102,6 +103,7 @@ __all__ = [
     "StoreInputError",
     "StoreUnavailableError",
     "SweepReport",
+    "PairSupply",
     "TrainingPair",
     "Worker",
     "default_artifact_dir",
@@ -111,6 +113,7 @@ __all__ = [
     "make_engine",
     "outcome_to_p_left",
     "register_handler",
+    "register_idle_hook",
     "run_worker",
     "sha256_file",
     "sweep_artifacts",

@@ -41,7 +41,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Iterable, Literal
 
 import numpy as np
 
@@ -83,8 +83,11 @@ def export_comparisons(
     out_path: str | os.PathLike[str],
     *,
     round: int | None = None,
+    rounds: Iterable[int] | None = None,
+    annotators: Iterable[str] | None = None,
 ) -> Path:
-    """Write every comparison of ``project`` (optionally of one round) with its segments.
+    """Write every comparison of ``project`` (optionally of one round, or of ``rounds``
+    by ``annotators``, names, as the Data page filters them) with its segments.
 
     The file is written atomically (temporary file, then rename).
 
@@ -104,6 +107,9 @@ def export_comparisons(
         raise StoreInputError(f"unknown export format {fmt!r}; use 'parquet' or 'hdf5'")
     info = store.get_project(project)
     frame = store.comparisons_frame(info.id, round=round)
+    if rounds or annotators:
+        keep = store.select_comparisons(info.id, rounds=rounds, annotators=annotators)["comparison_id"]
+        frame = frame[frame["comparison_id"].isin(keep)].reset_index(drop=True)
     clip_ids = sorted(set(frame["left_clip_id"]).union(frame["right_clip_id"]))
     clips = {int(c): store.get_clip(int(c)) for c in clip_ids}
     segments = {clip_id: _segment_arrays(store, clip) for clip_id, clip in clips.items()}

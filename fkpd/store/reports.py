@@ -10,15 +10,17 @@ count toward progress but are never training data.
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING, Any
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Iterable
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import aliased
 
 from fkpd.store import models as m
 from fkpd.store.core import StoreCore, validate_settings
+from fkpd.store.errors import StoreInputError
 from fkpd.store.outcomes import Outcome, outcome_to_p_left
-from fkpd.store.views import ClipRecord, TrainingPair
+from fkpd.store.views import ClipRecord, PairSupply, TrainingPair
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -55,6 +57,49 @@ class ReportsMixin(StoreCore):
             )
             per_pair = [n for _, n in s.execute(counts)]
             return (sum(min(n, k) for n in per_pair), k * len(per_pair))
+
+    def pair_supply(self, project: Any, *, min_round: int = 0, active_within_s: float = 300.0) -> PairSupply:
+        """What the labelling queue holds now, for keeping annotators busy (top-up pairs).
+
+        Args:
+            min_round: count open pairs of rounds >= this only (the rounds the served
+                policy's pairs belong to; older rounds are handed out only after them).
+            active_within_s: an annotator is active while they hold a live lease on a
+                pair of the project or answered one within this many seconds.
+
+        Returns:
+            :class:`~fkpd.store.views.PairSupply`: open pairs of rounds >= ``min_round``
+            (``open_pairs``), the pairs ever added to round ``min_round`` whatever their
+            status (``round_pairs``: the next free pair index of that round), and the
+            active annotators.
+
+        Raises:
+            NotFoundError: unknown project.
+            StoreInputError: ``min_round`` is not an int or ``active_within_s`` is not a
+                number >= 0.
+        """
+        if isinstance(min_round, bool) or not isinstance(min_round, int):
+            raise StoreInputError(f"min_round must be an int, got {min_round!r}")
+        if isinstance(active_within_s, bool) or not isinstance(active_within_s, (int, float)) \
+                or not active_within_s >= 0:
+            raise StoreInputError(f"active_within_s must be a number >= 0, got {active_within_s!r}")
+        now = self.now()
+        since = now - timedelta(seconds=float(active_within_s))
+        with self.session() as s:
+            proj = self.project_row(s, project)
+            open_pairs = s.scalar(select(func.count(m.Pair.id)).where(
+                m.Pair.project_id == proj.id, m.Pair.status == "open", m.Pair.round >= min_round))
+            round_pairs = s.scalar(select(func.count(m.Pair.id)).where(
+                m.Pair.project_id == proj.id, m.Pair.round == min_round))
+            leasing = (select(m.Lease.annotator_id)
+                       .join(m.Pair, m.Pair.id == m.Lease.pair_id)
+                       .where(m.Pair.project_id == proj.id, m.Lease.expires_at > now))
+            answering = (select(m.Comparison.annotator_id)
+                         .join(m.Pair, m.Pair.id == m.Comparison.pair_id)
+                         .where(m.Pair.project_id == proj.id, m.Comparison.answered_at >= since))
+            active = set(s.scalars(leasing)) | set(s.scalars(answering))
+            return PairSupply(open_pairs=int(open_pairs or 0), round_pairs=int(round_pairs or 0),
+                              active_annotators=len(active))
 
     def comparisons_frame(
         self,
@@ -170,8 +215,25 @@ class ReportsMixin(StoreCore):
                 query = query.where(m.Pair.round <= max_round)
             return int(s.execute(query).scalar_one())
 
-    def annotator_stats(self, project: Any) -> "pd.DataFrame":
-        """Per-annotator answer counts and rates for a project.
+    def select_comparisons(self, project: Any, *, rounds: Iterable[int] | None = None,
+                           annotators: Iterable[str] | None = None) -> "pd.DataFrame":
+        """:meth:`comparisons_frame` of the comparisons in ``rounds`` given by
+        ``annotators`` (names); None or empty means no filter (the Data page's filters).
+
+        Raises:
+            NotFoundError: unknown project.
+        """
+        frame = self.comparisons_frame(project)
+        if rounds:
+            frame = frame[frame["round"].isin([int(r) for r in rounds])]
+        if annotators:
+            frame = frame[frame["annotator"].isin([str(a) for a in annotators])]
+        return frame.reset_index(drop=True)
+
+    def annotator_stats(self, project: Any, *, rounds: Iterable[int] | None = None,
+                        annotators: Iterable[str] | None = None) -> "pd.DataFrame":
+        """Per-annotator answer counts and rates for a project, over the comparisons of
+        ``rounds`` by ``annotators`` (names) when given (:meth:`select_comparisons`).
 
         Returns:
             One row per annotator (index: annotator name) with ``annotator_id,
@@ -182,7 +244,7 @@ class ReportsMixin(StoreCore):
         """
         import pandas as pd
 
-        frame = self.comparisons_frame(project)
+        frame = self.select_comparisons(project, rounds=rounds, annotators=annotators)
         columns = [
             "annotator_id", "n_answers", "n_left", "n_right", "n_equal", "n_skip",
             "tie_rate", "skip_rate", "left_rate", "median_seconds",

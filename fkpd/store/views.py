@@ -194,6 +194,20 @@ class TrainingPair(NamedTuple):
     p_left: float
 
 
+class PairSupply(NamedTuple):
+    """The labelling queue of a project at one moment (:meth:`fkpd.store.Store.pair_supply`).
+
+    Attributes:
+        open_pairs: open pairs (not done, not retired) of the rounds counted.
+        round_pairs: pairs ever added to the first round counted, whatever their status.
+        active_annotators: annotators holding a live lease or who answered recently.
+    """
+
+    open_pairs: int
+    round_pairs: int
+    active_annotators: int
+
+
 #: Statuses a job never leaves.
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 

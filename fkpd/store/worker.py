@@ -18,6 +18,13 @@
 * While idle, a worker sweeps the artifact directory (:func:`fkpd.store.sweep.sweep_artifacts`):
   temporary files of killed writes and clip files no row names, once older than a grace
   period (``sweep_grace_s``), every ``sweep_every_s``; each removal is logged.
+* While idle, a worker also runs the *idle hooks* (:func:`register_idle_hook`) every
+  ``idle_every_s``: callables ``hook(store)`` that look at the store and queue work
+  (the studio's automatic rounds and top-up pairs, :mod:`fkpd.studio.upkeep`). A hook's
+  exception is logged, never raised. Hooks run in a worker that serves the default
+  handler registry (or is given ``idle_hooks``), never in one given its own handlers.
+* A worker may serve a subset of the job kinds (``kinds`` / ``skip_kinds``), so one
+  process can keep rendering pairs while another trains (``fkpd worker --kinds top_up``).
 
 :func:`run_worker` is the body of the one worker command, ``fkpd worker``
 (:mod:`fkpd.cli`); it imports the modules that register handlers
@@ -55,6 +62,27 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _CURRENT: contextvars.ContextVar["JobContext | None"] = contextvars.ContextVar("fkpd_current_job", default=None)
+
+
+#: A hook run by idle workers: ``hook(store)``; see :func:`register_idle_hook`.
+IdleHook = Callable[["Store"], None]
+
+#: The default idle hooks, run by workers of the default handler registry.
+IDLE_HOOKS: list[IdleHook] = []
+
+
+def register_idle_hook(hook: IdleHook) -> IdleHook:
+    """Run ``hook(store)`` in every idle worker of the default registry, every
+    ``idle_every_s`` (see :class:`Worker`); usable as a decorator. Registering the same
+    function twice keeps one entry. A hook must be quick (a few queries) and safe to run
+    from several workers at once: it queues jobs, it does not run them.
+
+    Returns:
+        ``hook``.
+    """
+    if hook not in IDLE_HOOKS:
+        IDLE_HOOKS.append(hook)
+    return hook
 
 
 def current_job() -> "JobContext | None":
@@ -230,6 +258,11 @@ class Worker:
         sweep_grace_s: while idle, remove temporary files and unregistered clip files
             older than this (:func:`fkpd.store.sweep.sweep_artifacts`); None: never.
         sweep_every_s: seconds between two sweeps.
+        kinds: claim only these job kinds (None: every kind with a handler).
+        skip_kinds: never claim these kinds.
+        idle_hooks: run while idle (see :func:`register_idle_hook`); default
+            :data:`IDLE_HOOKS` when ``handlers`` is None, else none.
+        idle_every_s: seconds between two runs of the idle hooks.
     """
 
     def __init__(
@@ -243,6 +276,10 @@ class Worker:
         max_attempts: int = 1,
         sweep_grace_s: float | None = DEFAULT_GRACE_S,
         sweep_every_s: float = 600.0,
+        kinds: Sequence[str] | None = None,
+        skip_kinds: Sequence[str] = (),
+        idle_hooks: Sequence[IdleHook] | None = None,
+        idle_every_s: float = 2.0,
     ) -> None:
         if not heartbeat_s > 0:
             raise StoreInputError(f"heartbeat_s must be > 0, got {heartbeat_s!r}")
@@ -258,6 +295,18 @@ class Worker:
         self.sweep_every_s = sweep_every_s
         self._last_recovery = float("-inf")
         self._last_sweep = float("-inf")
+        self.kinds = None if kinds is None else frozenset(kinds)
+        self.skip_kinds = frozenset(skip_kinds)
+        self.idle_hooks: Sequence[IdleHook] = (IDLE_HOOKS if handlers is None else ()) if idle_hooks is None \
+            else list(idle_hooks)
+        self.idle_every_s = idle_every_s
+        self._last_idle = float("-inf")
+
+    def claimable_kinds(self) -> list[str]:
+        """The job kinds this worker claims: those with a handler, within ``kinds``,
+        minus ``skip_kinds``."""
+        return sorted(k for k in self.handlers
+                      if (self.kinds is None or k in self.kinds) and k not in self.skip_kinds)
 
     def run_one(self, stop: threading.Event | None = None) -> JobView | None:
         """Claim one job and run it; returns its final state, or None if none was queued.
@@ -265,7 +314,7 @@ class Worker:
         Setting ``stop`` while the job runs releases it at its handler's next
         ``ctx.check_cancelled()`` (see :meth:`execute`).
         """
-        job = self.store.jobs.claim(self.worker_id, sorted(self.handlers))
+        job = self.store.jobs.claim(self.worker_id, self.claimable_kinds())
         return None if job is None else self.execute(job, stop)
 
     def execute(self, job: JobView, stop: threading.Event | None = None) -> JobView:
@@ -359,6 +408,20 @@ class Worker:
             log.info("swept %d stale file(s) from %s", report.removed, self.store.artifact_dir)
         return report.removed
 
+    def idle_if_due(self) -> int:
+        """Run the idle hooks if ``idle_every_s`` passed since they last ran; returns
+        how many ran. A hook's exception is logged, never raised."""
+        now = time.monotonic()
+        if not self.idle_hooks or now - self._last_idle < self.idle_every_s:
+            return 0
+        self._last_idle = now
+        for hook in list(self.idle_hooks):
+            try:
+                hook(self.store)
+            except Exception:  # noqa: BLE001 - a hook must never stop a worker
+                log.warning("idle hook %s failed", getattr(hook, "__qualname__", hook), exc_info=True)
+        return len(self.idle_hooks)
+
     def run(
         self,
         *,
@@ -391,9 +454,16 @@ class Worker:
             if once or (max_jobs is not None and ran >= max_jobs):
                 break
             if job is None:
+                self.idle_if_due()
                 self.sweep_if_due()
                 stop.wait(poll_s)
         return ran
+
+
+def kinds_from_env(name: str) -> list[str] | None:
+    """The comma-separated job kinds in environment variable ``name``; None when unset or empty."""
+    kinds = [k.strip() for k in os.environ.get(name, "").split(",") if k.strip()]
+    return kinds or None
 
 
 def run_worker(
@@ -411,8 +481,15 @@ def run_worker(
     stop: threading.Event | None = None,
     sweep_grace_s: float | None = DEFAULT_GRACE_S,
     sweep_every_s: float = 600.0,
+    kinds: Sequence[str] | None = None,
+    skip_kinds: Sequence[str] = (),
 ) -> int:
     """Run a :class:`Worker` on ``store`` (the body of a ``worker`` CLI command).
+
+    ``kinds`` / ``skip_kinds`` restrict the job kinds it claims (see :class:`Worker`);
+    when not given, they are read from ``$FKPD_WORKER_KINDS`` / ``$FKPD_WORKER_SKIP_KINDS``
+    (comma-separated kinds; e.g. ``FKPD_WORKER_KINDS=top_up fkpd worker`` runs a second
+    worker that only renders top-up pairs).
 
     ``handler_modules`` are imported first so their ``@register_handler`` decorators
     fill :data:`HANDLERS`. In the main thread, SIGTERM and SIGINT make the worker stop:
@@ -429,6 +506,10 @@ def run_worker(
     """
     for name in handler_modules:
         importlib.import_module(name)
+    if kinds is None:
+        kinds = kinds_from_env("FKPD_WORKER_KINDS")
+    if not skip_kinds:
+        skip_kinds = kinds_from_env("FKPD_WORKER_SKIP_KINDS") or ()
     worker = Worker(
         store,
         handlers,
@@ -438,6 +519,8 @@ def run_worker(
         max_attempts=max_attempts,
         sweep_grace_s=sweep_grace_s,
         sweep_every_s=sweep_every_s,
+        kinds=kinds,
+        skip_kinds=skip_kinds,
     )
     stop = stop or threading.Event()
     previous: dict[int, Any] = {}

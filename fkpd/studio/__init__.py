@@ -7,11 +7,15 @@ worker, shared constants), :mod:`~fkpd.studio.auth` (admin and annotator),
 ``compare`` job), :mod:`~fkpd.studio.params` (typed job parameters),
 :mod:`~fkpd.studio.batches` (the round engine wired to the store),
 :mod:`~fkpd.studio.bootstrap` and :mod:`~fkpd.studio.alignment` (the ``bootstrap`` and
-``alignment_round`` jobs). Importing this package registers the three job handlers, so
-``fkpd worker`` (``handler_modules=["fkpd.studio"]``) runs them.
+``alignment_round`` jobs), :mod:`~fkpd.studio.topup` (the ``top_up`` job: more pairs
+while people label and rounds train), :mod:`~fkpd.studio.autoround` (automatic rounds),
+:mod:`~fkpd.studio.upkeep` (what idle workers check) and :mod:`~fkpd.studio.serve` (what
+``make run`` starts). Importing this package registers the four job handlers and the
+idle hook, so ``fkpd worker`` (``handler_modules=["fkpd.studio"]``) runs them.
 """
 
-from fkpd.studio import alignment, bootstrap  # noqa: F401 (register the job handlers)
+from fkpd.studio import alignment, bootstrap, topup, upkeep  # noqa: F401 (register the job handlers, idle hook)
+from fkpd.studio.autoround import AutoRoundState, auto_round_state, maybe_start_round, set_auto_rounds
 from fkpd.studio.auth import AdminAuth, clean_annotator_name
 from fkpd.studio.compare import COMPARE, CompareParams, compare, compare_videos, enqueue_compare
 from fkpd.studio.config import (
@@ -25,6 +29,7 @@ from fkpd.studio.config import (
     default_instructions,
     open_project,
     start_local_worker,
+    start_local_workers,
 )
 from fkpd.studio.history import (
     active_training_job,
@@ -38,7 +43,8 @@ from fkpd.studio.history import (
     rounds_history,
     version_label,
 )
-from fkpd.studio.labelling import DisplayPair, clip_video_b64, lease_for_display, record_answers
+from fkpd.studio.labelling import DisplayPair, batch_caption, clip_video_b64, lease_for_display, record_answers
+from fkpd.studio.topup import TopUpState, maybe_top_up, top_up_state
 from fkpd.studio.batches import roll_back, served_versions
 from fkpd.train.evaluate import describe_comparison
 from fkpd.studio.errors import ParamError, RoundError
@@ -50,4 +56,6 @@ __all__ = ['COMPARE', 'TRAINING_KINDS', 'ACTIVE', 'OUTCOMES', 'ROUND_FIELDS', 'D
            'AdminAuth', 'clean_annotator_name', 'DisplayPair', 'clip_video_b64', 'lease_for_display', 'record_answers',
            'rounds_history', 'enqueue_round', 'export_bytes', 'CompareParams', 'enqueue_compare', 'compare',
            'compare_videos', 'version_label', 'ParamError', 'RoundError', 'BatchSettings', 'BootstrapParams',
-           'RoundParams', 'round_defaults', 'roll_back', 'describe_comparison']
+           'RoundParams', 'round_defaults', 'roll_back', 'describe_comparison', 'start_local_workers',
+           'AutoRoundState', 'auto_round_state', 'maybe_start_round', 'set_auto_rounds', 'TopUpState', 'maybe_top_up',
+           'top_up_state', 'batch_caption']

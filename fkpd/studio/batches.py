@@ -309,11 +309,14 @@ def evaluator(task: str, settings: BatchSettings) -> Evaluator:
 
 
 def round_engine(store: Store, project: ProjectInfo, settings: BatchSettings, reference: PolicyVersionInfo,
-                 job_id: int | None = None, align_cfg: AlignConfig | None = None) -> RoundEngine:
+                 job_id: int | None = None, align_cfg: AlignConfig | None = None,
+                 first_pair: int = 0) -> RoundEngine:
     """The round engine of ``project``: reference = version 0 (``reference``, its
     checkpoint sha256-checked), the dataset it was cloned from, current-policy pairs of
     the batch settings rendered for people, the store as labeller, and a short
-    evaluation (``settings.eval_episodes``)."""
+    evaluation (``settings.eval_episodes``). ``first_pair`` > 0 makes more pairs for a
+    round that already has that many (top-up pairs, :mod:`fkpd.studio.topup`; the seed
+    rule is :mod:`fkpd.prefs.pairs`')."""
     task = project.task_id
     boot = reference.metrics.get("bootstrap") or {}
     # generated data lives in the artifact directory; a named dataset is read where it is
@@ -321,7 +324,7 @@ def round_engine(store: Store, project: ProjectInfo, settings: BatchSettings, re
     source = RolloutPairSource(lambda n: make_envs(task, settings, n), settings.pairs_per_batch,
                                settings.length(task), seed=settings.seed,
                                start=None if settings.segment_start < 0 else settings.segment_start, render=True,
-                               task_id=task)
+                               task_id=task, first=first_pair)
     return RoundEngine(task, checkpoint_dir(store, reference), dataset, settings.seed, source,
                        StoreLabeller(store, project, job_id), evaluator(task, settings), align_cfg)
 

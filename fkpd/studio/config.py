@@ -6,7 +6,9 @@
 * :func:`open_project` — creates the default project together with its bootstrap job
   (one transaction) on first start; a later start finds both and resumes, and queues a
   bootstrap for a project that has neither a policy version nor one.
-* :func:`start_local_worker` — ``fkpd worker`` as a child process that exits with the app.
+* :func:`start_local_worker` — ``fkpd worker`` as a child process that exits with the app;
+  :func:`start_local_workers` — the app's two: one for training jobs, one that renders
+  top-up pairs meanwhile (:mod:`fkpd.studio.topup`).
 * :class:`StudioError` (bad input from the app), the job kinds and answers the pages share
   (:data:`ACTIVE`, :data:`OUTCOMES`, :data:`ROUND_FIELDS`, ...) and
   :func:`default_instructions`, a new project's labelling instructions.
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -30,7 +33,16 @@ from fkpd.store.models import IDENTITY_MODES
 from fkpd.studio.errors import StudioError
 from fkpd.studio.params import ROUND_FIELDS, TRAINING_KINDS, BootstrapParams  # noqa: F401 (re-exported)
 
+#: Largest automatic-round threshold accepted (comparisons).
+MAX_AUTO_ROUND_EVERY = 100_000
+
 ACTIVE = ("queued", "running")
+#: Project setting: start an alignment round once this many new trainable comparisons
+#: arrived since the latest version (an int >= 1); 0 or missing: rounds start by hand
+#: (:mod:`fkpd.studio.autoround`).
+AUTO_ROUND_EVERY = "auto_round_every"
+#: Job kind that renders more pairs from the served version (:mod:`fkpd.studio.topup`).
+TOP_UP = "top_up"
 #: Answers the label page accepts; the keyboard shortcuts map onto them.
 OUTCOMES = ("left", "right", "equal", "skip")
 
@@ -68,6 +80,10 @@ class StudioConfig:
         identity: how annotators of a *new* project are known: ``"invite"`` (invite links
             with a random token, the default) or ``"open"`` (the name in the URL, for
             demos); an existing project keeps its mode (``fkpd annotators mode``).
+        auto_rounds: automatic rounds of a *new* project: start one after this many new
+            trainable comparisons; None (the default): the batch size
+            (``pairs_per_batch``); 0: rounds start by hand. An admin changes it on the
+            Rounds page (:func:`fkpd.studio.autoround.set_auto_rounds`).
     """
 
     database_url: str = ""
@@ -78,6 +94,7 @@ class StudioConfig:
     start_worker: bool = True
     worker_threads: int = 1
     identity: str = "invite"
+    auto_rounds: int | None = None
 
     @property
     def worker_log(self) -> Path:
@@ -89,15 +106,17 @@ class StudioConfig:
     def from_env(cls, env: Mapping[str, str] | None = None) -> "StudioConfig":
         """Read ``FKPD_DATABASE_URL``, ``FKPD_ARTIFACT_DIR``, ``FKPD_PROJECT``,
         ``FKPD_TASK``, ``FKPD_BOOTSTRAP`` (JSON object), ``FKPD_START_WORKER`` (0/1),
-        ``FKPD_WORKER_THREADS`` and ``FKPD_IDENTITY`` (``invite`` or ``open``, for a new
-        project).
+        ``FKPD_WORKER_THREADS``, ``FKPD_IDENTITY`` (``invite`` or ``open``, for a new
+        project) and ``FKPD_AUTO_ROUNDS`` (a new project's automatic rounds: an integer
+        N >= 1, or ``0``/``off`` for rounds by hand; default the batch size).
 
         The project name defaults to the task's short name (``door-open`` for
         ``metaworld/door-open-v3``).
 
         Raises:
             StudioError: ``FKPD_BOOTSTRAP`` is not a JSON object, a number is malformed,
-                or ``FKPD_IDENTITY`` is neither ``invite`` nor ``open``.
+                ``FKPD_IDENTITY`` is neither ``invite`` nor ``open``, or ``FKPD_AUTO_ROUNDS`` is
+                not a count.
         """
         env = os.environ if env is None else env
         task = env.get("FKPD_TASK", "").strip() or DEFAULT_TASK
@@ -119,12 +138,24 @@ class StudioConfig:
         if identity not in IDENTITY_MODES:
             raise StudioError(f"FKPD_IDENTITY must be 'invite' (annotators come through invite links) or 'open' "
                               f"(annotators type their name), got {env.get('FKPD_IDENTITY')!r}")
+        auto = env.get("FKPD_AUTO_ROUNDS", "").strip().lower()
+        auto_rounds: int | None = None
+        if auto in ("0", "off", "no", "false"):
+            auto_rounds = 0
+        elif auto:
+            try:
+                auto_rounds = int(auto)
+            except ValueError:
+                auto_rounds = -1
+            if not 1 <= auto_rounds <= MAX_AUTO_ROUND_EVERY:
+                raise StudioError(f"FKPD_AUTO_ROUNDS must be a number of comparisons between 1 and "
+                                  f"{MAX_AUTO_ROUND_EVERY}, or 0 (rounds by hand), got {env.get('FKPD_AUTO_ROUNDS')!r}")
         return cls(database_url=env.get("FKPD_DATABASE_URL", "").strip(),
                    artifact_dir=env.get("FKPD_ARTIFACT_DIR", "").strip(),
                    project=env.get("FKPD_PROJECT", "").strip() or default_project, task=task,
                    bootstrap=bootstrap,
                    start_worker=env.get("FKPD_START_WORKER", "1").strip().lower() not in ("0", "false", "no"),
-                   worker_threads=threads, identity=identity)
+                   worker_threads=threads, identity=identity, auto_rounds=auto_rounds)
 
     def open_store(self) -> Store:
         """The store (migrated to the current schema)."""
@@ -134,6 +165,8 @@ class StudioConfig:
 def open_project(store: Store, cfg: StudioConfig) -> tuple[ProjectInfo, JobView | None]:
     """The configured project, created with its bootstrap job queued on first start.
 
+    A new project starts with automatic rounds (:data:`AUTO_ROUND_EVERY`) after
+    :attr:`StudioConfig.auto_rounds` comparisons (default: the bootstrap's batch size).
     The project and its bootstrap job are created in one transaction
     (:meth:`Store.create_project_with_job`): a bootstrap that cannot be queued (a bad
     ``FKPD_BOOTSTRAP``) leaves no project behind. A later start finds the project: a
@@ -157,12 +190,14 @@ def open_project(store: Store, cfg: StudioConfig) -> tuple[ProjectInfo, JobView 
     from fkpd.store import AlreadyExistsError
 
     get_task(cfg.task)  # a clear error for a typo in FKPD_TASK
-    BootstrapParams.from_params(cfg.bootstrap)  # and for a bad FKPD_BOOTSTRAP (ParamError, NaN included)
+    boot = BootstrapParams.from_params(cfg.bootstrap)  # and for a bad FKPD_BOOTSTRAP (ParamError, NaN included)
     existing = {p.name: p for p in store.list_projects()}
     if cfg.project not in existing:
+        every = boot.batch.pairs_per_batch if cfg.auto_rounds is None else cfg.auto_rounds
         try:
             return store.create_project_with_job(cfg.project, cfg.task, "bootstrap", dict(cfg.bootstrap),
-                                                 instructions=default_instructions(cfg.task), identity=cfg.identity)
+                                                 instructions=default_instructions(cfg.task), identity=cfg.identity,
+                                                 settings={AUTO_ROUND_EVERY: every})
         except AlreadyExistsError:  # another app process created it a moment ago
             existing[cfg.project] = store.get_project(cfg.project)
     project = existing[cfg.project]
@@ -175,12 +210,14 @@ def open_project(store: Store, cfg: StudioConfig) -> tuple[ProjectInfo, JobView 
 # ------------------------------------------------------------------ local worker
 
 
-def start_local_worker(cfg: StudioConfig, log_file: Path | None = None) -> subprocess.Popen:
+def start_local_worker(cfg: StudioConfig, log_file: Path | None = None, *, kinds: tuple[str, ...] = (),
+                       skip_kinds: tuple[str, ...] = ()) -> subprocess.Popen:
     """Start ``fkpd worker`` in a child process that stops when this process exits.
 
-    The worker runs the bootstrap, alignment-round and compare jobs. It gets
-    ``--parent-pid`` so it also stops if the app is killed without a chance to clean up.
-    Its output goes to ``log_file`` (default :attr:`StudioConfig.worker_log`).
+    The worker runs the bootstrap, alignment-round, compare and top-up jobs (or only
+    ``kinds``, never ``skip_kinds``). It gets ``--parent-pid`` so it also stops if the
+    app is killed without a chance to clean up. Its output goes to ``log_file`` (default
+    :attr:`StudioConfig.worker_log`).
 
     Returns:
         The child process.
@@ -192,6 +229,8 @@ def start_local_worker(cfg: StudioConfig, log_file: Path | None = None) -> subpr
         env["FKPD_DATABASE_URL"] = cfg.database_url
     if cfg.artifact_dir:
         env["FKPD_ARTIFACT_DIR"] = cfg.artifact_dir
+    env["FKPD_WORKER_KINDS"] = ",".join(kinds)  # read by fkpd.store.run_worker
+    env["FKPD_WORKER_SKIP_KINDS"] = ",".join(skip_kinds)
     cmd = [sys.executable, "-m", "fkpd.cli", "worker", "--parent-pid", str(os.getpid()),
            "--threads", str(cfg.worker_threads), "--stale-after-s", "60"]
     with open(log_file, "ab") as out:
@@ -199,5 +238,21 @@ def start_local_worker(cfg: StudioConfig, log_file: Path | None = None) -> subpr
                                 stdin=subprocess.DEVNULL)
 
 
-__all__ = ["ACTIVE", "DEFAULT_INSTRUCTIONS", "OUTCOMES", "ROUND_FIELDS", "TRAINING_KINDS", "StudioConfig", "StudioError",
-           "default_instructions", "open_project", "start_local_worker"]
+def start_local_workers(cfg: StudioConfig) -> list[subprocess.Popen]:
+    """The app's local workers, both logging to :attr:`StudioConfig.worker_log`: one for
+    every job kind but ``top_up`` (bootstrap, rounds, comparisons), and one for
+    ``top_up`` only (``FKPD_WORKER_KINDS=top_up``), so pairs keep coming while a round
+    trains (a worker runs one job at a time). Both run the idle checks that queue automatic rounds and top-ups
+    (:mod:`fkpd.studio.upkeep`). The top-up worker uses one torch thread.
+
+    Returns:
+        ``[training worker, top-up worker]``.
+    """
+    main = start_local_worker(cfg, skip_kinds=(TOP_UP,))
+    renderer = start_local_worker(dataclasses.replace(cfg, worker_threads=1), kinds=(TOP_UP,))
+    return [main, renderer]
+
+
+__all__ = ["ACTIVE", "AUTO_ROUND_EVERY", "DEFAULT_INSTRUCTIONS", "MAX_AUTO_ROUND_EVERY", "OUTCOMES", "ROUND_FIELDS",
+           "TOP_UP", "TRAINING_KINDS", "StudioConfig", "StudioError", "default_instructions", "open_project",
+           "start_local_worker", "start_local_workers"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from fkpd.store import JobView, ProjectInfo, Store
 from fkpd.studio.compare import COMPARE
@@ -152,11 +152,23 @@ def _vs_parent(cmp: Mapping[str, Any] | None) -> str | None:
     return text + (" WORSE" if cmp.get("worse") else "")
 
 
-def enqueue_round(store: Store, project: ProjectInfo, params: Mapping[str, Any]) -> JobView:
+#: Project setting: the parameters of the latest round an admin started by hand, which
+#: automatic rounds use (:mod:`fkpd.studio.autoround`).
+ROUND_PARAMS = "round_params"
+
+
+def enqueue_round(store: Store, project: ProjectInfo, params: Mapping[str, Any], *,
+                  remember: bool = True) -> JobView:
     """Queue an alignment round with the admin's parameters.
+
+    The last check and the insert are one transaction
+    (:meth:`fkpd.store.JobQueue.enqueue_unless`), so two callers at once (two admins, an
+    admin and the automatic rounds) queue one round.
 
     Args:
         params: a subset of :data:`ROUND_FIELDS`; the others keep their defaults.
+        remember: keep ``params`` as the project's :data:`ROUND_PARAMS` (automatic rounds
+            use them); the automatic rounds themselves pass False.
 
     Raises:
         StudioError: an unknown or invalid parameter, no policy version yet, no comparison
@@ -175,14 +187,22 @@ def enqueue_round(store: Store, project: ProjectInfo, params: Mapping[str, Any])
     if not store.count_training_pairs(project.id):
         raise StudioError("no comparison to train on yet: label some pairs Left, Right or Equal first "
                           "(skips are not trained on)")
-    return store.jobs.enqueue(project.id, "alignment_round", job_params)
+    job = store.jobs.enqueue_unless(project.id, "alignment_round", job_params, statuses=ACTIVE)
+    if job is None:
+        raise StudioError("an alignment round was queued a moment ago; wait for it to finish before starting another "
+                          "round")
+    if remember:
+        store.update_project(project.id, settings={ROUND_PARAMS: job_params})
+    return job
 
 
 # ------------------------------------------------------------------ data
 
 
-def export_bytes(store: Store, project: ProjectInfo, fmt: str) -> bytes:
-    """The project's comparisons with their segments as a Parquet or HDF5 file, in memory.
+def export_bytes(store: Store, project: ProjectInfo, fmt: str, *, rounds: Iterable[int] | None = None,
+                 annotators: Iterable[str] | None = None) -> bytes:
+    """The project's comparisons with their segments as a Parquet or HDF5 file, in memory;
+    only those of ``rounds`` by ``annotators`` (names) when given (the Data page's filters).
 
     Raises:
         StudioError: unknown format; a segment file that is missing, changed since it
@@ -199,7 +219,7 @@ def export_bytes(store: Store, project: ProjectInfo, fmt: str) -> bytes:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / f"comparisons.{'h5' if fmt == 'hdf5' else 'parquet'}"
-            export_comparisons(store, project.id, fmt, out)
+            export_comparisons(store, project.id, fmt, out, rounds=rounds, annotators=annotators)
             return out.read_bytes()
     except ArtifactIntegrityError as exc:
         raise StudioError(f"the export stopped: {exc}. A segment file was removed or changed after it was stored; "
@@ -210,5 +230,5 @@ def export_bytes(store: Store, project: ProjectInfo, fmt: str) -> bytes:
         raise StudioError(f"the export stopped: {type(exc).__name__}: {exc}") from None
 
 
-__all__ = ["active_training_job", "current_version", "enqueue_round", "error_headline", "export_bytes", "job_summary",
-           "latest_training_job", "retry_bootstrap", "rounds_history", "version_label"]
+__all__ = ["ROUND_PARAMS", "active_training_job", "current_version", "enqueue_round", "error_headline", "export_bytes",
+           "job_summary", "latest_training_job", "retry_bootstrap", "rounds_history", "version_label"]

@@ -118,6 +118,20 @@ def lease_for_display(store: Store, project: ProjectInfo, annotator: AnnotatorIn
     return good, notices
 
 
+def batch_caption(store: Store, project: ProjectInfo, pair: DisplayPair) -> str:
+    """The Label page's progress line for the pair on screen, naming its version as the
+    Rounds page does: ``Clips of v1 (round 0): 3 of 24 answers`` (the pair's round: its
+    batch and top-up pairs; the clips of version v of round r are labelled to train round
+    r + 1).
+
+    Raises:
+        NotFoundError: the pair's version is gone.
+    """
+    version = store.get_policy_version(pair.policy_version_id)
+    answered, total = store.batch_progress(project.id, pair.round)
+    return f"Clips of v{version.id} (round {version.round}): {answered} of {total} answers"
+
+
 #: Largest pair id an answer may name (the store's row ids are 32-bit).
 MAX_PAIR_ID = 2**31 - 1
 #: ``shown_ms`` must fall between these epoch milliseconds (2000-01-01 and 2200-01-01).
@@ -213,4 +227,4 @@ def record_answers(store: Store, annotator: AnnotatorInfo, answers: Iterable[Map
     return problems
 
 
-__all__ = ["DisplayPair", "clip_video_b64", "lease_for_display", "parse_answer", "record_answers"]
+__all__ = ["DisplayPair", "batch_caption", "clip_video_b64", "lease_for_display", "parse_answer", "record_answers"]

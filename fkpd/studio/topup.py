@@ -1,0 +1,234 @@
+"""The ``top_up`` job: more pairs from the served policy, so annotators never wait.
+
+After the bootstrap an annotator should always have a pair on screen: while people label
+the current batch, while a round trains, evaluates and renders its batch. A batch alone
+runs dry (20 pairs at the defaults, then minutes of training), so the worker renders
+*top-up* pairs whenever the open pairs run low:
+
+* **Target**: at least ``max(10, 2 × active annotators)`` open (unanswered, not retired)
+  pairs of the served version's round and later ones (:func:`top_up_target`); an
+  annotator is active while they hold a lease or answered in the last 5 minutes
+  (:meth:`fkpd.store.Store.pair_supply`). Two per annotator because each one holds the
+  pair on screen and the prefetched next one.
+* **What is rendered**: current-policy pairs of the served version ``v`` (round ``r``),
+  for round ``r + 1``, the round its own batch is for, through the round engine's pair
+  source (:func:`fkpd.studio.batches.round_engine`, :func:`render_batch`) with the batch
+  settings recorded with version 0. Their reset seeds continue the round's pair index
+  (``first`` = the pairs the round has already; the seed rule in :mod:`fkpd.prefs.pairs`),
+  so they never repeat a pair of the round's batch or of an earlier top-up. Top-ups are
+  rollouts only, also in projects whose batches mix in dataset pairs.
+* **How many**: the shortfall, rounded up to whole lock-step rollout batches
+  (``n_envs / 2`` pairs), at most a batch size per job; the next check queues more.
+* **When**: only once the round's own batch exists (the bootstrap or the round that
+  registered ``v`` renders it first), so top-ups never stand in for a batch or collide
+  with its seeds. An annotator sees "nothing to label" only during the bootstrap.
+* **Trainable like any other**: top-up pairs are ordinary pairs of round ``r + 1``;
+  :meth:`fkpd.store.Store.next_pair` hands them out (the latest round with open pairs)
+  and every later round trains on their answers (:meth:`fkpd.store.Store.training_pairs`).
+
+Who renders: a worker runs one job at a time, so a top-up cannot run while the same
+worker trains. The app starts two local workers (:func:`fkpd.studio.start_local_workers`):
+one for bootstraps, rounds and comparisons, one restricted to ``top_up`` (``fkpd worker
+--kinds top_up``), which renders while the first trains; rendering takes one core,
+training the other. A single ``fkpd worker`` runs every kind and tops up between jobs.
+Who queues: idle workers (:mod:`fkpd.studio.upkeep`), at most one ``top_up`` job queued
+or running per project (:meth:`fkpd.store.JobQueue.enqueue_unless`); after a failed
+top-up they wait :data:`RETRY_AFTER_S` before queueing another.
+
+Crash safety is the batches' (:mod:`fkpd.studio.batches`): clips are written under
+temporary names, then registered, then the pairs in one transaction; a top-up stopped
+half-way registers nothing and its retry renders the same seeds again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from fkpd.config import json_safe
+from fkpd.store import JobContext, JobView, PolicyVersionInfo, ProjectInfo, Store, register_handler
+from fkpd.studio.batches import Stage, apply_threads, render_batch, round_engine, served_versions
+from fkpd.studio.config import ACTIVE, TOP_UP
+from fkpd.studio.errors import ParamError
+from fkpd.studio.params import BatchSettings, check_finite
+
+log = logging.getLogger(__name__)
+
+#: Open pairs kept ahead with no annotator active (and the floor with few).
+MIN_OPEN_PAIRS = 10
+#: An annotator is active while holding a lease or for this long after an answer.
+ACTIVE_WITHIN_S = 300.0
+#: After a failed top-up, idle workers wait this long before queueing another.
+RETRY_AFTER_S = 120.0
+
+
+def top_up_target(active_annotators: int) -> int:
+    """Open pairs to keep ahead: ``max(10, 2 × active annotators)``."""
+    return max(MIN_OPEN_PAIRS, 2 * int(active_annotators))
+
+
+@dataclass(frozen=True)
+class TopUpState:
+    """The pair supply of a project's served version.
+
+    Attributes:
+        version: the served version ``v`` (pairs come from it).
+        round: ``v.round + 1``, the round its pairs are labelled for.
+        open_pairs: open pairs of that round and later ones.
+        round_pairs: pairs the round has, whatever their status (the next pair index).
+        active_annotators: annotators active now.
+        target: :func:`top_up_target` of them.
+    """
+
+    version: PolicyVersionInfo
+    round: int
+    open_pairs: int
+    round_pairs: int
+    active_annotators: int
+    target: int
+
+    @property
+    def batch_ready(self) -> bool:
+        """The round's own batch is registered (top-ups only follow it)."""
+        return self.round_pairs > 0
+
+    @property
+    def shortfall(self) -> int:
+        return max(0, self.target - self.open_pairs)
+
+
+def top_up_state(store: Store, project: ProjectInfo) -> TopUpState | None:
+    """The served version's pair supply, or None before the bootstrap registered version 0.
+
+    Raises:
+        NotFoundError: unknown project.
+    """
+    versions = served_versions(store, project)
+    if not versions:
+        return None
+    version = versions[-1]
+    supply = store.pair_supply(project.id, min_round=version.round + 1, active_within_s=ACTIVE_WITHIN_S)
+    return TopUpState(version, version.round + 1, supply.open_pairs, supply.round_pairs, supply.active_annotators,
+                      top_up_target(supply.active_annotators))
+
+
+def _recently_failed(store: Store, project: ProjectInfo) -> bool:
+    last = next((j for j in store.jobs.list(project.id, limit=50) if j.kind == TOP_UP), None)
+    if last is None or last.status != "failed" or last.finished_at is None:
+        return False
+    return store.now() - last.finished_at < timedelta(seconds=RETRY_AFTER_S)
+
+
+def maybe_top_up(store: Store, project: ProjectInfo) -> JobView | None:
+    """Queue a ``top_up`` job when the served version's open pairs are below the target
+    and its batch exists, unless one is queued or running (or one failed within
+    :data:`RETRY_AFTER_S`).
+
+    Returns:
+        The queued job, or None.
+
+    Raises:
+        NotFoundError: unknown project.
+    """
+    state = top_up_state(store, project)
+    if state is None or not state.batch_ready or state.shortfall == 0 or _recently_failed(store, project):
+        return None
+    job = store.jobs.enqueue_unless(project.id, TOP_UP, {}, statuses=ACTIVE)
+    if job is not None:
+        log.info("project %s: %d open pairs of round %d, target %d (%d active annotators): queued top-up job %s",
+                 project.name, state.open_pairs, state.round, state.target, state.active_annotators, job.id)
+    return job
+
+
+def top_up_size(shortfall: int, settings: BatchSettings) -> int:
+    """Pairs one top-up renders: the shortfall rounded up to whole lock-step rollout
+    batches (``n_envs // 2`` pairs), at most ``max(pairs_per_batch, n_envs // 2)``; 0
+    without a shortfall."""
+    if shortfall <= 0:
+        return 0
+    per = max(1, settings.n_envs // 2)
+    return min(per * math.ceil(shortfall / per), max(settings.pairs_per_batch, per))
+
+
+def parse_params(params: dict[str, Any]) -> int | None:
+    """The ``top_up`` job's parameters: ``{}`` (render the shortfall) or ``{"pairs": n}``
+    (render exactly ``n`` pairs, 1..1000).
+
+    Raises:
+        ParamError: an unknown key, or ``pairs`` that is not an int in 1..1000.
+    """
+    params = check_finite(params, TOP_UP)
+    unknown = sorted(set(params) - {"pairs"})
+    if unknown:
+        raise ParamError(f"unknown top_up parameter(s) {unknown}; known: ['pairs']")
+    pairs = params.get("pairs")
+    if pairs is not None and (isinstance(pairs, bool) or not isinstance(pairs, int) or not 1 <= pairs <= 1000):
+        raise ParamError(f"top_up parameter 'pairs' must be an integer between 1 and 1000, got {pairs!r}")
+    return pairs
+
+
+@register_handler(TOP_UP)
+def top_up(ctx: JobContext) -> dict[str, Any]:
+    """Job handler: render top-up pairs from the served version (see the module docstring).
+
+    Parameters: ``{}`` or ``{"pairs": n}`` (:func:`parse_params`).
+
+    Returns:
+        JSON result: ``policy_version_id``, ``round``, ``first_pair`` (the index of the
+        first new pair in its round), ``pair_ids`` (the pairs added; empty when nothing
+        was needed) and ``reason`` (why nothing was rendered, or "").
+
+    Raises:
+        ParamError: bad parameters.
+        RoundError: the version's checkpoint has no round-0 reference.
+        ArtifactIntegrityError / CheckpointError: the served checkpoint is missing,
+            changed or corrupt.
+        JobCancelled / WorkerStopping: stopped between two clips; nothing is registered.
+    """
+    from fkpd.studio.errors import RoundError
+
+    store = ctx.store
+    wanted = parse_params(ctx.params)
+    project = store.get_project(ctx.job.project_id)
+    state = top_up_state(store, project)
+    if state is None or not state.batch_ready:
+        reason = ("no policy version yet (the bootstrap renders the first batch)" if state is None else
+                  f"round {state.round} has no batch yet (the job that registered version {state.version.id} "
+                  "renders it)")
+        return {"policy_version_id": None if state is None else state.version.id, "round": None, "first_pair": None,
+                "pair_ids": [], "reason": reason}
+    reference = next((v for v in served_versions(store, project) if v.round == 0), None)
+    if reference is None:
+        raise RoundError(f"project {project.name!r} has no round-0 policy version; run a bootstrap job first")
+    recorded = {k: v for k, v in ((reference.metrics.get("bootstrap") or {}).get("settings") or {}).items()
+                if k in {f.name for f in dataclasses.fields(BatchSettings)}}
+    settings = BatchSettings(**recorded)
+    n = wanted or top_up_size(state.shortfall, settings)
+    base = {"policy_version_id": state.version.id, "round": state.round, "first_pair": state.round_pairs}
+    if n == 0:
+        return {**base, "pair_ids": [], "reason": f"{state.open_pairs} open pairs, target {state.target}"}
+    overrides: dict[str, Any] = {"pairs_per_batch": n}
+    if "dataset_share" in {f.name for f in dataclasses.fields(BatchSettings)}:
+        overrides["dataset_share"] = 0.0  # top-ups are fresh rollouts of the served version
+    settings = dataclasses.replace(settings, **overrides)
+    apply_threads(settings.threads)
+    engine = round_engine(store, project, settings, reference, ctx.job_id, first_pair=state.round_pairs)
+    stage = Stage(ctx, 0.0, 1.0)
+
+    def progress(fraction: float, message: str) -> None:
+        stage(fraction, f"top-up for round {state.round}: {message.replace('rendering batch: ', '')}")
+        ctx.check_cancelled()
+
+    pair_ids = render_batch(engine, state.version, state.round, progress=progress)
+    log.info("job %s added %d top-up pairs (round %d, pairs %d..%d) from version %s of project %s", ctx.job_id,
+             len(pair_ids), state.round, state.round_pairs, state.round_pairs + len(pair_ids) - 1, state.version.id,
+             project.name)
+    return json_safe({**base, "pair_ids": pair_ids, "reason": ""})
+
+
+__all__ = ["ACTIVE_WITHIN_S", "MIN_OPEN_PAIRS", "RETRY_AFTER_S", "TopUpState", "maybe_top_up", "parse_params",
+           "top_up", "top_up_size", "top_up_state", "top_up_target"]
