@@ -211,20 +211,20 @@ def test_fkpd_worker_on_a_bad_database_prints_one_line_and_exits_2(tmp_path, url
 
 def test_only_the_annotator_a_pair_is_leased_to_can_answer_it(store, caplog):
     """Defect 9: Store.answer checked neither the lease nor the project."""
-    from fkpd.store import NotLeasedError
-
     _, pairs = make_project(store, 3)
     mallory, bob = store.get_or_create_annotator("mallory"), store.get_or_create_annotator("bob")
     assert store.next_pair("proj", bob).id == pairs[0]
     caplog.set_level(logging.WARNING, logger="fkpd")
-    with pytest.raises(NotLeasedError, match=f"pair {pairs[0]} is not leased to annotator 'mallory'"):
+    with pytest.raises(PairUnavailableError, match=f"pair {pairs[0]} is not leased to annotator 'mallory'"):
         store.answer(pairs[0], mallory, "left", NOW)
     assert "refused the answer of annotator 'mallory'" in caplog.text
-    with pytest.raises(NotLeasedError, match="not leased"):
+    with pytest.raises(PairUnavailableError, match="not leased"):
         store.answer(pairs[2], mallory, "left", NOW)  # a pair nobody leased
     assert store.comparisons_frame("proj").empty
     record = store.answer(pairs[0], bob, "right", NOW)
     assert record.created and record.pair_done, "the lease holder's own answer is accepted"
+    from fkpd.store import NotLeasedError
+
     assert issubclass(NotLeasedError, PairUnavailableError), "callers handling a taken pair handle this too"
 
 
@@ -255,10 +255,10 @@ def test_record_answers_refuses_and_logs_answers_for_pairs_leased_to_others(stor
     caplog.set_level(logging.WARNING, logger="fkpd")
     answers = [{"pair": bobs[0], "outcome": "left", "shown_ms": 1.7e12},
                {"pair": mine[0], "outcome": "right", "shown_ms": 1.7e12}]
-    problems = record_answers(store, mallory, answers, set(), project=project)
+    problems = record_answers(store, mallory, answers, set())
     assert len(problems) == 1 and f"pair {bobs[0]} was not stored" in problems[0]
     assert f"refused an answer of annotator 'mallory' for pair {bobs[0]}" in caplog.text
-    assert record_answers(store, bob, [{"pair": bobs[0], "outcome": "equal"}], set(), project=project) == []
+    assert record_answers(store, bob, [{"pair": bobs[0], "outcome": "equal"}], set()) == []
     frame = store.comparisons_frame("proj")
     assert sorted(zip(frame["pair_id"], frame["annotator"])) == sorted([(bobs[0], "bob"), (mine[0], "mallory")])
 
@@ -282,7 +282,7 @@ def test_one_malformed_answer_does_not_lose_the_valid_ones_after_it(store, caplo
     answers = hostile + [{"pair": leased[1], "outcome": "right", "shown_ms": 1.7e12}]
     recorded: set = set()
     caplog.set_level(logging.WARNING, logger="fkpd")
-    problems = record_answers(store, ada, answers, recorded, project=project)
+    problems = record_answers(store, ada, answers, recorded)
     assert len(problems) == len(hostile) and all("malformed" in p for p in problems), problems
     assert "skipped a malformed answer from annotator 'ada'" in caplog.text
     answers.append({"pair": leased[2], "outcome": "equal", "shown_ms": 1.7e12})
