@@ -86,7 +86,8 @@ def main() -> None:
                  "eval_episodes": 2, "threads": 1}
     env = {**os.environ, "FKPD_DATABASE_URL": f"sqlite:///{root / 'fkpd.sqlite'}",
            "FKPD_ARTIFACT_DIR": str(root / "artifacts"), "FKPD_PROJECT": "bench-ui",
-           "FKPD_BOOTSTRAP": json.dumps(bootstrap), "FKPD_START_WORKER": "0", "FKPD_ADMIN_PASSWORD": "bench"}
+           "FKPD_BOOTSTRAP": json.dumps(bootstrap), "FKPD_START_WORKER": "0", "FKPD_ADMIN_PASSWORD": "bench",
+           "FKPD_IDENTITY": "open"}  # the benchmark names its annotator in the URL (open mode)
     cfg = StudioConfig.from_env(env)
     t0 = time.time()
     with cfg.open_store() as store:
