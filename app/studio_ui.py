@@ -85,6 +85,9 @@ def _studio() -> Studio:
           f"artifacts in {store.artifact_dir}", flush=True)
     if job is not None:
         print(f"FKPD Studio: queued the bootstrap job {job.id} (data, behaviour cloning, first batch)", flush=True)
+    if project.identity != "open":
+        print(f"FKPD Studio: annotators come through invite links; create one with: fkpd annotators invite NAME "
+              f"--project {project.name} (or on the Rounds page, as admin)", flush=True)
     where = "Streamlit secrets" if secret else auth.source
     print(f"FKPD Studio: admin password from {where}"
           + ("" if secret or auth.source == "FKPD_ADMIN_PASSWORD" else f" (read it with: cat {auth.source})"),
