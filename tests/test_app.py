@@ -133,14 +133,23 @@ def test_data_page_tables_filters_and_export(app, project_store):
     at.run()
     assert not at.exception
     assert len(at.dataframe[0].value) == 3
+    stats = at.dataframe[1].value
+    assert stats.loc["ada", "left_rate"] == 1.0 and sorted(stats.index) == ["ada", "bob"]
     at.multiselect[1].select("bob").run()
     assert at.dataframe[0].value["annotator"].tolist() == ["bob", "bob"]
     stats = at.dataframe[1].value
-    assert stats.loc["bob", "tie_rate"] == pytest.approx(0.5) and stats.loc["ada", "left_rate"] == 1.0
+    assert stats.loc["bob", "tie_rate"] == pytest.approx(0.5)
+    assert stats.index.tolist() == ["bob"], "the statistics follow the filters (issue #13)"
     next(b for b in at.button if b.label == "Prepare export").click().run()
     assert not at.exception
     fmt, blob = at.session_state["export"]
     assert fmt == "parquet" and blob[:4] == b"PAR1"
+    import io
+
+    import pyarrow.parquet as pq
+
+    exported = pq.read_table(io.BytesIO(blob)).to_pandas()
+    assert exported["annotator"].tolist() == ["bob", "bob"], "the export follows the filters (issue #13)"
 
 
 def test_compare_page_queues_a_comparison_of_two_versions(app, project_store):
@@ -178,3 +187,17 @@ def test_rounds_page_flags_a_worse_version_and_rolls_it_back(app, project_store)
     assert current_version(project_store, project).id == v0.id
     assert not at.warning, "the served version is no longer flagged"
     assert at.metric[0].value == f"v{v0.id} (round 0)"
+
+
+def test_admin_sign_in_on_the_page_is_rate_limited(app):
+    at = app()
+    at.switch_page("pages/rounds.py").run()
+    for _ in range(4):
+        at.text_input(key="admin_pw").input("nope")
+        next(b for b in at.button if b.label == "Sign in").click().run()
+    assert any("Wrong password" in e.value for e in at.error)
+    at.text_input(key="admin_pw").input(ADMIN_PASSWORD)
+    next(b for b in at.button if b.label == "Sign in").click().run()
+    assert at.session_state["is_admin"] is not True if "is_admin" in at.session_state else True, \
+        "the right password is refused while sign-in is paused"
+    assert any("next attempt is possible in" in e.value for e in at.error), [e.value for e in at.error]

@@ -26,7 +26,9 @@ st.dataframe(view[["comparison_id", "round", "pair_id", "policy_version_id", "an
                    "shown_at", "answered_at"]], hide_index=True, width="stretch")
 
 st.subheader("Annotators")
-stats = s.store.annotator_stats(s.project.id)
+if rounds or people:
+    st.caption("Statistics and export follow the filters above.")
+stats = s.store.annotator_stats(s.project.id, rounds=rounds, annotators=people)
 st.dataframe(stats, width="stretch", column_config={
     "tie_rate": st.column_config.NumberColumn("tie rate", format="percent"),
     "skip_rate": st.column_config.NumberColumn("skip rate", format="percent"),
@@ -46,12 +48,16 @@ else:
 
 st.subheader("Export")
 fmt = st.radio("Format", ["parquet", "hdf5"], horizontal=True,
-               help="Every comparison with its two segments (observations, actions, rewards).")
+               help="The comparisons shown above (the filters apply) with their two segments (observations, "
+                    "actions, rewards).")
+st.caption(f"The export holds the {len(view)} comparisons selected above." if rounds or people else
+           "The export holds every comparison.")
 if st.button("Prepare export"):
     st.session_state.pop("export", None)
     try:
         with st.spinner("Writing the export…"):
-            st.session_state["export"] = (fmt, export_bytes(s.store, s.project, fmt))
+            st.session_state["export"] = (fmt, export_bytes(s.store, s.project, fmt, rounds=rounds,
+                                                            annotators=people))
     except StudioError as exc:  # e.g. a segment file changed on disk: say which, no traceback
         st.error(f"Export failed: {exc}", icon=":material/error:")
 if st.session_state.get("export"):

@@ -2,8 +2,9 @@
 
 import streamlit as st
 
-from fkpd.studio import StudioError, error_headline, job_summary, latest_training_job, lease_for_display, \
-    record_answers
+from fkpd.studio import StudioError, auto_round_state, batch_caption, error_headline, job_summary, \
+    latest_training_job, lease_for_display, record_answers, top_up_state
+from fkpd.studio.config import TOP_UP
 from fkpd.studio.identity import annotator_from_token
 from pair_player import pair_player
 from studio_ui import annotator_gate, studio
@@ -28,7 +29,10 @@ def _store_answers() -> None:
     st.session_state.setdefault("answer_problems", []).extend(problems)
 
 
-st.header("Which clip do you prefer?")
+# Everything an annotator needs fits 1280×800 without scrolling: a compact header, the
+# instructions, one line with the progress and the keys, then the clips and the buttons.
+st.markdown("<style>.stMainBlockContainer, .block-container {padding-top: 2.2rem;}</style>", unsafe_allow_html=True)
+st.subheader("Which clip do you prefer?")
 st.info(s.project.instructions or "Choose the clip whose behaviour you prefer.", icon=":material/assignment:")
 for msg in st.session_state.pop("answer_problems", []):
     st.warning(msg)
@@ -36,29 +40,39 @@ for msg in st.session_state.pop("answer_problems", []):
 pairs, notices = lease_for_display(s.store, s.project, annotator)
 for msg in notices:
     st.warning(msg, icon=":material/videocam_off:")
-answered, total = s.store.batch_progress(s.project.id)
 if pairs:
-    st.progress(answered / total if total else 0.0,
-                text=f"Batch of round {pairs[0].round}: {answered} of {total} answers")
+    st.caption(f"{batch_caption(s.store, s.project, pairs[0])} · Keys: ← left · → right · ↓ equal · S skip · "
+               "R replay · the next pair is already loaded.")
     pair_player([p.as_json() for p in pairs], on_answers=_store_answers, key=KEY)
-    st.caption("Keys: ← left · → right · ↓ equal · S skip · R replay. The next pair is already loaded.")
 else:
     # No player while nothing is open: its answers were stored by the callback already.
 
     @st.fragment(run_every=2)
     def waiting() -> None:
-        job = latest_training_job(s.store, s.project)
         if s.store.lease_pairs(s.project.id, annotator.id, 1):
             st.rerun(scope="app")
-        if job is not None and job.status in ("queued", "running"):
+        job = latest_training_job(s.store, s.project)
+        top_up = next((j for j in s.store.jobs.list(s.project.id, status=("queued", "running"), limit=20)
+                       if j.kind == TOP_UP), None)
+        if job is not None and job.kind == "bootstrap" and job.status in ("queued", "running"):
+            st.subheader("Nothing to label yet: the first batch is being prepared")
+            st.progress(job.progress, text=job_summary(job))
+        elif top_up is not None:
+            st.subheader("More pairs are on the way")
+            st.progress(top_up.progress, text=top_up.message or "waiting for the worker")
+        elif job is not None and job.status in ("queued", "running"):
             st.subheader("Nothing to label right now: the next batch is being prepared")
             st.progress(job.progress, text=job_summary(job))
-        elif job is not None and job.status == "failed":
+        elif job is not None and job.status == "failed" and top_up_state(s.store, s.project) is None:
             st.error(f"The last {job.kind.replace('_', ' ')} (job {job.id}) failed: {error_headline(job)}")
             st.caption("An admin can see the details on the Rounds page and start it again.")
         else:
             st.subheader("All pairs of this batch are labelled. Thank you!")
-            st.write("The next batch appears here when an admin runs an alignment round (Rounds page).")
+            auto = auto_round_state(s.store, s.project)
+            if auto.enabled or top_up_state(s.store, s.project) is not None:
+                st.write("More pairs appear here in a moment: the worker renders them from the current policy.")
+            else:
+                st.write("The next batch appears here when an admin runs an alignment round (Rounds page).")
         done, of = s.store.batch_progress(s.project.id)
         if of:
             st.caption(f"Latest batch: {done} of {of} answers.")

@@ -5,6 +5,7 @@ import streamlit as st
 from fkpd.studio import (
     StudioError,
     active_training_job,
+    auto_round_state,
     current_version,
     enqueue_round,
     error_headline,
@@ -14,6 +15,9 @@ from fkpd.studio import (
     roll_back,
     round_defaults,
     rounds_history,
+    served_versions,
+    set_auto_rounds,
+    top_up_state,
 )
 from studio_ui import admin_sign_in, is_admin, studio
 
@@ -74,10 +78,33 @@ else:
                 st.success(f"Queued alignment round (job {job.id}).")
             except StudioError as exc:
                 st.error(str(exc))
+    auto = auto_round_state(s.store, s.project)
+    with st.form("auto_round_form"):
+        st.write("**Automatic rounds**: start a round by itself once enough new comparisons (left, right or equal) "
+                 "arrived since the latest version, with the parameters of the last round started here.")
+        on = st.checkbox("Start rounds automatically", value=auto.enabled, key="auto_on")
+        batch = next((v.metrics.get("bootstrap", {}).get("settings", {}).get("pairs_per_batch")
+                      for v in served_versions(s.store, s.project) if v.round == 0), None)
+        default_n = auto.every or int(batch or defaults["pairs_per_batch"])
+        every = st.number_input("after this many new comparisons", min_value=1, max_value=100_000,
+                                value=default_n, step=1, key="auto_every")
+        if st.form_submit_button("Save automatic rounds"):
+            try:
+                set_auto_rounds(s.store, s.project, int(every) if on else 0)
+                st.success(f"Automatic rounds on: a round after {int(every)} new comparisons." if on
+                           else "Automatic rounds off: rounds start by hand.")
+            except StudioError as exc:
+                st.error(str(exc))
 
 
 @st.fragment(run_every=1.5)
 def live() -> None:
+    auto = auto_round_state(s.store, s.project)
+    supply = top_up_state(s.store, s.project)
+    st.info(auto.describe(), icon=":material/autorenew:" if auto.enabled else ":material/pan_tool:")
+    if supply is not None:
+        st.caption(f"Pairs waiting for annotators: {supply.open_pairs} from v{supply.version.id} (kept at "
+                   f"{supply.target} or more for {supply.active_annotators} active annotator(s) by top-up pairs).")
     job = active_training_job(s.store, s.project)
     if job is not None:
         st.progress(job.progress, text=job_summary(job))
