@@ -17,6 +17,7 @@ Output directory layout (like :mod:`fkpd.train.bc`)::
 
     OUT/checkpoint/   model.safetensors + config.json  (new version; parent, round, metrics)
     OUT/metrics.jsonl                                  (one JSON line per log point)
+    OUT/tb/                                            (the same as TensorBoard events, fkpd.train.tracking)
     OUT/config.json                                    (the resolved AlignConfig)
 
 The new checkpoint is written atomically, only after training finished with finite
@@ -46,6 +47,7 @@ from fkpd.policy import DiffusionPolicy, checkpoint_dir, pick_device, read_check
 from fkpd.prefs.segments import PreferenceError, Segment, load_preferences
 from fkpd.prefs.teachers import to_winner_first
 from fkpd.train.bc import TrainingError, optimizer_step
+from fkpd.train.tracking import RunLog
 
 WinnerFirstPair = tuple[Segment, Segment, float]
 
@@ -373,7 +375,9 @@ def align(cfg: AlignConfig, pairs: Sequence[WinnerFirstPair] | None = None, prog
     bar = tqdm(range(cfg.steps), desc=f"align r{round_} {cfg.regularizer}", unit="step", disable=not progress)
     t0 = time.time()
     last: dict[str, float] = {}
-    with (out / "metrics.jsonl").open("w") as log:
+    with (out / "metrics.jsonl").open("w") as log, RunLog(out / "tb", "align",
+                                                          wandb_namespace=f"align_r{round_}") as tb:
+        tb.log(before, 0, prefix="pairs/")
         for step in bar:
             idx = torch.randint(0, len(windows), (min(cfg.batch_pairs, len(windows)),), generator=gen)
             batch = windows.batch(idx).to(device)
@@ -402,13 +406,15 @@ def align(cfg: AlignConfig, pairs: Sequence[WinnerFirstPair] | None = None, prog
                 history.append(last)
                 log.write(json.dumps(_clean(last)) + "\n")
                 log.flush()
+                tb.log(last, done)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", dpo=f"{last['dpo']:.3f}",
                                 acc=f"{last.get('implicit_acc', float('nan')):.2f}")
             if on_step is not None:
                 on_step(done, cfg.steps)
-    steps_per_s = cfg.steps / max(time.time() - t0, 1e-9)
-    policy.eval()
-    after = evaluate_pairs(policy, reference, windows, cfg.beta, seed=cfg.seed)
+        steps_per_s = cfg.steps / max(time.time() - t0, 1e-9)
+        policy.eval()
+        after = evaluate_pairs(policy, reference, windows, cfg.beta, seed=cfg.seed)
+        tb.log(after, cfg.steps, prefix="pairs/")
     if not math.isfinite(after["dpo"]):
         raise TrainingError(f"the aligned policy gives a non-finite DPO loss on the training pairs; stopped without "
                             f"saving. The parent checkpoint {str(init)!r} is untouched. Lower --beta or --lr.")

@@ -10,6 +10,7 @@ Output directory layout::
     OUT/checkpoint/   model.safetensors + config.json   (policy, EMA weights)
     OUT/train_state/  state.safetensors + state.json     (for --resume)
     OUT/metrics.jsonl                                    (one JSON line per log point)
+    OUT/tb/                                              (the same as TensorBoard events, fkpd.train.tracking)
     OUT/config.json                                      (the resolved BCConfig)
 """
 
@@ -34,6 +35,7 @@ from fkpd.data import WindowSampler, load_dataset
 from fkpd.envs import get_task
 from fkpd.errors import CheckpointError, ConfigError, FKPDError
 from fkpd.policy import DiffusionPolicy, PolicyConfig, pick_device
+from fkpd.train.tracking import RunLog
 
 
 class TrainingError(FKPDError, RuntimeError):
@@ -223,7 +225,7 @@ def train_bc(cfg: BCConfig, policy_cfg: PolicyConfig | None = None, progress: bo
             checkpoint(start, {})
         return ckpt_dir
     policy.train()
-    with (out / "metrics.jsonl").open("a") as log:
+    with (out / "metrics.jsonl").open("a") as log, RunLog(out / "tb", "bc", purge_step=start) as tb:
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train-bc", unit="step",
                    disable=not progress)
         t0, running = time.time(), None
@@ -244,6 +246,7 @@ def train_bc(cfg: BCConfig, policy_cfg: PolicyConfig | None = None, progress: bo
                            "steps_per_s": (done - start) / max(time.time() - t0, 1e-9)}
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
+                tb.log(metrics, done)
             if done % cfg.save_every == 0 or done == cfg.steps:
                 checkpoint(done, metrics)
             if cfg.eval_every and cfg.eval_episodes and done % cfg.eval_every == 0 and done != cfg.steps:
@@ -255,6 +258,7 @@ def train_bc(cfg: BCConfig, policy_cfg: PolicyConfig | None = None, progress: bo
                 ev = {"step": done, "eval/success_rate": res.success_rate, "eval/mean_return": res.mean_return}
                 log.write(json.dumps(ev) + "\n")
                 log.flush()
+                tb.log(ev, done)
                 bar.write(f"step {done}: {res.format()}")
                 policy.train()
             if on_step is not None:

@@ -20,6 +20,8 @@ on all labels, and an out-of-distribution diagnostic
     OUT/round<r>/align/checkpoint/           (π_r)
     OUT/prefs.json                           (all labels so far; usable with `fkpd align`)
     OUT/loop.json, OUT/loop.png              (metrics per round, and their plot)
+    OUT/tb/                                  (the per-round metrics as TensorBoard events, x = round;
+                                              OUT/bc/tb/, OUT/round<r>/align/tb/: BC's and each round's training)
 
 Reset seeds: evaluation uses ``10_000 + i`` (as :func:`fkpd.policy.rollout.evaluate`), pairs
 :func:`fkpd.prefs.pairs.pair_seed` ``(seed, r, i) = 1_000_000_000 + 10_000_000·seed +
@@ -51,6 +53,7 @@ from fkpd.prefs.teachers import ScriptedTeacher, make_teacher
 from fkpd.train.align import AlignConfig, PairWindows, evaluate_pairs, pairs_from_labels
 from fkpd.train.engine import RoundEngine
 from fkpd.train.evaluate import ActionOOD, Evaluator, describe_comparison
+from fkpd.train.tracking import RunLog
 
 
 @dataclass
@@ -144,6 +147,12 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     return path
 
 
+def loop_out_dir(cfg: LoopConfig, align_cfg: AlignConfig) -> Path:
+    """The loop's output folder: ``cfg.out_dir``, or ``runs/loop/<task>_<teacher>_<regularizer>``."""
+    return Path(cfg.out_dir or Path("runs") / "loop" /
+                f"{cfg.task.replace('/', '_')}_{cfg.teacher}_{align_cfg.regularizer}")
+
+
 def run_loop(cfg: LoopConfig, align_cfg: AlignConfig | None = None, policy_cfg: PolicyConfig | None = None,
              progress: bool = True, log=print) -> dict[str, Any]:
     """Run the headless loop; see the module docstring.
@@ -178,8 +187,7 @@ def run_loop(cfg: LoopConfig, align_cfg: AlignConfig | None = None, policy_cfg: 
     # L as used (the task's when 0, capped at the horizon), so loop.json records it
     cfg = dataclasses.replace(cfg, segment_length=min(cfg.segment_length or spec.segment_length, horizon))
     teacher0 = make_teacher(cfg.teacher, seed=cfg.seed)
-    out = Path(cfg.out_dir or Path("runs") / "loop" /
-               f"{cfg.task.replace('/', '_')}_{cfg.teacher}_{align_cfg.regularizer}")
+    out = loop_out_dir(cfg, align_cfg)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
 
@@ -267,6 +275,8 @@ def run_loop(cfg: LoopConfig, align_cfg: AlignConfig | None = None, policy_cfg: 
     summary["rounds"].append({"round": 0, "checkpoint": str(bc), "labels": 0, **ev})
     log(_format_row(summary["rounds"][-1]))
     write()
+    tb = RunLog(out / "tb", "loop")  # per-round metrics, x = round (fkpd.train.tracking)
+    tb.log(summary["rounds"][-1], 0)
     # (round, checkpoint, policy, evaluation) of the version the next round starts from
     parent = (0, Path(bc), ref, ev)
     best = parent
@@ -290,6 +300,8 @@ def run_loop(cfg: LoopConfig, align_cfg: AlignConfig | None = None, policy_cfg: 
                "vs_parent": res.comparison, "worse_than_parent": bool(res.comparison and res.comparison["worse"]),
                "round_s": time.time() - t_round}
         summary["rounds"].append(row)
+        tb.log(row, r)
+        tb.flush()
         log(_format_row(row))
         log(f"round {r} vs round {parent_round}: {describe_comparison(res.comparison, f'round {parent_round}')}")
         write()
@@ -297,6 +309,7 @@ def run_loop(cfg: LoopConfig, align_cfg: AlignConfig | None = None, policy_cfg: 
                        "mean_return": best[3].get("mean_return")}
     for env in envs:
         env.close()
+    tb.close()
     write()
     return summary
 
