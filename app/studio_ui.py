@@ -164,10 +164,11 @@ def admin_sign_in(s: Studio) -> bool:
         st.markdown("**Admin sign-in** — needed to start rounds or change settings.")
         pw = st.text_input("Admin password", type="password", key="admin_pw")
         if st.form_submit_button("Sign in"):
-            if s.auth.check(pw):
+            attempt = s.auth.attempt(pw)  # limited: too many wrong guesses pause sign-in, with a growing delay
+            if attempt.ok:
                 st.session_state["is_admin"] = True
                 st.rerun()
-            st.error("Wrong password. The admin password is set by FKPD_ADMIN_PASSWORD, by admin_password in "
+            st.error(f"{attempt.message} The admin password is set by FKPD_ADMIN_PASSWORD, by admin_password in "
                      ".streamlit/secrets.toml, or else is the token in labels/admin_token.")
     return False
 
