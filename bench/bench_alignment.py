@@ -66,7 +66,8 @@ import torch
 
 from fkpd.train.align import AlignConfig
 from fkpd.data import generate_dataset
-from fkpd.config import json_safe
+from fkpd.config import json_safe, read_config_file, save_config_toml
+from fkpd.errors import ConfigError
 from fkpd.train.loop import LoopConfig, run_loop
 from fkpd.train.bc import BCConfig, train_bc
 
@@ -301,11 +302,23 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="only print the table from finished runs")
     ap.add_argument("--out", default="runs/bench_alignment")
     ap.add_argument("--json", default="bench/results/bench_alignment.json")
+    ap.add_argument("--config", default=None, metavar="FILE.toml",
+                    help="read these options from a TOML file (keys: the options' names with _, e.g. "
+                         "pairs_per_round = 200); flags given here override it; the resolved options are saved as "
+                         "OUT/config.toml")
     args = ap.parse_args()
+    if args.config:
+        try:
+            ap.set_defaults(**read_config_file(ap, args.config, command="bench_alignment.py"))
+        except ConfigError as exc:
+            ap.exit(2, f"error: {' '.join(str(exc).split())}\n")
+        args = ap.parse_args()
     if args.rounds * args.pairs_per_round > MAX_LABELS:
         ap.error(f"--rounds × --pairs-per-round = {args.rounds * args.pairs_per_round} labels per run; the benchmark "
                  f"allows at most {MAX_LABELS}")
     _check_out_dir(args)
+    save_config_toml(Path(args.out) / "config.toml", ap, [("bench_alignment", vars(args))],
+                     header=f"Resolved options of bench_alignment.py; rerun with --config {Path(args.out) / 'config.toml'}")
     t0 = time.time()
     if not args.report_only:
         if args.jobs > 1:
