@@ -158,6 +158,11 @@ def test_projects_create_list_show(store, tmp_path, capsys):
     assert "fkpd annotators invite NAME --project door2" in capsys.readouterr().out
     second = store.get_project("door2")
     assert second.identity == "invite" and second.instructions == "Prefer the arm that opens the door."
+    assert project.settings["auto_round_every"] == 4  # automatic rounds after a batch, as the app's projects
+    assert main(["projects", "create", "manual", "--task", TASK, "--auto-rounds", "0", *common]) == 0
+    assert store.get_project("manual").settings["auto_round_every"] == 0
+    assert "--auto-rounds" in _error(capsys, main(["projects", "create", "x", "--task", TASK, "--auto-rounds", "-1",
+                                                   *common]))
     assert "Known task ids" in _error(capsys, main(["projects", "create", "x", "--task", "metaworld/nope-v3",
                                                     *common]))
     err = _error(capsys, main(["projects", "create", "x", "--task", TASK, "--bc-steps", "0", *common]))
@@ -166,15 +171,15 @@ def test_projects_create_list_show(store, tmp_path, capsys):
     assert "bc_stepz" in err
     assert "not valid JSON" in _error(capsys, main(["projects", "create", "x", "--task", TASK, "--bootstrap", "{",
                                                     *common]))
-    assert [p.name for p in store.list_projects()] == ["door", "door2"]
+    assert [p.name for p in store.list_projects()] == ["door", "door2", "manual"]
 
     assert main(["projects", "list", *common]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2 and lines[0].startswith("door ") and "not bootstrapped" in lines[0]
+    assert len(lines) == 3 and lines[0].startswith("door ") and "not bootstrapped" in lines[0]
     assert "Bootstrap (job" in lines[0]
     assert main(["projects", "list", "--json", *common]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["name"] for r in rows] == ["door", "door2"] and rows[0]["training_job"]["status"] == "queued"
+    assert [r["name"] for r in rows] == ["door", "door2", "manual"] and rows[0]["training_job"]["status"] == "queued"
     assert main(["projects", "show", "door", *common]) == 0
     out = capsys.readouterr().out
     assert "project door" in out and "metaworld/door-open-v3" in out and "none yet" in out

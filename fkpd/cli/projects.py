@@ -35,10 +35,11 @@ BOOTSTRAP_FLAGS: dict[str, tuple[type, str]] = {
 
 
 def create_project(store, args: argparse.Namespace, name: str, task: str, bootstrap: Mapping[str, Any],
-                   instructions: str = ""):
+                   instructions: str = "", auto_rounds: int | None = None):
     """Create project ``name`` of ``task`` with its bootstrap queued, as the app's first
-    start does (:func:`fkpd.studio.open_project`; identity from ``args.identity``), then
-    set ``instructions`` when given (the task's own instructions otherwise).
+    start does (:func:`fkpd.studio.open_project`; identity from ``args.identity``;
+    automatic rounds after ``auto_rounds`` new comparisons, None: the batch size, 0:
+    rounds by hand), then set ``instructions`` when given (the task's own otherwise).
 
     Returns:
         ``(project, bootstrap job)``; the job is None when another process created the
@@ -51,7 +52,8 @@ def create_project(store, args: argparse.Namespace, name: str, task: str, bootst
     from fkpd.studio import StudioConfig, open_project
 
     cfg = StudioConfig(database_url=args.database_url or "", artifact_dir=args.artifact_dir or "", project=name,
-                       task=task, bootstrap=dict(bootstrap), start_worker=False, identity=args.identity)
+                       task=task, bootstrap=dict(bootstrap), start_worker=False, identity=args.identity,
+                       auto_rounds=auto_rounds)
     project, job = open_project(store, cfg)
     if instructions:
         project = store.update_project(project.id, instructions=instructions)
@@ -86,11 +88,16 @@ def _cmd_projects_create(args: argparse.Namespace) -> int:
         except (OSError, UnicodeDecodeError) as exc:
             raise FKPDError(f"--instructions-file {args.instructions_file!r} cannot be read: {exc}") from None
     params = _bootstrap_params(args)
+    from fkpd.studio.config import MAX_AUTO_ROUND_EVERY
+
+    if args.auto_rounds is not None and not 0 <= args.auto_rounds <= MAX_AUTO_ROUND_EVERY:
+        raise FKPDError(f"--auto-rounds must be a number of comparisons from 1 to {MAX_AUTO_ROUND_EVERY}, or 0 for "
+                        f"rounds by hand, got {args.auto_rounds}")
     with open_store(args) as store:
         name = args.name.strip()
         if name in {p.name for p in store.list_projects()}:
             raise FKPDError(f"project {name!r} exists already; see `fkpd projects show {name}`, or pick another name")
-        project, job = create_project(store, args, name, args.task, params, instructions)
+        project, job = create_project(store, args, name, args.task, params, instructions, args.auto_rounds)
     queued = f"its bootstrap is queued (job {job.id})" if job is not None else "its bootstrap was queued by another process"
     print(f"created project {project.name!r} (task {project.task_id}, identity {project.identity}); {queued}: a worker "
           "runs it (`fkpd worker`, or the app's own)")
@@ -252,6 +259,9 @@ def add_parsers(sub) -> None:
                         "a name (demos)")
     s.add_argument("--instructions", default=None, help="text shown to annotators (default: the task's own)")
     s.add_argument("--instructions-file", default=None, help="read the instructions from this file")
+    s.add_argument("--auto-rounds", type=int, default=None, metavar="N",
+                   help="start an alignment round after every N new trainable comparisons (0: rounds by hand; "
+                        "default: the batch size, as in the app)")
     for name, (tp, help_text) in BOOTSTRAP_FLAGS.items():
         s.add_argument("--" + name.replace("_", "-"), type=tp, default=None, help=help_text)
     s.add_argument("--bootstrap", default=None, metavar="JSON",
