@@ -2,12 +2,17 @@
 
 A *pair source* makes the pairs whose labels a round asks for, in the spirit of
 ``imitation``'s fragmenter and trajectory generator (one small interface, so the round
-engine does not care where pairs come from). The one source today is
-:class:`RolloutPairSource`: two rollouts of the current policy version from the same
-reset seed, with different sampling noise, cut at the same steps (DESIGN.md §3,
-"Pairs").
+engine does not care where pairs come from):
 
-Every pair of every round is fixed by :class:`PairPlan`, the one seed rule shared by
+* :class:`RolloutPairSource`: two rollouts of the current policy version from the same
+  reset seed, with different sampling noise, cut at the same steps (DESIGN.md §3,
+  "Pairs");
+* :class:`fkpd.prefs.dataset_pairs.DatasetPairSource`: two segments of the offline
+  dataset from different episodes (the released FKPD code's preference data);
+* :class:`MixedPairSource`: a batch of both, dataset pairs spread evenly through it
+  (:func:`dataset_slots`).
+
+Every rollout pair of every round is fixed by :class:`PairPlan`, the one seed rule shared by
 ``fkpd loop`` and the app's worker:
 
 * reset seed of pair ``i`` of round ``r``: :func:`pair_seed` ``(seed, r, i)``
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -51,6 +56,12 @@ class RolledClip:
         request: what was rolled out (reset seed, noise seed, steps, first rendered step).
         episode: the rollout, with ``frames`` from the segment's start when rendering.
         segment: the segment cut from it.
+        meta: what a clip writer records beside the usual fields (dataset clips:
+            ``source``, ``episode``, ``dataset_row``; empty for rollouts).
+        shared_start: both clips of the pair start from the same reset seed (rollout
+            pairs; dataset pairs only with ``same_reset_seed``). A store records the
+            clip's reset seed only then, since a pair there compares clips from one
+            initial state.
     """
 
     pair: int
@@ -58,6 +69,8 @@ class RolledClip:
     request: ClipRequest
     episode: Episode
     segment: Segment
+    meta: dict = field(default_factory=dict)
+    shared_start: bool = True
 
 
 #: ``on_clip(clip)``: called once per clip as soon as it is rolled out. Writers of clip
@@ -230,6 +243,118 @@ class RolloutPairSource(PairSource):
         finally:
             if callable(self.envs):
                 close_envs(envs)
+
+
+def dataset_slots(share: float, pairs: int, first: int = 0) -> tuple[np.ndarray, int]:
+    """Where a batch mixes in dataset pairs: pair ``k`` of a round (0, 1, ...) is a
+    dataset pair when ``⌊(k+1)·share + ½⌋ > ⌊k·share + ½⌋``, so they are spread evenly
+    through the round and ``round(share · n)`` of its first ``n`` pairs (halves up) are
+    dataset pairs, whatever batches the round's pairs come in.
+
+    Args:
+        share: fraction of dataset pairs, 0..1.
+        pairs: pairs of this batch.
+        first: index of the batch's first pair in its round (more pairs for a round
+            that has ``first`` already).
+
+    Returns:
+        ``(slots, dataset_first)``: (pairs,) bool, True for the batch's dataset pairs;
+        and how many of the round's first ``first`` pairs are dataset pairs (the
+        current-policy ones are ``first − dataset_first``).
+
+    Raises:
+        ValueError: ``share`` outside 0..1 (NaN included).
+    """
+    if not 0.0 <= float(share) <= 1.0:
+        raise ValueError(f"dataset share must be between 0 and 1, got {share!r}")
+
+    def count(k):  # dataset pairs among the round's first k pairs
+        return np.floor(np.asarray(k, np.float64) * float(share) + 0.5).astype(np.int64)
+
+    k = np.arange(int(first), int(first) + int(pairs))
+    return count(k + 1) > count(k), int(count(int(first)))
+
+
+class MixedPairSource(PairSource):
+    """A batch of two sources' pairs (current-policy and dataset pairs), in one order.
+
+    Pair ``k`` of the batch comes from ``second`` where ``slots[k]`` (see
+    :func:`dataset_slots`), else from ``first``, in order; each source keeps its own
+    seed rule for its own pairs. Clips reach ``on_clip`` with their batch index as
+    ``pair``: ``first``'s clips, then ``second``'s, each in order, so a clip writer that
+    relies on the order must sort by ``(pair, side)``.
+
+    Args:
+        first: the first source (e.g. :class:`RolloutPairSource`); its ``pairs``
+            attribute is its count per batch.
+        second: the second source (e.g. a dataset source), likewise.
+        slots: (first.pairs + second.pairs,) bool, True where a pair is ``second``'s.
+
+    Raises:
+        ValueError: ``slots`` does not hold ``second.pairs`` True values among
+            ``first.pairs + second.pairs``.
+    """
+
+    def __init__(self, first: PairSource, second: PairSource, slots: np.ndarray) -> None:
+        self.first, self.second, self.slots = first, second, np.asarray(slots, bool)
+        n1, n2 = int(first.pairs), int(second.pairs)  # type: ignore[attr-defined]
+        if self.slots.shape != (n1 + n2,) or int(self.slots.sum()) != n2:
+            raise ValueError(f"slots must mark {n2} of {n1 + n2} pairs, got {self.slots.astype(int).tolist()}")
+        self.pairs = n1 + n2
+
+    def make_pairs(self, policy, round_: int, *, on_clip: ClipSink | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> list[tuple[Segment, Segment]]:
+        total = 2 * self.pairs
+        out: list[tuple[Segment, Segment] | None] = [None] * self.pairs
+        done = 0
+        for source, where in ((self.first, ~self.slots), (self.second, self.slots)):
+            index = np.flatnonzero(where)
+            if not len(index):
+                continue
+
+            def sink(clip: RolledClip, index=index) -> None:
+                clip.pair = int(index[clip.pair])
+                on_clip(clip)
+
+            def step(n: int, _total: int, offset=done) -> None:
+                progress(offset + n, total)
+
+            got = source.make_pairs(policy, round_, on_clip=None if on_clip is None else sink,
+                                    progress=None if progress is None else step)
+            for k, pair in zip(index, got):
+                out[int(k)] = pair
+            done += 2 * len(index)
+        return out  # type: ignore[return-value]
+
+
+def mix_sources(pairs: int, share: float, policy: Callable[[int, int], PairSource],
+                dataset: Callable[[int, int, int], PairSource], first: int = 0) -> PairSource:
+    """The source of a batch of ``pairs`` pairs of which a ``share`` are dataset pairs
+    (:func:`dataset_slots`).
+
+    Args:
+        pairs: pairs of the batch.
+        share: fraction of dataset pairs, 0..1.
+        policy: ``policy(n, first)`` builds the current-policy source of ``n`` pairs
+            whose first is the round's ``first``-th current-policy pair.
+        dataset: ``dataset(n, first, stride)`` builds the dataset source likewise;
+            ``stride`` is the dataset pairs of a round's batch (from index 0).
+        first: index of the batch's first pair in its round.
+
+    Returns:
+        ``policy(pairs, first)`` itself when no pair of the batch is a dataset pair (so
+        a share of 0 changes nothing), the dataset source itself when all are, else a
+        :class:`MixedPairSource`.
+    """
+    slots, data_first = dataset_slots(share, pairs, first)
+    n_data = int(slots.sum())
+    stride = max(int(dataset_slots(share, pairs)[0].sum()), 1)
+    if n_data == 0:
+        return policy(int(pairs), int(first) - data_first)
+    if n_data == int(pairs):
+        return dataset(n_data, data_first, stride)
+    return MixedPairSource(policy(int(pairs) - n_data, int(first) - data_first),
+                           dataset(n_data, data_first, stride), slots)
 
 
 def close_envs(envs: Sequence) -> None:

@@ -55,10 +55,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from fkpd.data import load_dataset
 from fkpd.envs import get_task, make_env
+from fkpd.errors import DatasetError
 from fkpd.policy.rollout import write_video
 from fkpd.prefs.labellers import Label, Labeller
-from fkpd.prefs.pairs import RolledClip, RolloutPairSource
+from fkpd.prefs.dataset_pairs import DatasetPairSource, DatasetReplay
+from fkpd.prefs.pairs import RolledClip, RolloutPairSource, mix_sources
 from fkpd.prefs.segments import Segment
 from fkpd.store import JobContext, PolicyVersionInfo, ProjectInfo, Store, current_job
 from fkpd.studio.errors import RoundError
@@ -253,9 +256,10 @@ class StoreLabeller(Labeller):
             clips.append(dict(
                 policy_version_id=version.id, segment_path=segment, segment_sha256=segment_sha,
                 video_path=video, video_sha256=video_sha, length=len(seg), fps=float(fps),
-                reset_seed=int(clip.request.reset_seed), gt_return=seg.ret, gt_success=seg.succeeded,
+                reset_seed=int(clip.request.reset_seed) if clip.shared_start else None, gt_return=seg.ret,
+                gt_success=seg.succeeded,
                 meta={"round": round_, "pair": k, "side": "ab"[j], "start": int(seg.start),
-                      "noise_seed": int(clip.request.noise_seed), "job_id": self.job_id}))
+                      "noise_seed": int(clip.request.noise_seed), "job_id": self.job_id, **clip.meta}))
             if progress is not None:
                 progress(len(clips) / total, f"rendering batch: clip {len(clips)}/{total}")
 
@@ -265,7 +269,7 @@ class StoreLabeller(Labeller):
         """Register the clips written by :meth:`clip_writer` for ``round_`` in one
         transaction, then its pairs in another; the new pair ids go to
         ``pair_ids[round_]``."""
-        clips = self._clips.pop(round_, [])
+        clips = sorted(self._clips.pop(round_, []), key=lambda c: (c["meta"]["pair"], c["meta"]["side"]))
         self._fence()  # the clip writer's fence: a job taken over meanwhile registers nothing
         if len(clips) != 2 * len(pairs):
             raise RoundError(f"round {round_}: {len(clips)} clip files were written for {len(pairs)} pairs; "
@@ -314,19 +318,50 @@ def round_engine(store: Store, project: ProjectInfo, settings: BatchSettings, re
     """The round engine of ``project``: reference = version 0 (``reference``, its
     checkpoint sha256-checked), the dataset it was cloned from, current-policy pairs of
     the batch settings rendered for people, the store as labeller, and a short
-    evaluation (``settings.eval_episodes``). ``first_pair`` > 0 makes more pairs for a
+    evaluation (``settings.eval_episodes``). A ``settings.dataset_share`` of the pairs
+    are dataset pairs (:func:`dataset_pairs`; its RoundError is raised here, before
+    anything is trained or rendered). ``first_pair`` > 0 makes more pairs for a
     round that already has that many (top-up pairs, :mod:`fkpd.studio.topup`; the seed
     rule is :mod:`fkpd.prefs.pairs`')."""
     task = project.task_id
     boot = reference.metrics.get("bootstrap") or {}
     # generated data lives in the artifact directory; a named dataset is read where it is
     dataset = str(store.resolve(boot["dataset"])) if boot.get("dataset") else str(boot.get("dataset_source") or "")
-    source = RolloutPairSource(lambda n: make_envs(task, settings, n), settings.pairs_per_batch,
-                               settings.length(task), seed=settings.seed,
-                               start=None if settings.segment_start < 0 else settings.segment_start, render=True,
-                               task_id=task, first=first_pair)
+    start = None if settings.segment_start < 0 else settings.segment_start
+
+    def policy_pairs(n: int, first: int) -> RolloutPairSource:
+        return RolloutPairSource(lambda c: make_envs(task, settings, c), n, settings.length(task), seed=settings.seed,
+                                 start=start, render=True, task_id=task, first=first)
+
+    source = mix_sources(settings.pairs_per_batch, settings.dataset_share, policy_pairs,
+                         lambda n, first, stride: dataset_pairs(task, dataset, settings, n, first, stride),
+                         first=first_pair)
     return RoundEngine(task, checkpoint_dir(store, reference), dataset, settings.seed, source,
                        StoreLabeller(store, project, job_id), evaluator(task, settings), align_cfg)
+
+
+def dataset_pairs(task: str, dataset: str, settings: BatchSettings, pairs: int, first: int,
+                  stride: int) -> DatasetPairSource:
+    """The dataset pairs of a batch (``settings.dataset_share > 0``), rendered by replay,
+    after checking that the dataset's first episodes replay exactly
+    (:meth:`fkpd.prefs.dataset_pairs.DatasetReplay.check`).
+
+    Raises:
+        RoundError: the dataset cannot be read, has no reset seeds, does not replay, or
+            has too few episodes of L steps; the message says why and to set
+            ``dataset_share`` to 0.
+    """
+    replay = DatasetReplay(task, render_size=settings.render_size)
+    try:
+        ds = load_dataset(dataset, task_id=task)
+        replay.check(ds)
+        return DatasetPairSource(ds, pairs, settings.length(task), seed=settings.seed,
+                                 start=None if settings.segment_start < 0 else settings.segment_start, render=True,
+                                 task_id=task, replay=replay, first=first, stride=stride)
+    except DatasetError as exc:
+        raise RoundError(f"dataset_share is {settings.dataset_share:g} but the project's dataset cannot give "
+                         f"dataset pairs for people: {exc}. Set dataset_share to 0 (current-policy pairs only)."
+                         ) from exc
 
 
 def render_batch(engine: RoundEngine, version: PolicyVersionInfo, round_: int, *,
@@ -336,8 +371,11 @@ def render_batch(engine: RoundEngine, version: PolicyVersionInfo, round_: int, *
 
     Pair ``i`` is two clips of ``version`` from the reset seed
     :func:`fkpd.prefs.pairs.pair_seed` ``(seed, round_, i)`` with different sampling
-    noise, cut at the same L steps (DESIGN.md §3). Clips are rolled out ``n_envs`` at a
-    time, so only their frames are held in memory.
+    noise, cut at the same L steps (DESIGN.md §3); with ``dataset_share > 0`` that
+    share of the pairs (:func:`fkpd.prefs.pairs.dataset_slots`) are instead two
+    segments of the offline dataset, replayed from their reset seeds to render them
+    (:mod:`fkpd.prefs.dataset_pairs`; their clips' ``meta`` says ``source: dataset``).
+    Clips are rolled out ``n_envs`` at a time, so only their frames are held in memory.
 
     Returns:
         The new pair ids, in order.

@@ -41,7 +41,8 @@ ALIGNMENT_ROUND = "alignment_round"
 #: Job kinds that train or register policy versions; at most one runs per project.
 TRAINING_KINDS = (BOOTSTRAP, ALIGNMENT_ROUND)
 #: Round parameters the Rounds page offers (the others keep their defaults).
-ROUND_FIELDS = ("objective", "regularizer", "beta", "lam", "c_bc", "steps", "lr", "pairs_per_batch", "eval_episodes")
+ROUND_FIELDS = ("objective", "regularizer", "beta", "lam", "c_bc", "steps", "lr", "pairs_per_batch", "eval_episodes",
+                "dataset_share")
 
 
 def round_defaults() -> dict[str, Any]:
@@ -108,6 +109,12 @@ class BatchSettings:
         seed: seeds the dataset, BC, alignment, segment starts and sampling noise.
         threads: torch CPU threads for the job (0: torch's default, which oversubscribes
             a busy machine; rollouts are small and run best on 1-2 threads).
+        dataset_share: fraction (0..1) of each batch's pairs that are segments of the
+            project's offline dataset instead of current-policy rollouts
+            (:mod:`fkpd.prefs.dataset_pairs`), spread evenly through the batch. They are
+            rendered by replaying the stored actions from the stored reset seeds, which
+            needs a dataset that replays exactly (generated data does; a dataset
+            without reset seeds is refused when the batch is made).
     """
 
     pairs_per_batch: int = 20
@@ -119,12 +126,17 @@ class BatchSettings:
     eval_episodes: int = 10
     seed: int = 0
     threads: int = 0
+    dataset_share: float = 0.0
 
     def __post_init__(self) -> None:
         for name, minimum in (("pairs_per_batch", 1), ("segment_length", 0), ("n_envs", 1),
                               ("max_episode_steps", 0), ("eval_episodes", 1), ("seed", 0), ("threads", 0)):
             _check_int("batch", name, getattr(self, name), minimum)
         _check_int("batch", "segment_start", self.segment_start, -1)
+        share = self.dataset_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+            raise ParamError(f"batch parameter 'dataset_share' must be a number from 0 to 1, got {share!r}")
+        self.dataset_share = float(share)
         size = self.render_size
         size = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
         if (not isinstance(size, (list, tuple)) or len(size) != 2

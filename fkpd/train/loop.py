@@ -4,8 +4,10 @@
    cloning (:func:`fkpd.train.bc.train_bc`, or ``--bc-checkpoint``): π_ref = π_0.
 2. For each round r = 1..K, through the round engine that the app's worker uses too
    (:class:`fkpd.train.engine.RoundEngine`): roll out ``pairs_per_round`` pairs of
-   clips with π_{r−1} from fresh reset seeds (:class:`fkpd.prefs.pairs.RolloutPairSource`),
-   let the teacher label them (:class:`fkpd.prefs.labellers.ScriptedLabeller`), align on
+   clips with π_{r−1} from fresh reset seeds (:class:`fkpd.prefs.pairs.RolloutPairSource`;
+   with ``--label-source dataset`` pairs of offline-dataset segments instead,
+   :class:`fkpd.prefs.dataset_pairs.DatasetPairSource`, or a ``--dataset-share`` of
+   them with ``mix``), let the teacher label them (:class:`fkpd.prefs.labellers.ScriptedLabeller`), align on
    *all* labels so far starting from π_{r−1} against π_ref (:func:`fkpd.train.align.align`),
    and evaluate π_r (:class:`fkpd.train.evaluate.Evaluator`).
 
@@ -47,13 +49,18 @@ from fkpd.errors import CheckpointError, ConfigError
 from fkpd.io import atomic_path
 from fkpd.policy import DiffusionPolicy, PolicyConfig, read_checkpoint_meta
 from fkpd.prefs.labellers import ScriptedLabeller
-from fkpd.prefs.pairs import RolloutPairSource, clip_files_writer
+from fkpd.prefs.dataset_pairs import DatasetPairSource
+from fkpd.prefs.pairs import PairSource, RolloutPairSource, clip_files_writer, mix_sources
 from fkpd.prefs.segments import Segment, save_preferences
 from fkpd.prefs.teachers import ScriptedTeacher, make_teacher
 from fkpd.train.align import AlignConfig, PairWindows, evaluate_pairs, pairs_from_labels
 from fkpd.train.engine import RoundEngine
 from fkpd.train.evaluate import ActionOOD, Evaluator, describe_comparison
 from fkpd.train.tracking import RunLog
+
+
+#: ``--label-source`` values: current-policy rollouts, offline dataset segments, or both.
+LABEL_SOURCES = ("policy", "dataset", "mix")
 
 
 @dataclass
@@ -69,6 +76,13 @@ class LoopConfig:
     segment_length: int = field(default=0, metadata={"help": "L, steps per segment (0: the task's, 64; whole "
                                                                  "episodes on maze2d)"})
     segment_start: int = field(default=0, metadata={"help": "first step of every segment (-1: random per pair)"})
+    label_source: str = field(default="policy", metadata={
+        "help": "where the labelled pairs come from: policy (rollouts of the current version), dataset (segments "
+                "of two episodes of the offline dataset, as in the released FKPD code) or mix"})
+    dataset_share: float = field(default=0.5, metadata={"help": "with --label-source mix: share of dataset pairs "
+                                                                "in each round's pairs (0..1)"})
+    dataset_same_seed: bool = field(default=False, metadata={
+        "help": "dataset pairs only from episodes with the same reset seed (needs several episodes per seed)"})
     out_dir: str = field(default="", metadata={"help": "output directory (default runs/loop/<task>_<teacher>_<reg>)"})
     dataset: str = field(default="", metadata={"help": "reuse this offline dataset: a file, a D4RL dataset name or "
                                                        "minari:DATASET_ID (default: generate OUT/data.hdf5; D4RL "
@@ -89,6 +103,10 @@ class LoopConfig:
     def __post_init__(self) -> None:
         if self.continue_from not in ("latest", "best"):
             raise ConfigError(f"--continue-from must be latest or best, got {self.continue_from!r}")
+        if self.label_source not in LABEL_SOURCES:
+            raise ConfigError(f"--label-source must be one of {', '.join(LABEL_SOURCES)}, got {self.label_source!r}")
+        if not 0.0 <= float(self.dataset_share) <= 1.0:
+            raise ConfigError(f"--dataset-share must be between 0 and 1, got {self.dataset_share!r}")
         for name in ("rounds", "pairs_per_round", "bc_episodes", "bc_steps", "eval_episodes", "n_envs", "ood_k"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"LoopConfig.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -239,9 +257,17 @@ def run_loop(cfg: LoopConfig, align_cfg: AlignConfig | None = None, policy_cfg: 
                     f"{cfg.task} | teacher {cfg.teacher} | {align_cfg.regularizer} (β={align_cfg.beta:g}, "
                     f"λ={align_cfg.lam:g})")
 
-    source = RolloutPairSource(envs, cfg.pairs_per_round, cfg.segment_length, seed=cfg.seed,
-                               start=None if cfg.segment_start < 0 else cfg.segment_start, render=cfg.render,
-                               task_id=cfg.task)
+    start = None if cfg.segment_start < 0 else cfg.segment_start
+    source: PairSource = RolloutPairSource(envs, cfg.pairs_per_round, cfg.segment_length, seed=cfg.seed, start=start,
+                                           render=cfg.render, task_id=cfg.task)
+    if cfg.label_source != "policy":
+        source = mix_sources(
+            cfg.pairs_per_round, 1.0 if cfg.label_source == "dataset" else cfg.dataset_share,
+            lambda n, _first: RolloutPairSource(envs, n, cfg.segment_length, seed=cfg.seed, start=start,
+                                                render=cfg.render, task_id=cfg.task),  # _first = 0: no top-ups
+            lambda n, first, stride: DatasetPairSource(ds, n, cfg.segment_length, seed=cfg.seed, start=start,
+                                                       same_reset_seed=cfg.dataset_same_seed, render=cfg.render,
+                                                       task_id=cfg.task, first=first, stride=stride))
     labeller = ScriptedLabeller(teacher)
     engine = RoundEngine(cfg.task, bc, str(dataset), cfg.seed, source, labeller,
                          Evaluator(envs, cfg.eval_episodes, cfg.seed, teacher=teacher, ood=ood), align_cfg)
