@@ -252,7 +252,8 @@ def test_labels_import_creates_the_project(store, tmp_path, capsys):
     argv = ["labels", "import", str(pt), "--dataset", str(data), "--project", "hopper-mr", "--segment-length", "8",
             *common]
     err = _error(capsys, main(argv))
-    assert "project 'hopper-mr' not found" in err and "fkpd projects create" in err and "Store." not in err
+    assert "project 'hopper-mr' not found" in err and "Store." not in err
+    assert "pass --create-project TASK" in err and "fkpd projects create hopper-mr --task TASK" in err
     task = "d4rl/hopper-medium-replay-v2"
     assert main([*argv, "--create-project", task]) == 0
     out = capsys.readouterr().out

@@ -36,7 +36,10 @@ def _cmd_labels_import(args: argparse.Namespace) -> int:
         except FKPDError as exc:  # name the keyword arguments as this command's flags
             note = (f" (project {args.project!r} was created and stays, its bootstrap queued; run this command again "
                     "once the labels are fixed)") if created else ""
-            raise FKPDError(cli_message(str(exc)) + note) from None
+            message = cli_message(str(exc)).replace(
+                "create it with Store.create_project",
+                f"pass --create-project TASK to create it (or `fkpd projects create {args.project} --task TASK`)")
+            raise FKPDError(message + note) from None
     if created is not None:
         project, job = created
         print(f"created project {project.name!r} (task {project.task_id}); its bootstrap (job {job.id}) trains on "
