@@ -548,7 +548,7 @@ def _sidebar_script(app_dir: str, name: str) -> None:
 
     st.session_state["annotator"] = name
     project = SimpleNamespace(name="door-open", task_id="metaworld/door-open-v3")
-    sidebar(SimpleNamespace(project=project, worker=None, cfg=None))
+    sidebar(SimpleNamespace(project=project, worker=None, cfg=None, exited_worker=lambda: None))
 
 
 def test_the_annotator_name_is_not_rendered_as_markdown():
