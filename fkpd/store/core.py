@@ -122,20 +122,10 @@ _S = TypeVar("_S", bound="StoreCore")
 
 
 class StoreCore:
-    """Database and artifact plumbing of :class:`fkpd.store.Store` (its base class).
-
-    Args:
-        url: SQLAlchemy database URL; default ``$FKPD_DATABASE_URL`` or the SQLite file
-            ``labels/fkpd.sqlite`` under the repository root. ``postgresql://`` URLs use
-            psycopg 3.
-        artifact_dir: folder for videos, segments and checkpoints; default
-            ``$FKPD_ARTIFACT_DIR`` or ``labels/artifacts``.
-        clock: returns the current time (aware, or naive UTC); tests inject a fake one.
-            Lease expiry and job heartbeats are judged by this clock, so all processes
-            sharing a database should have synchronised clocks.
-        migrate: run :func:`fkpd.store.db.init_db` (``alembic upgrade head``) on open.
-        engine_kwargs: extra arguments for :func:`sqlalchemy.create_engine`.
+    """Database and artifact plumbing of :class:`fkpd.store.Store` (its base class); the
+    arguments are documented there.
     """
+
 
     def __init__(
         self,

@@ -130,6 +130,34 @@ def segment_errors(policy, obs: torch.Tensor, act: torch.Tensor, mask: torch.Ten
     return (err.view(b, n) * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
+def pair_errors(policy, reference, batch: PairBatch, t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                generator: torch.Generator | None = None, with_reference: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """m_θ and m_ref of the winner and loser of every pair, with one shared (t, ε) per step.
+
+    Winner and loser go through each network in one call (2B·L windows); the reference
+    runs under ``torch.no_grad`` (and not at all without ``with_reference``: its terms
+    are then 0).
+
+    Returns:
+        ``(m_w, m_l, ref_w, ref_l)``, each (B,).
+    """
+    if t is None or noise is None:
+        t, noise = shared_noise(policy, len(batch), batch.steps, generator)
+    obs = torch.cat([batch.obs_w, batch.obs_l])
+    act = torch.cat([batch.act_w, batch.act_l])
+    mask = torch.cat([batch.mask_w, batch.mask_l])
+    t2, noise2 = torch.cat([t, t]), torch.cat([noise, noise])
+    m = segment_errors(policy, obs, act, mask, t2, noise2)
+    b = len(batch)
+    if not with_reference:
+        zeros = torch.zeros_like(m[:b])
+        return m[:b], m[b:], zeros, zeros
+    with torch.no_grad():
+        ref = segment_errors(reference, obs, act, mask, t2, noise2)
+    return m[:b], m[b:], ref[:b], ref[b:]
+
+
 def dpo_terms(policy, reference, batch: PairBatch, beta: float, t: torch.Tensor | None = None,
               noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> DPOTerms:
     """m_θ, m_ref of both segments and z, with one shared (t, ε) per step.
@@ -145,17 +173,7 @@ def dpo_terms(policy, reference, batch: PairBatch, beta: float, t: torch.Tensor 
         t, noise: (B, L) and (B, L, Ta, Da); drawn with :func:`shared_noise` when None.
         generator: for that draw.
     """
-    if t is None or noise is None:
-        t, noise = shared_noise(policy, len(batch), batch.steps, generator)
-    obs = torch.cat([batch.obs_w, batch.obs_l])
-    act = torch.cat([batch.act_w, batch.act_l])
-    mask = torch.cat([batch.mask_w, batch.mask_l])
-    t2, noise2 = torch.cat([t, t]), torch.cat([noise, noise])
-    m = segment_errors(policy, obs, act, mask, t2, noise2)
-    with torch.no_grad():
-        ref = segment_errors(reference, obs, act, mask, t2, noise2)
-    b = len(batch)
-    m_w, m_l, ref_w, ref_l = m[:b], m[b:], ref[:b], ref[b:]
+    m_w, m_l, ref_w, ref_l = pair_errors(policy, reference, batch, t, noise, generator)
     z = -0.5 * beta * ((m_w - ref_w) - (m_l - ref_l))
     return DPOTerms(m_w, m_l, ref_w, ref_l, z)
 
@@ -335,21 +353,7 @@ def in_sigmoid_loss(policy, reference, batch: PairBatch, beta: float, c_bc: floa
         this objective's preference logit), ``dpo`` (the loss), ``bc`` (mean L_BC) and
         ``u_margin`` (mean u over strict pairs).
     """
-    if t is None or noise is None:
-        t, noise = shared_noise(policy, len(batch), batch.steps, generator)
-    obs = torch.cat([batch.obs_w, batch.obs_l])
-    act = torch.cat([batch.act_w, batch.act_l])
-    mask = torch.cat([batch.mask_w, batch.mask_l])
-    t2, noise2 = torch.cat([t, t]), torch.cat([noise, noise])
-    m = segment_errors(policy, obs, act, mask, t2, noise2)
-    b = len(batch)
-    m_w, m_l = m[:b], m[b:]
-    if with_reference:
-        with torch.no_grad():
-            ref = segment_errors(reference, obs, act, mask, t2, noise2)
-        ref_w, ref_l = ref[:b], ref[b:]
-    else:
-        ref_w = ref_l = torch.zeros_like(m_w)
+    m_w, m_l, ref_w, ref_l = pair_errors(policy, reference, batch, t, noise, generator, with_reference)
     z = -0.5 * beta * ((m_w - loser_weight * m_l) - (ref_w - loser_weight * ref_l))
     bc_term = 0.5 * (m_w + m_l) if bc is None else bc.expand_as(z)
     u = z - 0.5 * beta * c_bc * bc_term
