@@ -81,7 +81,8 @@ else:
     auto = auto_round_state(s.store, s.project)
     with st.form("auto_round_form"):
         st.write("**Automatic rounds**: start a round by itself once enough new comparisons (left, right or equal) "
-                 "arrived since the latest version, with the parameters of the last round started here.")
+                 "arrived since the latest version, with the objective, β, λ and steps of the last round started "
+                 "here.")
         on = st.checkbox("Start rounds automatically", value=auto.enabled, key="auto_on")
         batch = next((v.metrics.get("bootstrap", {}).get("settings", {}).get("pairs_per_batch")
                       for v in served_versions(s.store, s.project) if v.round == 0), None)
