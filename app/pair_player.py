@@ -132,7 +132,7 @@ function show(st) {
     setSrc(st.el.right, blobUrl(st, cur.right));
     startTogether(st);
   }
-  st.el.status.textContent = `Pair ${cur.id} · round ${cur.round} · policy v${cur.version}` +
+  st.el.status.textContent = `Pair ${cur.id} · clips of v${cur.version}` +  // versions named as on the Rounds page
     (todo[1] ? " · next pair loaded" : "");
   const nxt = todo[1];
   if (nxt) {  // prefetch: decode into blob URLs and let hidden videos buffer them
