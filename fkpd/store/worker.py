@@ -24,7 +24,8 @@
   exception is logged, never raised. Hooks run in a worker that serves the default
   handler registry (or is given ``idle_hooks``), never in one given its own handlers.
 * A worker may serve a subset of the job kinds (``kinds`` / ``skip_kinds``), so one
-  process can keep rendering pairs while another trains (``fkpd worker --kinds top_up``).
+  process can keep rendering pairs while another trains
+  (``FKPD_WORKER_KINDS=top_up fkpd worker``, see :func:`run_worker`).
 
 :func:`run_worker` is the body of the one worker command, ``fkpd worker``
 (:mod:`fkpd.cli`); it imports the modules that register handlers
