@@ -7,9 +7,21 @@ import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 
 TASK = "metaworld/door-open-v3"
+
+
+@pytest.fixture(autouse=True)
+def _keep_main_module(monkeypatch):
+    """Put ``sys.modules["__main__"]`` back after every test. Streamlit's AppTest installs
+    the app script there; left in place, every later multiprocessing *spawn* child runs
+    the app script instead of pytest's main, dies, and a pool respawns it forever (seen
+    as a hang in test_store's concurrent-migration test after an AppTest that did not
+    restore it)."""
+    monkeypatch.setitem(sys.modules, "__main__", sys.modules["__main__"])
 
 
 @pytest.fixture(scope="session")
