@@ -34,7 +34,7 @@ from fkpd.store import JobContext, PolicyVersionInfo, ProjectInfo, register_hand
 from fkpd.studio.batches import (Stage, Watch, apply_threads, checkpoint_dir, ensure_sole_training_job,
                                  render_if_missing, round_engine, served_versions)
 from fkpd.studio.errors import RoundError
-from fkpd.studio.params import ALIGNMENT_ROUND, BatchSettings, RoundParams
+from fkpd.studio.params import ALIGNMENT_ROUND, RoundParams
 from fkpd.train.engine import NoLabelsError, RoundEngine, RoundResult
 from fkpd.train.evaluate import describe_comparison
 
@@ -81,7 +81,7 @@ def alignment_round(ctx: JobContext) -> dict[str, Any]:
         version = mine[-1]
         ctx.progress(0.85, f"version {version.id} was registered by an earlier attempt; rendering its batch")
     else:
-        version = _train_and_register(ctx, engine, project, settings, previous=versions[-1])
+        version = _train_and_register(ctx, engine, project, reference, previous=versions[-1])
     pair_ids = render_if_missing(ctx, engine, project, version, 0.85)
     m = version.metrics
     return json_safe({
@@ -92,13 +92,12 @@ def alignment_round(ctx: JobContext) -> dict[str, Any]:
         "pair_ids": pair_ids})
 
 
-def _train_and_register(ctx: JobContext, engine: RoundEngine, project: ProjectInfo, settings: BatchSettings,
+def _train_and_register(ctx: JobContext, engine: RoundEngine, project: ProjectInfo, reference: PolicyVersionInfo,
                         previous: PolicyVersionInfo) -> PolicyVersionInfo:
     """Steps 1-4 of a round (see the module docstring), through
     :meth:`fkpd.train.engine.RoundEngine.run_round`; returns the registered version."""
     store = ctx.store
     round_ = previous.round + 1
-    reference_id = next(v.id for v in served_versions(store, project) if v.round == 0)
     ctx.progress(0.0, "loading comparisons")
     init_dir = checkpoint_dir(store, previous)
     out = store.resolve(f"projects/{project.id}/rounds/round{round_:03d}-job{ctx.job_id}-a{ctx.job.attempts}-"
@@ -120,7 +119,7 @@ def _train_and_register(ctx: JobContext, engine: RoundEngine, project: ProjectIn
         checkpoint = (result.checkpoint / "model.safetensors").relative_to(store.artifact_dir).as_posix()
         return store.add_policy_version(project.id, checkpoint, parent_id=previous.id, round=round_,
                                         metrics=json_safe({
-            "kind": ALIGNMENT_ROUND, "job_id": ctx.job_id, "reference_id": reference_id,
+            "kind": ALIGNMENT_ROUND, "job_id": ctx.job_id, "reference_id": reference.id,
             "objective": cfg.objective, "regularizer": cfg.regularizer, "beta": cfg.beta, "lam": cfg.lam,
             "c_bc": cfg.c_bc, "steps": cfg.steps,
             "labels_used": result.labels_used, "trained_pairs": result.trained_pairs,
