@@ -147,6 +147,7 @@ function answer(st, outcome) {
   st.answered.add(cur.id);
   st.answers.push({pair: cur.id, outcome: outcome, shown_ms: st.shownMs || Date.now()});
   st.setStateValue("answers", st.answers.slice());
+  st.el.root.dataset.answers = String(st.answers.length);  // answers sent by this page (bench/bench_session.py)
   show(st);
 }
 
