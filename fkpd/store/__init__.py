@@ -49,6 +49,7 @@ from fkpd.store.errors import (
     StoreError,
     StoreInputError,
     StoreUnavailableError,
+    TooEarlyError,
     WorkerStopping,
 )
 from fkpd.store.outcomes import Outcome, outcome_to_p_left
@@ -59,6 +60,7 @@ from fkpd.store.views import (
     ClipRecord,
     ClipView,
     ComparisonRecord,
+    ExclusionInfo,
     InviteInfo,
     PairView,
     PolicyVersionInfo,
@@ -79,6 +81,7 @@ __all__ = [
     "ClipView",
     "ComparisonRecord",
     "DEFAULT_SETTINGS",
+    "ExclusionInfo",
     "HANDLERS",
     "ImportFormatError",
     "InvalidTokenError",
@@ -103,6 +106,7 @@ __all__ = [
     "StoreInputError",
     "StoreUnavailableError",
     "SweepReport",
+    "TooEarlyError",
     "PairSupply",
     "TrainingPair",
     "Worker",

@@ -28,6 +28,11 @@ Assignment rules (:meth:`Store.next_pair` / :meth:`Store.answer`):
   (:meth:`~Store.annotator_stats`) but never trained on (:meth:`~Store.training_pairs`).
 * Late answers are accepted while the pair has room: if a lease expired and nobody else
   filled the pair, the answer is stored.
+* **Minimum viewing time** (when the caller passes ``min_view_seconds``, as the labelling
+  page does): a left/right/equal answer is refused (:class:`~fkpd.store.errors.TooEarlyError`)
+  until the pair has been on the annotator's screen that long (or one loop of its longer
+  clip), counted on the server's clock from the lease (:class:`fkpd.store.models.Lease`),
+  so a crafted request cannot skip it.
 
 Concurrency: on PostgreSQL a candidate pair is locked with ``SELECT … FOR UPDATE SKIP
 LOCKED`` and re-checked with a fresh statement after the lock is held (under READ
@@ -50,9 +55,10 @@ from sqlalchemy.orm import Session
 
 from fkpd.store import models as m
 from fkpd.store.core import StoreCore, validate_settings
-from fkpd.store.errors import NotFoundError, NotLeasedError, PairUnavailableError, StoreInputError
+from fkpd.store.errors import NotFoundError, NotLeasedError, PairUnavailableError, StoreInputError, TooEarlyError
 from fkpd.store.models import as_utc
 from fkpd.store.outcomes import Outcome
+from fkpd.store.quality import push_prefetched_leases, required_view_seconds
 from fkpd.store.views import ClipView, ComparisonRecord, PairView, ProjectInfo
 
 log = logging.getLogger(__name__)
@@ -272,6 +278,7 @@ class AssignmentMixin(StoreCore):
         shown_at: datetime | None = None,
         *,
         project: Any = None,
+        min_view_seconds: float | None = None,
     ) -> ComparisonRecord:
         """Store an annotator's answer for a pair leased to them; idempotent per (pair, annotator).
 
@@ -282,6 +289,13 @@ class AssignmentMixin(StoreCore):
             shown_at: when the pair was shown (aware, or naive UTC); None if unknown.
             project: if given (name, id or :class:`ProjectInfo`), the pair must belong to
                 it: the labelling page passes the project it serves.
+            min_view_seconds: if given (the labelling page passes the project's
+                setting), a left/right/equal answer is refused unless the pair has been
+                leased to the annotator for this long, or for one loop of its longer clip
+                (``length / fps``) if that is shorter; the lease's start moves later when
+                the annotator answers the pair before it (see
+                :func:`fkpd.store.quality.push_prefetched_leases`), so answers cannot come
+                faster than one per minimum either. Skips are never refused for time.
 
         Returns:
             The stored comparison. If this annotator had already answered the pair, the
@@ -297,6 +311,9 @@ class AssignmentMixin(StoreCore):
             NotLeasedError: (a :class:`PairUnavailableError`) the pair is not leased to
                 this annotator (never was, or the lease lapsed and someone else took the
                 pair), or belongs to another project than ``project``; logged.
+            TooEarlyError: (a :class:`PairUnavailableError`) ``min_view_seconds`` is
+                given and the pair has not been on screen that long; nothing is stored
+                and the lease stays.
         """
         outcome = Outcome.parse(outcome)
         check_row_id(pair_id, "pair id")
@@ -338,9 +355,10 @@ class AssignmentMixin(StoreCore):
                     f"pair {pair.id} already has {len(answers)} answer(s) (labels_per_pair={k}); "
                     "ask for the next pair"
                 )
-            leased = s.scalar(
-                select(leases.c.id).where(leases.c.pair_id == pair.id, leases.c.annotator_id == ann.id)
-            )
+            leased = s.execute(
+                select(leases.c.id, leases.c.leased_at)
+                .where(leases.c.pair_id == pair.id, leases.c.annotator_id == ann.id)
+            ).first()
             if leased is None:
                 log.warning("refused the answer of annotator %r for pair %s of project %r: the pair is not leased "
                             "to them", ann.name, pair.id, project_row.name)
@@ -348,6 +366,15 @@ class AssignmentMixin(StoreCore):
                     f"pair {pair.id} is not leased to annotator {ann.name!r} (it was never handed to them, or their "
                     "lease lapsed and someone else took it); answer the pairs the page shows"
                 )
+            if min_view_seconds is not None:
+                shown_from, needed = as_utc(leased.leased_at), required_view_seconds(s, pair, min_view_seconds)
+                viewed = (now - shown_from).total_seconds()
+                if outcome is not Outcome.SKIP and viewed < needed:
+                    log.warning("refused the answer of annotator %r for pair %s: on screen %.2f s of the %.2f s "
+                                "minimum", ann.name, pair.id, viewed, needed)
+                    raise TooEarlyError(f"pair {pair.id} was answered after {max(viewed, 0.0):.1f} s; watch both "
+                                        f"clips for at least {needed:.1f} s first")
+                push_prefetched_leases(s, pair, ann.id, shown_from, needed, now)
             new_id = s.execute(
                 self.insert(comparisons)
                 .values(

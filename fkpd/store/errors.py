@@ -44,6 +44,12 @@ class NotLeasedError(PairUnavailableError):
     refused, so nobody can answer in another annotator's place."""
 
 
+class TooEarlyError(PairUnavailableError):
+    """An answer given before the pair had been on screen for the minimum viewing time
+    (:meth:`fkpd.store.Store.answer`'s ``min_view_seconds``): refused, not stored; the
+    pair stays leased to the annotator."""
+
+
 class InvalidTokenError(StoreError):
     """An invite token that is unknown, of another project, or revoked."""
 

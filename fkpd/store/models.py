@@ -180,7 +180,13 @@ class Clip(Base):
 
 
 class Pair(Base):
-    """Two clips to compare, queued for labelling in one round of one project."""
+    """Two clips to compare, queued for labelling in one round of one project.
+
+    ``gold`` is ``"left"`` or ``"right"`` for a *gold pair* (one whose answer is clear
+    from ground truth, :meth:`fkpd.store.Store.mark_gold_pairs`), None otherwise; it is
+    checked by the store, not by a CHECK constraint (migration 0003 adds it without
+    rebuilding the table), and never reaches an annotator-facing view.
+    """
 
     __tablename__ = "pairs"
     __table_args__ = (
@@ -197,10 +203,17 @@ class Pair(Base):
     status: Mapped[str] = mapped_column(String(16), default="open")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     completed_at: Mapped[Optional[datetime]] = mapped_column()
+    gold: Mapped[Optional[str]] = mapped_column(String(8))
 
 
 class Lease(Base):
-    """A pair handed to an annotator until ``expires_at``; expired rows are ignored."""
+    """A pair handed to an annotator until ``expires_at``; expired rows are ignored.
+
+    ``leased_at`` is the earliest moment the pair can have been on the annotator's
+    screen: when it was leased, moved later when the annotator answers the pair before
+    it (the page shows a prefetched pair only after that answer); the minimum viewing
+    time of :meth:`fkpd.store.Store.answer` is counted from it.
+    """
 
     __tablename__ = "leases"
     __table_args__ = (
@@ -231,6 +244,26 @@ class Comparison(Base):
     outcome: Mapped[str] = mapped_column(String(8))
     shown_at: Mapped[Optional[datetime]] = mapped_column()
     answered_at: Mapped[datetime] = mapped_column()
+
+
+class AnnotatorExclusion(Base):
+    """An annotator whose comparisons in a project are left out of training (issue #13).
+
+    The comparisons stay in the store; deleting the row (:meth:`fkpd.store.Store.include_annotator`)
+    takes them back into training.
+    """
+
+    __tablename__ = "annotator_exclusions"
+    __table_args__ = (
+        UniqueConstraint("project_id", "annotator_id", name="uq_annotator_exclusions_project_annotator"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"))
+    excluded_at: Mapped[datetime] = mapped_column()
+    excluded_by: Mapped[Optional[str]] = mapped_column(String(NAME_LEN))
+    reason: Mapped[str] = mapped_column(Text, default="")
 
 
 class Job(Base):

@@ -4,7 +4,9 @@
 Frames are pandas DataFrames (pandas is imported when first needed); ground truth
 (returns, success) appears only where asked for (``include_ground_truth``) and in
 :class:`~fkpd.store.views.TrainingPair` clip records, never on annotator pages. Skips
-count toward progress but are never training data.
+count toward progress but are never training data, and neither are the comparisons of
+annotators excluded from training (:meth:`fkpd.store.Store.exclude_annotator`) unless
+asked for (``include_excluded``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import itertools
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Iterable
 
-from sqlalchemy import func, select
+from sqlalchemy import exists, func, select
 from sqlalchemy.orm import aliased
 
 from fkpd.store import models as m
@@ -174,13 +176,24 @@ class ReportsMixin(StoreCore):
             frame[col] = frame[col].astype("Int64")
         return frame
 
-    def training_pairs(self, project: Any, *, max_round: int | None = None) -> list[TrainingPair]:
-        """Non-skip comparisons as ``(left clip, right clip, p_left)``, oldest first.
+    @staticmethod
+    def _not_excluded(project_id: int):
+        """SQL condition: the comparison's annotator is not excluded from training in the project."""
+        return ~exists().where(m.AnnotatorExclusion.project_id == project_id,
+                               m.AnnotatorExclusion.annotator_id == m.Comparison.annotator_id)
 
-        A pair answered by several annotators appears once per answer.
+    def training_pairs(self, project: Any, *, max_round: int | None = None,
+                       include_excluded: bool = False) -> list[TrainingPair]:
+        """Non-skip comparisons as ``(left clip, right clip, p_left)``, oldest first: the
+        training set of the next round.
+
+        A pair answered by several annotators appears once per answer; gold pairs count
+        like any other.
 
         Args:
             max_round: only pairs of rounds ≤ this.
+            include_excluded: also the comparisons of annotators excluded from training
+                (:meth:`~fkpd.store.Store.exclude_annotator`); left out by default.
         """
         left, right = aliased(m.Clip), aliased(m.Clip)
         with self.session() as s:
@@ -195,6 +208,8 @@ class ReportsMixin(StoreCore):
             )
             if max_round is not None:
                 query = query.where(m.Pair.round <= max_round)
+            if not include_excluded:
+                query = query.where(self._not_excluded(proj.id))
             out = []
             for outcome, lclip, rclip in s.execute(query):
                 p = outcome_to_p_left(outcome)
@@ -202,8 +217,10 @@ class ReportsMixin(StoreCore):
                 out.append(TrainingPair(ClipRecord.of(lclip), ClipRecord.of(rclip), p))
             return out
 
-    def count_training_pairs(self, project: Any, *, max_round: int | None = None) -> int:
-        """``len(training_pairs(project, max_round=...))`` as one COUNT query (no clip records loaded)."""
+    def count_training_pairs(self, project: Any, *, max_round: int | None = None,
+                             include_excluded: bool = False) -> int:
+        """``len(training_pairs(project, max_round=..., include_excluded=...))`` as one COUNT
+        query (no clip records loaded)."""
         with self.session() as s:
             proj = self.project_row(s, project)
             query = (
@@ -213,6 +230,8 @@ class ReportsMixin(StoreCore):
             )
             if max_round is not None:
                 query = query.where(m.Pair.round <= max_round)
+            if not include_excluded:
+                query = query.where(self._not_excluded(proj.id))
             return int(s.execute(query).scalar_one())
 
     def select_comparisons(self, project: Any, *, rounds: Iterable[int] | None = None,
@@ -232,22 +251,54 @@ class ReportsMixin(StoreCore):
 
     def annotator_stats(self, project: Any, *, rounds: Iterable[int] | None = None,
                         annotators: Iterable[str] | None = None) -> "pd.DataFrame":
-        """Per-annotator answer counts and rates for a project, over the comparisons of
-        ``rounds`` by ``annotators`` (names) when given (:meth:`select_comparisons`).
+        """Per-annotator answer counts, rates and label quality for a project, over the
+        comparisons of ``rounds`` by ``annotators`` (names) when given
+        (:meth:`select_comparisons`); the Data page's table.
 
         Returns:
             One row per annotator (index: annotator name) with ``annotator_id,
             n_answers, n_left, n_right, n_equal, n_skip``, ``tie_rate`` (equal / all),
             ``skip_rate`` (skip / all), ``left_rate`` (left / (left + right); 0.5 means
-            no side bias, NaN without decisive answers) and ``median_seconds`` (median
-            time from shown to answered, NaN when unknown).
+            no side bias, NaN without decisive answers), ``median_seconds`` (speed:
+            median time from shown to answered, NaN when unknown), and label quality:
+
+            * ``gold_n`` / ``gold_correct`` / ``gold_accuracy``: their non-skip answers
+              to gold pairs (:meth:`~fkpd.store.Store.mark_gold_pairs`), how many named
+              the side ground truth favours (an ``equal`` is wrong), and the ratio (NaN
+              when ``gold_n`` is 0);
+            * ``agree_n`` / ``agreement``: pairs where they and at least one other
+              annotator gave a non-skip answer, and the mean over those pairs of the
+              share of the others' answers equal to theirs (with two annotators per
+              pair: how often they agree; NaN when ``agree_n`` is 0). Computed over
+              every annotator's answers in ``rounds``, whatever ``annotators`` selects;
+            * ``excluded``: their comparisons are left out of training
+              (:meth:`~fkpd.store.Store.exclude_annotator`).
+
+        Raises:
+            NotFoundError: unknown project.
         """
         import pandas as pd
 
-        frame = self.select_comparisons(project, rounds=rounds, annotators=annotators)
+        everyone = self.select_comparisons(project, rounds=rounds)
+        frame = everyone[everyone["annotator"].isin([str(a) for a in annotators])] if annotators else everyone
+        with self.session() as s:
+            proj = self.project_row(s, project)
+            gold = dict(s.execute(select(m.Pair.id, m.Pair.gold)
+                                  .where(m.Pair.project_id == proj.id, m.Pair.gold.is_not(None))).all())
+            excluded = set(s.scalars(select(m.AnnotatorExclusion.annotator_id)
+                                     .where(m.AnnotatorExclusion.project_id == proj.id)))
+        agree: dict[str, list[float]] = {}
+        decisive = everyone[everyone["outcome"] != Outcome.SKIP.value]
+        for _, group in decisive.groupby("pair_id"):
+            answers = list(zip(group["annotator"], group["outcome"]))
+            for name, outcome in answers:
+                others = [o for a, o in answers if a != name]
+                if others:
+                    agree.setdefault(name, []).append(sum(o == outcome for o in others) / len(others))
         columns = [
             "annotator_id", "n_answers", "n_left", "n_right", "n_equal", "n_skip",
             "tie_rate", "skip_rate", "left_rate", "median_seconds",
+            "gold_n", "gold_correct", "gold_accuracy", "agree_n", "agreement", "excluded",
         ]  # fmt: skip
         rows = {}
         for name, group in frame.groupby("annotator", sort=True):
@@ -255,8 +306,13 @@ class ReportsMixin(StoreCore):
             n = len(group)
             n_left, n_right = int(counts.get("left", 0)), int(counts.get("right", 0))
             seconds = (group["answered_at"] - group["shown_at"]).dt.total_seconds()
+            on_gold = [(int(p), o) for p, o in zip(group["pair_id"], group["outcome"])
+                       if int(p) in gold and o != Outcome.SKIP.value]
+            gold_correct = sum(o == gold[p] for p, o in on_gold)
+            shares = agree.get(name, [])
+            annotator_id = int(group["annotator_id"].iloc[0])
             rows[name] = [
-                int(group["annotator_id"].iloc[0]),
+                annotator_id,
                 n,
                 n_left,
                 n_right,
@@ -266,10 +322,16 @@ class ReportsMixin(StoreCore):
                 counts.get("skip", 0) / n,
                 n_left / (n_left + n_right) if n_left + n_right else float("nan"),
                 float(seconds.median()) if seconds.notna().any() else float("nan"),
+                len(on_gold),
+                gold_correct,
+                gold_correct / len(on_gold) if on_gold else float("nan"),
+                len(shares),
+                sum(shares) / len(shares) if shares else float("nan"),
+                annotator_id in excluded,
             ]
         stats = pd.DataFrame.from_dict(rows, orient="index", columns=columns)
         stats.index.name = "annotator"
-        return stats
+        return stats.astype({"excluded": bool, "gold_n": int, "gold_correct": int, "agree_n": int})
 
     def pairwise_agreement(self, project: Any) -> "pd.DataFrame":
         """How often two annotators gave the same non-skip answer on the same pair.

@@ -16,6 +16,7 @@ It is assembled from one module per concern:
   the rules and the concurrency scheme;
 * :mod:`fkpd.store.invites` — invite links of projects in ``invite`` identity mode;
 * :mod:`fkpd.store.reports` — progress, comparison frames, training pairs, statistics;
+* :mod:`fkpd.store.quality` — gold pairs and annotators excluded from training;
 * :mod:`fkpd.store.queue` — the job queue, ``store.jobs``.
 """
 
@@ -26,12 +27,13 @@ from fkpd.store.catalogue import CatalogueMixin
 from fkpd.store.core import DEFAULT_SETTINGS, StoreCore, validate_settings
 from fkpd.store.invites import InvitesMixin
 from fkpd.store.pairs import PairsMixin
+from fkpd.store.quality import QualityMixin
 from fkpd.store.reports import ReportsMixin
 
 __all__ = ["DEFAULT_SETTINGS", "Store", "validate_settings"]
 
 
-class Store(PairsMixin, CatalogueMixin, AssignmentMixin, InvitesMixin, ReportsMixin, StoreCore):
+class Store(PairsMixin, CatalogueMixin, AssignmentMixin, InvitesMixin, ReportsMixin, QualityMixin, StoreCore):
     """Preference store on SQLite or PostgreSQL, plus the artifact directory beside it.
 
     Args:

@@ -299,3 +299,23 @@ class InviteInfo:
     def active(self) -> bool:
         """True while the invite is not revoked."""
         return self.revoked_at is None
+
+
+@dataclass(frozen=True)
+class ExclusionInfo:
+    """An annotator whose comparisons in a project are left out of training
+    (:meth:`fkpd.store.Store.exclude_annotator`); the comparisons stay in the store.
+
+    Attributes:
+        annotator: the annotator's name.
+        excluded_at: when (UTC).
+        excluded_by: who excluded them (free text, e.g. ``"admin"``), or None.
+        reason: why, as given ("" when none).
+    """
+
+    project_id: int
+    annotator_id: int
+    annotator: str
+    excluded_at: datetime
+    excluded_by: str | None
+    reason: str
