@@ -82,7 +82,7 @@ def _studio() -> Studio:
         secret = None
     auth = AdminAuth(secret)
     print(f"FKPD Studio: project {project.name!r} ({project.task_id}) on {store.backend}, "
-          f"artifacts in {store.artifact_dir}", flush=True)
+          f"artifacts in {store.artifact_location}", flush=True)
     if job is not None:
         print(f"FKPD Studio: queued the bootstrap job {job.id} (data, behaviour cloning, first batch)", flush=True)
     if project.identity != "open":

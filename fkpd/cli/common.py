@@ -38,7 +38,9 @@ def command(sub: Any, name: str, fn: Any, help: str, **kwargs: Any) -> argparse.
 def add_store_args(parser: argparse.ArgumentParser) -> None:
     """``--database-url`` and ``--artifact-dir`` (the preference store)."""
     parser.add_argument("--database-url", default=None, help="default: $FKPD_DATABASE_URL or labels/fkpd.sqlite")
-    parser.add_argument("--artifact-dir", default=None, help="default: $FKPD_ARTIFACT_DIR or labels/artifacts")
+    parser.add_argument("--artifact-dir", default=None,
+                        help="a folder, or an object-store URL (s3://bucket/prefix); default: $FKPD_ARTIFACT_URL, "
+                             "else $FKPD_ARTIFACT_DIR, else labels/artifacts")
 
 
 def open_store(args: argparse.Namespace):

@@ -22,7 +22,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     store = Store(args.database_url, args.artifact_dir)
-    print(f"worker on {store.backend} ({store.artifact_dir}); Ctrl-C stops it (a running job goes back to the queue; "
+    print(f"worker on {store.backend} ({store.artifact_location}); Ctrl-C stops it (a running job goes back to the queue; "
           "Ctrl-C twice interrupts it at once)", flush=True)
     stop = threading.Event()
     if args.parent_pid:

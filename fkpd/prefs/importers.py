@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,7 +286,7 @@ def import_pt_labels(
             metrics=sources,
         )
     except BaseException:
-        shutil.rmtree(store.resolve(folder), ignore_errors=True)
+        store.artifacts.remove_tree(folder)
         raise
     return ImportSummary(
         annotator=name,

@@ -26,7 +26,8 @@ Quick start::
         store.answer(pair.id, me, "left", shown_at=shown, project="door")
 """
 
-from fkpd.store.artifacts import ArtifactDir, sha256_file
+from fkpd.store.artifact_stores import default_artifact_location, open_artifacts
+from fkpd.store.artifacts import ArtifactDir, ArtifactStore, sha256_file
 from fkpd.store.db import (
     default_artifact_dir,
     default_database_url,
@@ -38,6 +39,7 @@ from fkpd.store.errors import (
     AlreadyExistsError,
     ArtifactIntegrityError,
     ArtifactPathError,
+    ArtifactUnavailableError,
     ImportFormatError,
     InvalidTokenError,
     JobCancelled,
@@ -77,6 +79,8 @@ __all__ = [
     "ArtifactDir",
     "ArtifactIntegrityError",
     "ArtifactPathError",
+    "ArtifactStore",
+    "ArtifactUnavailableError",
     "ClipRecord",
     "ClipView",
     "ComparisonRecord",
@@ -111,10 +115,12 @@ __all__ = [
     "TrainingPair",
     "Worker",
     "default_artifact_dir",
+    "default_artifact_location",
     "default_database_url",
     "head_revision",
     "init_db",
     "make_engine",
+    "open_artifacts",
     "outcome_to_p_left",
     "register_handler",
     "register_idle_hook",

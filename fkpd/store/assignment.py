@@ -254,10 +254,12 @@ class AssignmentMixin(StoreCore):
     def _clip_view(self, clip: m.Clip) -> ClipView:
         return ClipView(
             id=clip.id,
-            video_file=None if clip.video_path is None else self.artifacts.resolve(clip.video_path),
+            video_file=(None if clip.video_path is None or not self.artifacts.is_local
+                        else self.artifacts.resolve(clip.video_path)),
             video_sha256=clip.video_sha256,
             fps=clip.fps,
             length=clip.length,
+            video_path=clip.video_path,
         )
 
     def release(self, pair_id: int, annotator: Any) -> bool:

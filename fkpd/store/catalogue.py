@@ -257,8 +257,8 @@ class CatalogueMixin(StoreCore):
         if checkpoint_path is not None:
             if checkpoint_sha256 is None:
                 checkpoint_sha256 = self.artifacts.sha256(checkpoint_path)
-            else:
-                self.artifacts.resolve(checkpoint_path)
+            elif self.artifacts.is_local:
+                self.artifacts.resolve(checkpoint_path)  # refuses a path that escapes through a symlink
             checkpoint_path = normalize_relpath(checkpoint_path)
         with self.session(write=True) as s:
             proj = self.project_row(s, project)

@@ -33,10 +33,10 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session
 
 from fkpd.store import models as m
-from fkpd.store.artifacts import ArtifactData, ArtifactDir
+from fkpd.store.artifact_stores import open_artifacts
+from fkpd.store.artifacts import ArtifactData, ArtifactStore
 from fkpd.store.db import (
     WRITE,
-    default_artifact_dir,
     default_database_url,
     init_db,
     make_engine,
@@ -130,7 +130,7 @@ class StoreCore:
     def __init__(
         self,
         url: str | URL | None = None,
-        artifact_dir: str | os.PathLike[str] | None = None,
+        artifact_dir: str | os.PathLike[str] | ArtifactStore | None = None,
         *,
         clock: Callable[[], datetime] | None = None,
         migrate: bool = True,
@@ -149,7 +149,7 @@ class StoreCore:
             raise unavailable(self.url, exc) from None
         self._write_gate = sqlite_write_gate(self.url)
         _ENGINES.add(self.engine)
-        self.artifacts = ArtifactDir(artifact_dir or default_artifact_dir())
+        self.artifacts: ArtifactStore = open_artifacts(artifact_dir)
         self._clock = clock or utcnow
         self._jobs: JobQueue | None = None
         if migrate:
@@ -167,7 +167,7 @@ class StoreCore:
     def __repr__(self) -> str:
         return (
             f"Store(url={self.url.render_as_string(hide_password=True)!r}, "
-            f"artifact_dir={str(self.artifacts.root)!r})"
+            f"artifact_dir={self.artifacts.location!r})"
         )
 
     def __enter__(self: _S) -> _S:
@@ -187,8 +187,14 @@ class StoreCore:
 
     @property
     def artifact_dir(self) -> Path:
-        """Absolute artifact directory."""
+        """Absolute artifact directory; for a remote store (``FKPD_ARTIFACT_URL``), the
+        local staging directory its jobs write folders in (:meth:`ArtifactStore.workdir`)."""
         return self.artifacts.root
+
+    @property
+    def artifact_location(self) -> str:
+        """Where the artifacts are, for messages: the directory or the URL."""
+        return self.artifacts.location
 
     @property
     def jobs(self) -> JobQueue:
@@ -231,7 +237,7 @@ class StoreCore:
     def write_artifact_atomic(
         self, relpath: str | os.PathLike[str], data: ArtifactData, *, to_path: bool = False
     ) -> tuple[str, str]:
-        """Write a file under the artifact dir atomically; see :meth:`ArtifactDir.write_atomic`.
+        """Write an artifact atomically; see :meth:`ArtifactStore.write_atomic`.
 
         Returns:
             ``(relpath, sha256)`` to pass to :meth:`Store.add_clip` or
@@ -240,11 +246,15 @@ class StoreCore:
         return self.artifacts.write_atomic(relpath, data, to_path=to_path)
 
     def resolve(self, relpath: str | os.PathLike[str]) -> Path:
-        """Absolute path of an artifact.
+        """Absolute path of an artifact in a local artifact directory.
+
+        Code that must also work with a remote store reads through
+        ``store.artifacts.read_bytes`` / ``local_file`` and writes folders under
+        ``store.artifacts.workdir`` instead (:class:`ArtifactStore`).
 
         Raises:
             ArtifactPathError: the path is absolute, contains ``..``, or escapes the
-                artifact directory.
+                artifact directory; or the store is remote.
         """
         return self.artifacts.resolve(relpath)
 

@@ -62,6 +62,12 @@ class ArtifactIntegrityError(StoreError):
     """An artifact file is missing or its sha256 differs from the one in the database."""
 
 
+class ArtifactUnavailableError(StoreError):
+    """A remote artifact store (``FKPD_ARTIFACT_URL``) cannot be reached or written: no
+    server at the endpoint, no such bucket, refused credentials. The message names the
+    URL and what to check."""
+
+
 class JobStateError(StoreError):
     """A job is not in a state that allows the requested transition."""
 

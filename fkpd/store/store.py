@@ -40,8 +40,10 @@ class Store(PairsMixin, CatalogueMixin, AssignmentMixin, InvitesMixin, ReportsMi
         url: SQLAlchemy database URL; default ``$FKPD_DATABASE_URL`` or the SQLite file
             ``labels/fkpd.sqlite`` under the repository root. ``postgresql://`` URLs use
             psycopg 3.
-        artifact_dir: folder for videos, segments and checkpoints; default
-            ``$FKPD_ARTIFACT_DIR`` or ``labels/artifacts``.
+        artifact_dir: where videos, segments, datasets and checkpoints live: a folder,
+            a URL of an object store (``s3://bucket/prefix``, see
+            :mod:`fkpd.store.remote_artifacts`) or an :class:`ArtifactStore`; default
+            ``$FKPD_ARTIFACT_URL``, else ``$FKPD_ARTIFACT_DIR``, else ``labels/artifacts``.
         clock: returns the current time (aware, or naive UTC); tests inject a fake one.
             Lease expiry and job heartbeats are judged by this clock, so all processes
             sharing a database should have synchronised clocks.

@@ -136,8 +136,11 @@ class ClipView:
     """What the labelling page may know about a clip: no ground truth, no seed.
 
     Attributes:
-        video_file: absolute path of the video, or None when the clip has no video.
+        video_file: absolute path of the video in a local artifact directory; None when
+            the clip has no video or the artifacts are remote (read ``video_path``
+            through ``Store.artifacts.read_bytes`` then).
         length: L, number of environment steps.
+        video_path: the video's path relative to the artifact store, or None.
     """
 
     id: int
@@ -145,6 +148,7 @@ class ClipView:
     video_sha256: str | None
     fps: float
     length: int
+    video_path: str | None = None
 
 
 @dataclass(frozen=True)

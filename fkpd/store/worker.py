@@ -100,7 +100,8 @@ class JobContext:
             new policy version, writing artifacts).
         job: the job as claimed.
         params: the job's parameters (a copy).
-        artifact_dir: absolute artifact directory.
+        artifact_dir: absolute artifact directory (a remote store's local staging
+            directory; ``store.artifacts`` reads and writes the artifacts themselves).
         worker_id: the worker running the job.
         stopping: the worker's stop event; once set, :meth:`check_cancelled` raises
             :class:`~fkpd.store.errors.WorkerStopping`.
@@ -403,10 +404,10 @@ class Worker:
         try:
             report = sweep_artifacts(self.store, self.sweep_grace_s)
         except Exception:  # noqa: BLE001 - a full disk or a vanished folder must not kill the worker
-            log.warning("sweeping %s failed", self.store.artifact_dir, exc_info=True)
+            log.warning("sweeping %s failed", self.store.artifact_location, exc_info=True)
             return 0
         if report.removed:
-            log.info("swept %d stale file(s) from %s", report.removed, self.store.artifact_dir)
+            log.info("swept %d stale file(s) from %s", report.removed, self.store.artifact_location)
         return report.removed
 
     def idle_if_due(self) -> int:

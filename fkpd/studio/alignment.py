@@ -100,8 +100,9 @@ def _train_and_register(ctx: JobContext, engine: RoundEngine, project: ProjectIn
     round_ = previous.round + 1
     ctx.progress(0.0, "loading comparisons")
     init_dir = checkpoint_dir(store, previous)
-    out = store.resolve(f"projects/{project.id}/rounds/round{round_:03d}-job{ctx.job_id}-a{ctx.job.attempts}-"
-                        f"{uuid.uuid4().hex[:8]}")
+    out_rel = (f"projects/{project.id}/rounds/round{round_:03d}-job{ctx.job_id}-a{ctx.job.attempts}-"
+               f"{uuid.uuid4().hex[:8]}")
+    out = store.artifacts.workdir(out_rel)  # a remote store's staging folder, uploaded before registering
     steps = engine.align_cfg.steps
     stage = Stage(ctx, 0.05, 0.75)
 
@@ -116,8 +117,11 @@ def _train_and_register(ctx: JobContext, engine: RoundEngine, project: ProjectIn
                              f"{previous.id}; this round's checkpoint {out} is left unregistered. Enqueue a new "
                              "round.")
         cfg, a = result.config, result.alignment
-        checkpoint = (result.checkpoint / "model.safetensors").relative_to(store.artifact_dir).as_posix()
-        return store.add_policy_version(project.id, checkpoint, parent_id=previous.id, round=round_,
+        ckpt_rel = f"{out_rel}/{result.checkpoint.resolve().relative_to(out.resolve()).as_posix()}"
+        hashes = store.artifacts.publish_dir(result.checkpoint, ckpt_rel)
+        checkpoint = f"{ckpt_rel}/model.safetensors"
+        return store.add_policy_version(project.id, checkpoint, checkpoint_sha256=hashes[checkpoint],
+                                        parent_id=previous.id, round=round_,
                                         metrics=json_safe({
             "kind": ALIGNMENT_ROUND, "job_id": ctx.job_id, "reference_id": reference.id,
             "objective": cfg.objective, "regularizer": cfg.regularizer, "beta": cfg.beta, "lam": cfg.lam,

@@ -161,7 +161,9 @@ def roll_back(store: Store, project: ProjectInfo) -> PolicyVersionInfo:
 
 
 def checkpoint_dir(store: Store, version: PolicyVersionInfo) -> Path:
-    """The checkpoint directory of a version, after checking the file's sha256.
+    """The local checkpoint directory of a version, after checking the file's sha256: the
+    artifact directory's own folder, or, with a remote store, a copy of the checkpoint
+    (weights and ``config.json``) in its local cache keyed by the weights' sha256.
 
     Raises:
         RoundError: the version has no checkpoint.
@@ -170,11 +172,25 @@ def checkpoint_dir(store: Store, version: PolicyVersionInfo) -> Path:
     if version.checkpoint_path is None:
         raise RoundError(f"policy version {version.id} has no checkpoint (imported data?); it cannot be rolled "
                          "out or trained from")
-    if version.checkpoint_sha256:
-        path = store.artifacts.verify(version.checkpoint_path, version.checkpoint_sha256)
+    if version.checkpoint_sha256 or not store.artifacts.is_local:
+        path = store.artifacts.local_file(version.checkpoint_path, version.checkpoint_sha256 or None, siblings=True)
     else:
         path = store.resolve(version.checkpoint_path)
     return path.parent
+
+
+def local_dataset(store: Store, relpath: str, sha256: str | None = None) -> Path:
+    """A local path of a dataset kept in the artifact store (a bootstrap's generated
+    ``dataset.hdf5``): the file itself in a local artifact directory (not re-hashed, as
+    before), or, with a remote store, the local cache's copy, checked against ``sha256``
+    when the bootstrap recorded it.
+
+    Raises:
+        ArtifactIntegrityError: a remote dataset is missing or changed.
+    """
+    if store.artifacts.is_local:
+        return store.resolve(relpath)
+    return store.artifacts.local_file(relpath, sha256)
 
 
 def make_envs(task: str, settings: BatchSettings, count: int) -> list:
@@ -300,7 +316,7 @@ class StoreLabeller(Labeller):
                     arrays.get("success", np.zeros(length, bool)),
                     reset_seed=-1 if clip.reset_seed is None else int(clip.reset_seed),
                     start=int(arrays.get("start", 0)), task_id=str(arrays.get("task_id", "")),
-                    path=store.resolve(clip.segment_path))
+                    path=store.resolve(clip.segment_path) if store.artifacts.is_local else None)
             return cache[clip.id]
 
         return [(segment(tp.left), segment(tp.right), tp.p_left) for tp in store.training_pairs(self.project.id)]
@@ -326,7 +342,8 @@ def round_engine(store: Store, project: ProjectInfo, settings: BatchSettings, re
     task = project.task_id
     boot = reference.metrics.get("bootstrap") or {}
     # generated data lives in the artifact directory; a named dataset is read where it is
-    dataset = str(store.resolve(boot["dataset"])) if boot.get("dataset") else str(boot.get("dataset_source") or "")
+    dataset = (str(local_dataset(store, boot["dataset"], boot.get("dataset_sha256"))) if boot.get("dataset")
+               else str(boot.get("dataset_source") or ""))
     start = None if settings.segment_start < 0 else settings.segment_start
 
     def policy_pairs(n: int, first: int) -> RolloutPairSource:

@@ -39,7 +39,7 @@ from fkpd.config import json_safe, to_json_dict
 from fkpd.data import generate_dataset, load_dataset
 from fkpd.errors import DatasetError
 from fkpd.policy import DiffusionPolicy, read_checkpoint_meta
-from fkpd.store import JobContext, register_handler
+from fkpd.store import JobContext, register_handler, sha256_file
 from fkpd.studio.batches import (Stage, Watch, apply_threads, ensure_sole_training_job, evaluator,
                                  render_if_missing, round_engine, served_versions)
 from fkpd.studio.errors import RoundError
@@ -109,6 +109,37 @@ def resolve_bootstrap_dataset(source: str, task: str, named: bool = True) -> str
         f"bootstrap dataset {source!r} ({what}) was not found: there is no file {str(path.absolute())!r} (a "
         f"relative path is read from the worker's working directory, {os.getcwd()}), and it is neither a D4RL "
         f"dataset name (e.g. hopper-medium-v2, maze2d-umaze-v1) nor minari:DATASET_ID. Put the file there, {fix}.")
+
+
+def _bootstrap_dataset(ctx: JobContext, store, root: str, task: str, params: BootstrapParams,
+                       outcome: dict[str, Any]) -> tuple[Path, str]:
+    """The bootstrap's generated dataset ``<root>/dataset.hdf5``: reused when a readable
+    one is there (in a remote store: downloaded into the local cache), else generated
+    (into the artifact directory, or a remote store's staging folder, then uploaded).
+
+    Returns:
+        ``(local path, sha256)``.
+    """
+    rel = f"{root}/dataset.hdf5"
+    artifacts = store.artifacts
+    dataset = artifacts.workdir(root) / "dataset.hdf5"
+    if not artifacts.is_local and not dataset.is_file() and artifacts.exists(rel):
+        cached = artifacts.local_file(rel)  # written by an earlier attempt on another machine
+        try:
+            load_dataset(cached, task_id=task)
+            return cached, sha256_file(cached)
+        except DatasetError:
+            pass
+    try:
+        load_dataset(dataset, task_id=task)
+    except DatasetError:  # missing (a crash leaves only a .part file) or unreadable
+        outcome["dataset"] = "generated"
+        settings = params.batch
+        ctx.progress(0.0, f"generating dataset: {params.dataset_episodes} episodes")
+        generate_dataset(task, params.dataset_episodes, dataset, seed=settings.seed,
+                         max_episode_steps=settings.horizon(task), progress=False,
+                         on_episode=Watch(ctx, Stage(ctx, 0.0, 0.1), "generating dataset", "episode"))
+    return dataset, artifacts.publish_file(dataset, rel)[1]
 
 
 @register_handler(BOOTSTRAP)
@@ -182,17 +213,10 @@ def bootstrap(ctx: JobContext) -> dict[str, Any]:
                              "dataset_steps": int(len(ds.actions))}
             del ds
         else:
-            dataset = store.resolve(f"{root}/dataset.hdf5")
-            try:
-                load_dataset(dataset, task_id=task)
-            except DatasetError:  # missing (a crash leaves only a .part file) or unreadable
-                outcome["dataset"] = "generated"
-                ctx.progress(0.0, f"generating dataset: {params.dataset_episodes} episodes")
-                generate_dataset(task, params.dataset_episodes, dataset, seed=settings.seed,
-                                 max_episode_steps=settings.horizon(task), progress=False,
-                                 on_episode=Watch(ctx, Stage(ctx, 0.0, 0.1), "generating dataset", "episode"))
-            recorded_data = {"dataset": f"{root}/dataset.hdf5", "dataset_episodes": params.dataset_episodes}
-        bc_cfg = params.bc_config(task, dataset, store.resolve(f"{root}/bc"))
+            dataset, data_sha = _bootstrap_dataset(ctx, store, root, task, params, outcome)
+            recorded_data = {"dataset": f"{root}/dataset.hdf5", "dataset_sha256": data_sha,
+                             "dataset_episodes": params.dataset_episodes}
+        bc_cfg = params.bc_config(task, dataset, store.artifacts.workdir(f"{root}/bc"))
         out = Path(bc_cfg.out_dir)
         saved = _saved_bc_step(out)
         if saved is None:
@@ -206,8 +230,10 @@ def bootstrap(ctx: JobContext) -> dict[str, Any]:
         policy = DiffusionPolicy.load(ckpt, task_id=task)
         evaluation = evaluator(task, settings)(policy, progress=Stage(ctx, 0.7, 0.8))
         ctx.check_cancelled()
+        checkpoint = f"{root}/bc/checkpoint/model.safetensors"
+        hashes = store.artifacts.publish_dir(ckpt, f"{root}/bc/checkpoint")  # a remote store: uploaded now
         version = store.add_policy_version(
-            project.id, f"{root}/bc/checkpoint/model.safetensors", parent_id=None, round=0,
+            project.id, checkpoint, checkpoint_sha256=hashes[checkpoint], parent_id=None, round=0,
             metrics=json_safe({
                 "kind": BOOTSTRAP, "job_id": ctx.job_id, **evaluation, "train": meta.get("metrics", {}),
                 "bc_steps": meta.get("step"),

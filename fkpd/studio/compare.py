@@ -19,7 +19,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from fkpd.store import ArtifactPathError, JobCancelled, JobContext, JobView, ProjectInfo, Store, register_handler
+from fkpd.store import (ArtifactIntegrityError, ArtifactPathError, JobCancelled, JobContext, JobView, ProjectInfo,
+                        Store, register_handler)
 from fkpd.studio.config import ACTIVE, TRAINING_KINDS, StudioError
 from fkpd.studio.batches import checkpoint_dir, served_versions
 from fkpd.studio.params import RoundParams
@@ -164,9 +165,10 @@ def compare(ctx: JobContext) -> dict[str, Any]:
                 episodes = rollout_clips(policy, envs, requests[b0:b0 + len(envs)])
                 for k, ep in enumerate(episodes, start=b0):
                     rel = f"projects/{project.id}/compare/job{ctx.job_id}/seed{seeds[k]}_v{vid}.mp4"
-                    video, _ = store.write_artifact_atomic(
+                    video, video_sha = store.write_artifact_atomic(
                         rel, lambda path, frames=ep.frames: write_video(frames, path, fps=spec.fps), to_path=True)
-                    out["episodes"][k][side] = {"video": video, "return": float(ep.ret),
+                    out["episodes"][k][side] = {"video": video, "video_sha256": video_sha,
+                                                "return": float(ep.ret),
                                                 "success": bool(ep.succeeded)}
                     done = side_i * len(seeds) + k + 1
                     ctx.progress(done / (2 * len(seeds)), f"rendering: episode {done}/{2 * len(seeds)}")
@@ -188,7 +190,9 @@ def _project_horizon(store: Store, project: ProjectInfo) -> int:
 
 
 def compare_videos(store: Store, job: JobView) -> list[dict[str, Any]]:
-    """The finished compare job's episodes with absolute video paths (None when missing)."""
+    """The finished compare job's episodes with local video paths (None when missing or
+    changed): the artifact directory's own file, or, with a remote store, the copy in its
+    local cache (sha256-checked when the job recorded it)."""
     rows = []
     for ep in (job.result or {}).get("episodes", []):
         row = {"seed": ep.get("seed")}
@@ -197,9 +201,8 @@ def compare_videos(store: Store, job: JobView) -> list[dict[str, Any]]:
             path = None
             if info.get("video"):
                 try:
-                    p = store.resolve(info["video"])
-                    path = p if p.exists() else None
-                except ArtifactPathError:  # a bad stored path shows as a missing video
+                    path = store.artifacts.local_file(info["video"], info.get("video_sha256"))
+                except (ArtifactPathError, ArtifactIntegrityError):  # a bad stored path shows as a missing video
                     path = None
             info["path"] = path
             row[side] = info

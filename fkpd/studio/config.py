@@ -28,6 +28,7 @@ from typing import Any, Mapping
 from fkpd.envs import DEFAULT_TASK, get_task
 from fkpd.envs.metaworld import INSTRUCTIONS as DEFAULT_INSTRUCTIONS  # noqa: F401 (re-exported)
 from fkpd.store import JobView, ProjectInfo, Store
+from fkpd.store.artifacts import is_url
 from fkpd.store.db import labels_dir
 from fkpd.store.models import IDENTITY_MODES
 from fkpd.studio.errors import StudioError
@@ -70,6 +71,10 @@ class StudioConfig:
     Attributes:
         database_url: store URL; "" means ``$FKPD_DATABASE_URL`` or ``labels/fkpd.sqlite``.
         artifact_dir: "" means ``$FKPD_ARTIFACT_DIR`` or ``labels/artifacts``.
+        artifact_url: an object store for the artifacts instead of a folder
+            (``s3://bucket/prefix``; :mod:`fkpd.store.remote_artifacts`), which wins over
+            ``artifact_dir``; "" means ``$FKPD_ARTIFACT_URL`` or none. The local workers
+            get it as ``FKPD_ARTIFACT_URL``.
         project: project name shown and labelled.
         task: task id of the project when it is created.
         bootstrap: parameters of the bootstrap job queued on first start
@@ -88,6 +93,7 @@ class StudioConfig:
 
     database_url: str = ""
     artifact_dir: str = ""
+    artifact_url: str = ""
     project: str = "door-open"
     task: str = DEFAULT_TASK
     bootstrap: dict[str, Any] = field(default_factory=dict)
@@ -100,11 +106,12 @@ class StudioConfig:
     def worker_log(self) -> Path:
         """The local worker's log: next to the artifact directory (``labels/worker.log``
         by default), so an app on another store never writes into ``labels/``."""
-        return (Path(self.artifact_dir).parent if self.artifact_dir else labels_dir()) / "worker.log"
+        local = self.artifact_dir and not is_url(self.artifact_dir)
+        return (Path(self.artifact_dir).parent if local else labels_dir()) / "worker.log"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "StudioConfig":
-        """Read ``FKPD_DATABASE_URL``, ``FKPD_ARTIFACT_DIR``, ``FKPD_PROJECT``,
+        """Read ``FKPD_DATABASE_URL``, ``FKPD_ARTIFACT_DIR``, ``FKPD_ARTIFACT_URL``, ``FKPD_PROJECT``,
         ``FKPD_TASK``, ``FKPD_BOOTSTRAP`` (JSON object), ``FKPD_START_WORKER`` (0/1),
         ``FKPD_WORKER_THREADS``, ``FKPD_IDENTITY`` (``invite`` or ``open``, for a new
         project) and ``FKPD_AUTO_ROUNDS`` (a new project's automatic rounds: an integer
@@ -152,6 +159,7 @@ class StudioConfig:
                                   f"{MAX_AUTO_ROUND_EVERY}, or 0 (rounds by hand), got {env.get('FKPD_AUTO_ROUNDS')!r}")
         return cls(database_url=env.get("FKPD_DATABASE_URL", "").strip(),
                    artifact_dir=env.get("FKPD_ARTIFACT_DIR", "").strip(),
+                   artifact_url=env.get("FKPD_ARTIFACT_URL", "").strip(),
                    project=env.get("FKPD_PROJECT", "").strip() or default_project, task=task,
                    bootstrap=bootstrap,
                    start_worker=env.get("FKPD_START_WORKER", "1").strip().lower() not in ("0", "false", "no"),
@@ -159,7 +167,7 @@ class StudioConfig:
 
     def open_store(self) -> Store:
         """The store (migrated to the current schema)."""
-        return Store(self.database_url or None, self.artifact_dir or None)
+        return Store(self.database_url or None, self.artifact_url or self.artifact_dir or None)
 
 
 def open_project(store: Store, cfg: StudioConfig) -> tuple[ProjectInfo, JobView | None]:
@@ -229,6 +237,10 @@ def start_local_worker(cfg: StudioConfig, log_file: Path | None = None, *, kinds
         env["FKPD_DATABASE_URL"] = cfg.database_url
     if cfg.artifact_dir:
         env["FKPD_ARTIFACT_DIR"] = cfg.artifact_dir
+    if cfg.artifact_url:
+        env["FKPD_ARTIFACT_URL"] = cfg.artifact_url
+    elif cfg.artifact_dir:
+        env.pop("FKPD_ARTIFACT_URL", None)  # the worker uses the app's folder, as the app does
     env["FKPD_WORKER_KINDS"] = ",".join(kinds)  # read by fkpd.store.run_worker
     env["FKPD_WORKER_SKIP_KINDS"] = ",".join(skip_kinds)
     cmd = [sys.executable, "-m", "fkpd.cli", "worker", "--parent-pid", str(os.getpid()),

@@ -8,7 +8,10 @@
   for pairs leased to that annotator in that project.
 
 No function here takes a filesystem path from the browser: videos are read from the
-artifact directory by clip id (:meth:`Store.resolve` refuses paths that escape it).
+artifact store by clip id (paths that escape it are refused). With a remote store
+(``FKPD_ARTIFACT_URL``) the bytes come through :meth:`ArtifactStore.read_bytes`, from
+the local read-through cache keyed by sha256 after the first time, and reach the player
+as data, as local videos do.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from typing import Any, Iterable, Mapping
 
 from fkpd.store import (
     AnnotatorInfo,
+    ArtifactIntegrityError,
+    ArtifactStore,
     ClipView,
     NotLeasedError,
     PairView,
@@ -66,13 +71,32 @@ def _video_b64(path: str, sha256: str | None, mtime_ns: int, size: int) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def clip_video_b64(clip: ClipView) -> str:
+@lru_cache(maxsize=64)
+def _remote_video_b64(artifacts: ArtifactStore, relpath: str, sha256: str) -> str:
+    """Base64 of a video read through a remote store, verified (cached per sha256)."""
+    return base64.b64encode(artifacts.read_bytes(relpath, sha256)).decode("ascii")
+
+
+def clip_video_b64(clip: ClipView, artifacts: ArtifactStore | None = None) -> str:
     """The clip's MP4 as base64, checked against its recorded sha256.
+
+    Args:
+        artifacts: the store's artifacts (``Store.artifacts``); needed when they are
+            remote (the clip then has no local ``video_file``).
 
     Raises:
         FileNotFoundError: the clip has no video, or the file is gone.
         ValueError: the file changed since it was registered.
+        ArtifactUnavailableError: a remote store cannot be reached (nothing is wrong
+            with the clip).
     """
+    if artifacts is not None and not artifacts.is_local and clip.video_path is not None:
+        try:
+            if clip.video_sha256 is None:
+                return base64.b64encode(artifacts.read_bytes(clip.video_path)).decode("ascii")
+            return _remote_video_b64(artifacts, clip.video_path, clip.video_sha256)
+        except ArtifactIntegrityError as exc:
+            raise ValueError(f"the video of clip {clip.id}: {exc}") from None
     if clip.video_file is None:
         raise FileNotFoundError(f"clip {clip.id} has no video")
     path = Path(clip.video_file)
@@ -103,7 +127,7 @@ def lease_for_display(store: Store, project: ProjectInfo, annotator: AnnotatorIn
         bad = False
         for pair in leased:
             try:
-                left, right = clip_video_b64(pair.left), clip_video_b64(pair.right)
+                left, right = clip_video_b64(pair.left, store.artifacts), clip_video_b64(pair.right, store.artifacts)
             except (OSError, ValueError) as exc:
                 store.retire_pair(pair.id)
                 notices.append(f"Pair {pair.id} was set aside and skipped: {exc}. Tell whoever runs the project; "

@@ -57,7 +57,7 @@ def prepare(cfg: StudioConfig) -> tuple[str, list[subprocess.Popen]]:
     """
     with cfg.open_store() as store:
         project, job = open_project(store, cfg)
-        where = f"project {project.name!r} ({project.task_id}) on {store.backend}, artifacts in {store.artifact_dir}"
+        where = f"project {project.name!r} ({project.task_id}) on {store.backend}, artifacts in {store.artifact_location}"
     line = f"FKPD Studio: {where}"
     if job is not None:
         line += f"; queued the bootstrap job {job.id} (data, behaviour cloning, first batch)"
