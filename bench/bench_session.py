@@ -1,0 +1,272 @@
+"""A labelling session as people run it: do annotators ever wait? (issue #13)
+
+What ``make run`` does, on a fresh store: ``python -m fkpd.studio.serve`` creates the
+project for the default task with its bootstrap queued and starts the local workers and
+the server. Then ``--annotators`` headless-Chromium annotators (one browser context each,
+``?annotator=NAME``, open identity) each answer the pair on screen every ``--gap-s``
+seconds (arrow keys, left or right at random; a pair is answered only after it has been
+on screen ``--min-view-s`` seconds, so the player's minimum viewing time never drops a
+press) for ``--minutes`` minutes after their first pair appeared, with automatic rounds
+on (the project default: a round after a batch's worth of new comparisons).
+
+Measured, per annotator, from their first pair on: the fraction of time with no pair on
+screen (the player holds no pair, or one of its two videos shows no frame yet: sampled
+every ``--sample-s`` seconds), the longest such gap; in all: rounds completed (alignment
+rounds that succeeded), comparisons stored against answers sent (the player's count of
+the answers its page sent; the two counts must be equal), and
+the time to the first pair. Target (issue #13): idle fraction ≤ 2 %.
+
+Prints a summary and writes ``bench/results/bench_session.json``::
+
+    python bench/bench_session.py                          # 20 minutes, 2 annotators
+    python bench/bench_session.py --minutes 2 --bootstrap '{"bc_steps": 200}'  # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+# The pair on screen (its id when the player holds one and both videos show a frame, else
+# "") and the number of answers this page has sent (the player's data-answers).
+ON_SCREEN = """
+() => {
+  const root = document.querySelector(".fkpd-player") ||
+    [...document.querySelectorAll("*")].map(e => e.shadowRoot).filter(Boolean)
+      .map(r => r.querySelector(".fkpd-player")).find(Boolean);
+  if (!root) return {pair: "", answers: -1};
+  const answers = Number(root.dataset.answers || 0);
+  if (!root.dataset.pairId) return {pair: "", answers: answers};
+  const l = root.querySelector("video.fkpd-left"), r = root.querySelector("video.fkpd-right");
+  return {pair: (l && r && l.readyState >= 2 && r.readyState >= 2) ? root.dataset.pairId : "", answers: answers};
+}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_health(url: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the app exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"the app did not answer within {timeout_s:.0f} s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Ctrl-C to the launcher's process group, as a terminal does; kill after 60 s."""
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+class Annotator:
+    """One browser context answering pairs; keeps its own timeline."""
+
+    def __init__(self, name: str, page, gap_s: float, min_view_s: float, rng: random.Random) -> None:
+        self.name, self.page, self.gap_s, self.min_view_s, self.rng = name, page, gap_s, min_view_s, rng
+        self.first_pair_at: float | None = None
+        self.pair = ""              # the pair on screen ("" while none)
+        self.pair_since = 0.0       # when it appeared
+        self.last_answer_at = 0.0
+        self.pressed: tuple[str, float] | None = None  # (pair, time) of a press not yet seen to move on
+        self.sent = 0               # answers the page sent (the player's own count)
+        self.dropped = 0            # presses the player did not count as an answer within 10 s
+        self.empty_s = 0.0          # time with no pair on screen, after the first pair
+        self.gaps: list[float] = []  # lengths of the stretches without a pair
+        self._empty_since: float | None = None
+        self._last_sample: float | None = None
+
+    def sample(self, now: float) -> None:
+        try:
+            seen = self.page.evaluate(ON_SCREEN)
+        except Exception:  # noqa: BLE001 - the page is rerunning; count as no pair
+            seen = {"pair": "", "answers": -1}
+        pair = seen["pair"]
+        if seen["answers"] > self.sent:  # the page's own count; -1 while the player is not mounted
+            self.sent = seen["answers"]
+            self.pressed = None
+        if self.first_pair_at is None and pair:
+            self.first_pair_at = now
+        if self.first_pair_at is not None and self._last_sample is not None and not self.pair and not pair:
+            self.empty_s += now - self._last_sample
+        if self.first_pair_at is not None:
+            if not pair and self._empty_since is None:
+                self._empty_since = now
+            elif pair and self._empty_since is not None:
+                self.gaps.append(now - self._empty_since)
+                self._empty_since = None
+        if pair != self.pair:
+            self.pair, self.pair_since = pair, now
+        if self.pressed is not None and now - self.pressed[1] > 10:
+            self.dropped += 1  # a press the player did not take as an answer
+            self.pressed = None
+        self._last_sample = now
+
+    def maybe_answer(self, now: float) -> None:
+        if (self.pair and self.pressed is None and now - self.pair_since >= self.min_view_s
+                and now - self.last_answer_at >= self.gap_s):
+            self.page.keyboard.press(self.rng.choice(["ArrowLeft", "ArrowRight"]))
+            self.pressed = (self.pair, now)
+            self.last_answer_at = now
+
+    def finish(self, now: float) -> None:
+        if self._empty_since is not None:
+            self.gaps.append(now - self._empty_since)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=20.0, help="labelling time after the first pair")
+    ap.add_argument("--annotators", type=int, default=2)
+    ap.add_argument("--gap-s", type=float, default=3.0, help="seconds between one annotator's answers")
+    ap.add_argument("--min-view-s", type=float, default=2.0, help="a pair is answered after this long on screen")
+    ap.add_argument("--sample-s", type=float, default=0.25)
+    ap.add_argument("--task", default="metaworld/door-open-v3")
+    ap.add_argument("--bootstrap", default="", help="FKPD_BOOTSTRAP JSON (default: the app's defaults)")
+    ap.add_argument("--bootstrap-timeout-min", type=float, default=15.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default="bench/results/bench_session.json")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary store")
+    args = ap.parse_args()
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        sys.exit("chromium is not on PATH: apt-get install -y chromium")
+    from playwright.sync_api import sync_playwright
+
+    from fkpd.store import Store
+
+    root = Path(tempfile.mkdtemp(prefix="bench_session_"))
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "FKPD_TASK": args.task,
+           "FKPD_DATABASE_URL": f"sqlite:///{root / 'fkpd.sqlite'}", "FKPD_ARTIFACT_DIR": str(root / "artifacts"),
+           "FKPD_IDENTITY": "open", "FKPD_ADMIN_PASSWORD": "bench"}
+    if args.bootstrap:
+        env["FKPD_BOOTSTRAP"] = args.bootstrap
+    log = root / "serve.log"
+    t_start = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "fkpd.studio.serve", "app/streamlit_app.py", "--server.port",
+                             str(port), "--server.headless", "true"], cwd=REPO, env=env,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    rng = random.Random(args.seed)
+    result: dict = {}
+    try:
+        _wait_health(url, proc)
+        print(f"app up after {time.time() - t_start:.1f} s; bootstrap running ...", flush=True)
+        with sync_playwright() as pw, Store(env["FKPD_DATABASE_URL"], root / "artifacts") as store:
+            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            people = []
+            for i in range(args.annotators):
+                page = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
+                page.goto(f"{url}/?annotator=annotator{i + 1}")
+                people.append(Annotator(f"annotator{i + 1}", page, args.gap_s, args.min_view_s, rng))
+            deadline_first = time.time() + 60 * args.bootstrap_timeout_min
+            end: float | None = None
+            last_report = 0.0
+            while True:
+                now = time.time()
+                for a in people:
+                    a.sample(now)
+                    if a.first_pair_at is not None:
+                        a.maybe_answer(now)
+                if end is None and any(a.first_pair_at for a in people):
+                    first = min(a.first_pair_at for a in people if a.first_pair_at)
+                    print(f"first pair on screen {first - t_start:.1f} s after start", flush=True)
+                    end = first + 60 * args.minutes
+                if end is None and now > deadline_first:
+                    raise RuntimeError(f"no pair on screen after {args.bootstrap_timeout_min} min; see {log}")
+                if end is not None and now >= end:
+                    break
+                if end is not None and now - last_report > 60:
+                    last_report = now
+                    print(f"  {(now - (end - 60 * args.minutes)) / 60:4.1f} min: "
+                          + ", ".join(f"{a.name} {a.sent} answers, {a.empty_s:.1f} s without a pair" for a in people),
+                          flush=True)
+                time.sleep(max(0.0, args.sample_s - (time.time() - now)))
+            time.sleep(5)  # let the last answers land
+            now = time.time()
+            for a in people:
+                a.sample(now)
+                a.finish(now)
+            project = store.list_projects()[0]
+            frame = store.comparisons_frame(project.id)
+            jobs = store.jobs.list(project.id)
+            rounds = [j for j in jobs if j.kind == "alignment_round"]
+            versions = store.list_policy_versions(project.id)
+            browser.close()
+        people_out = []
+        for a in people:
+            span = now - a.first_pair_at
+            people_out.append({"annotator": a.name, "first_pair_s": a.first_pair_at - t_start,
+                               "labelling_s": span, "answers_sent": a.sent, "presses_dropped": a.dropped,
+                               "stored": int((frame["annotator"] == a.name).sum()) if "annotator" in frame else None,
+                               "idle_s": a.empty_s, "idle_fraction": a.empty_s / span,
+                               "longest_gap_s": max(a.gaps, default=0.0), "gaps": len(a.gaps)})
+        sent = sum(a.sent for a in people)
+        result = {
+            "benchmark": "bench_session", "args": vars(args),
+            "first_pair_s": min(p["first_pair_s"] for p in people_out),
+            "annotators": people_out,
+            "idle_fraction": sum(p["idle_s"] for p in people_out) / sum(p["labelling_s"] for p in people_out),
+            "answers_sent": sent, "comparisons_stored": int(len(frame)),
+            "rounds_succeeded": sum(j.status == "succeeded" for j in rounds),
+            "rounds_failed": sum(j.status == "failed" for j in rounds),
+            "rounds_started": len(rounds),
+            "jobs": [{"kind": j.kind, "status": j.status} for j in jobs],
+            "policy_versions": len(versions),
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                        "platform": platform.platform()},
+        }
+    finally:
+        _stop(proc)
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            print(f"store kept in {root}")
+    print(f"first pair on screen after {result['first_pair_s']:.1f} s")
+    for p in result["annotators"]:
+        print(f"{p['annotator']}: {p['answers_sent']} answers sent, {p['stored']} stored, "
+              f"idle {100 * p['idle_fraction']:.2f} % ({p['idle_s']:.1f} s of {p['labelling_s']:.0f} s, "
+              f"longest gap {p['longest_gap_s']:.1f} s), {p['presses_dropped']} presses dropped")
+    print(f"idle fraction {100 * result['idle_fraction']:.2f} % (target <= 2 %); rounds: "
+          f"{result['rounds_succeeded']} succeeded, {result['rounds_failed']} failed, {result['rounds_started']} started; "
+          f"comparisons stored {result['comparisons_stored']} vs answers sent {result['answers_sent']}")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()
