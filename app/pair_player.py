@@ -3,12 +3,19 @@
 It runs in the page itself (no iframe), so keyboard shortcuts work wherever the focus
 is, except in text fields: ← Left, → Right, ↓ Equal, ``s`` Skip, ``r`` Replay.
 
-Data in (from Python): ``{"pairs": [pair, next pair], "version": ...}``, each pair
+Data in (from Python): ``{"pairs": [pair, next pair], "min_view_ms": ...}``, each pair
 ``{"id", "round", "version", "left": {"clip", "b64"}, "right": {...}}`` with the MP4s as
 base64 (the files are read server-side by clip id; the browser never names a path).
 State out: ``answers``, the list of every answer given in this page session,
-``{"pair", "outcome", "shown_ms"}``; Python stores each one once (the store is
-idempotent per pair and annotator, so a repeat after a rerun is harmless).
+``{"pair", "outcome", "shown_ms", "viewed_ms"}``; Python stores each one once (the store
+is idempotent per pair and annotator, so a repeat after a rerun is harmless).
+
+Minimum viewing time (issue #13): a left/right/equal answer counts only once both clips
+have *played* for ``min_view_ms`` or one full loop of the longer clip, whichever is
+shorter (``viewed_ms``: the shorter of the two clips' playing times, paused or stalled
+time not counted). An earlier press or click shows a short "Watch both clips first" hint
+and is not sent. Skip is always taken (a clip that cannot play can only be skipped). The
+server checks the time again on its own clock (``Store.answer``'s ``min_view_seconds``).
 
 The next pair is prefetched: its videos are decoded into blob URLs and loaded into
 hidden video elements while the current pair plays, and an answer swaps to it at once,
@@ -39,6 +46,9 @@ CSS = """
                        background: #fff; cursor: pointer; }
 .fkpd-buttons button:hover { border-color: var(--st-primary-color, #ff4b4b); }
 .fkpd-buttons button.primary { background: var(--st-primary-color, #ff4b4b); color: #fff; border-color: transparent; }
+.fkpd-hint { text-align: center; margin-top: 8px; color: #8a4b00; font-weight: 600; font-size: 15px; min-height: 1.4em;
+             visibility: hidden; }
+.fkpd-hint.visible { visibility: visible; }
 .fkpd-status { text-align: center; margin-top: 8px; color: #555; font-size: 14px; min-height: 1.4em; }
 .fkpd-prefetch { display: none; }
 .fkpd-player.empty .fkpd-videos, .fkpd-player.empty .fkpd-buttons { visibility: hidden; }
@@ -63,6 +73,7 @@ HTML = """
     <button class="primary" data-outcome="right" title="Right arrow">Right →</button>
     <button data-action="replay" title="R">⟲ Replay (R)</button>
   </div>
+  <div class="fkpd-hint" role="status" aria-live="polite"></div>
   <div class="fkpd-status"></div>
   <div class="fkpd-prefetch"><video class="fkpd-pre-left" muted preload="auto"></video>
     <video class="fkpd-pre-right" muted preload="auto"></video></div>
@@ -104,6 +115,33 @@ async function startTogether(st) {
   if (!st.shownMs) st.shownMs = Date.now();
 }
 
+function playedMs(v) {  // time this video has been playing since its pair was shown
+  return v.__playedMs + (v.__since ? Date.now() - v.__since : 0);
+}
+
+function trackPlaying(v) {
+  v.__playedMs = 0; v.__since = 0;
+  v.addEventListener("playing", () => { if (!v.__since) v.__since = Date.now(); });
+  for (const ev of ["pause", "waiting", "stalled", "ended", "error", "emptied"]) {
+    v.addEventListener(ev, () => { v.__playedMs = playedMs(v); v.__since = 0; });
+  }
+}
+
+function viewedMs(st) { return Math.min(playedMs(st.el.left), playedMs(st.el.right)); }
+
+function requiredMs(st) {  // min_view_ms, or one full loop of the longer clip if shorter
+  const d = Math.max(st.el.left.duration, st.el.right.duration);
+  return Number.isFinite(d) && d > 0 ? Math.min(st.minViewMs, 1000 * d) : st.minViewMs;
+}
+
+function hint(st, text) {
+  const h = st.el.hint;
+  h.textContent = text;
+  h.classList.add("visible");
+  clearTimeout(st.hintTimer);
+  st.hintTimer = setTimeout(() => h.classList.remove("visible"), 2000);
+}
+
 function setSrc(video, url) {
   video.parentElement.classList.remove("missing");
   if (video.getAttribute("src") !== url) { video.setAttribute("src", url); video.load(); }
@@ -128,6 +166,8 @@ function show(st) {
     root.dataset.pairId = String(cur.id);
     root.dataset.version = String(cur.version);
     st.shownMs = 0;
+    for (const v of [st.el.left, st.el.right]) { v.__playedMs = 0; v.__since = 0; }
+    st.el.hint.classList.remove("visible");
     setSrc(st.el.left, blobUrl(st, cur.left));
     setSrc(st.el.right, blobUrl(st, cur.right));
     startTogether(st);
@@ -144,8 +184,14 @@ function show(st) {
 function answer(st, outcome) {
   const cur = nextPending(st)[0];
   if (!cur) return;
+  const viewed = viewedMs(st), need = requiredMs(st);
+  if (outcome !== "skip" && viewed < need) {  // too early: not sent, not stored
+    hint(st, `Watch both clips first (${((need - viewed) / 1000).toFixed(1)} s more)`);
+    return;
+  }
   st.answered.add(cur.id);
-  st.answers.push({pair: cur.id, outcome: outcome, shown_ms: st.shownMs || Date.now()});
+  st.el.hint.classList.remove("visible");
+  st.answers.push({pair: cur.id, outcome: outcome, shown_ms: st.shownMs || Date.now(), viewed_ms: Math.round(viewed)});
   st.setStateValue("answers", st.answers.slice());
   st.el.root.dataset.answers = String(st.answers.length);  // answers sent by this page (bench/bench_session.py)
   show(st);
@@ -160,12 +206,13 @@ export default function (component) {
     st = host.__fkpd = {
       answers: [], answered: new Set(), blobs: new Map(), shownMs: 0, startToken: 0, pairs: [],
       el: {
-        root, status: root.querySelector(".fkpd-status"),
+        root, status: root.querySelector(".fkpd-status"), hint: root.querySelector(".fkpd-hint"),
         left: root.querySelector("video.fkpd-left"), right: root.querySelector("video.fkpd-right"),
         preLeft: root.querySelector("video.fkpd-pre-left"), preRight: root.querySelector("video.fkpd-pre-right"),
       },
     };
     for (const v of [st.el.left, st.el.right]) {
+      trackPlaying(v);
       v.addEventListener("error", () => { if (v.getAttribute("src")) v.parentElement.classList.add("missing"); });
     }
     root.querySelectorAll("button[data-outcome]").forEach((b) => {
@@ -175,6 +222,7 @@ export default function (component) {
   }
   st.setStateValue = setStateValue;
   st.pairs = (data && data.pairs) || [];
+  st.minViewMs = Math.max(0, Number(data && data.min_view_ms) || 0);
   show(st);
 
   const onKey = (e) => {
@@ -195,8 +243,11 @@ export default function (component) {
 _player = st.components.v2.component("fkpd_pair_player", html=HTML, css=CSS, js=JS)
 
 
-def pair_player(pairs: list[dict[str, Any]], on_answers: Callable[[], None], key: str = "pair_player") -> Any:
+def pair_player(pairs: list[dict[str, Any]], on_answers: Callable[[], None], key: str = "pair_player",
+                min_view_seconds: float = 0.0) -> Any:
     """Mount the player with up to two pairs (current, next); ``on_answers`` runs
     (before the page script, as a Streamlit callback) whenever the browser adds an
-    answer. The answers are in ``st.session_state[key]["answers"]``."""
-    return _player(key=key, data={"pairs": pairs}, default={"answers": []}, on_answers_change=on_answers)
+    answer. The answers are in ``st.session_state[key]["answers"]``. A left/right/equal
+    press counts once both clips played ``min_view_seconds`` (or one loop, if shorter)."""
+    return _player(key=key, data={"pairs": pairs, "min_view_ms": int(round(1000 * float(min_view_seconds)))},
+                   default={"answers": []}, on_answers_change=on_answers)

@@ -272,6 +272,7 @@ def test_one_malformed_answer_does_not_lose_the_valid_ones_after_it(store, caplo
     from fkpd.studio import record_answers
 
     project, _ = make_project(store, 3)
+    project = store.update_project("proj", settings={"min_view_seconds": 0})  # no minimum viewing time here
     ada = store.get_or_create_annotator("ada")
     leased = [p.id for p in store.lease_pairs("proj", ada, 3)]
     hostile = [{"pair": 2**70, "outcome": "left", "shown_ms": 1.7e12},

@@ -178,3 +178,30 @@ def test_migration_0003_keeps_the_data_of_a_0002_store(db_url, artifact_dir):
             assert conn.execute(text("SELECT count(*) FROM pairs")).scalar() == 1
     finally:
         engine.dispose()
+
+
+def test_prefs_export_excluded_and_worker_kinds_flags(tmp_path, capsys):
+    from fkpd.cli import main
+    from fkpd.store.export import load_export
+
+    url, art = f"sqlite:///{tmp_path / 'fkpd.sqlite'}", str(tmp_path / "artifacts")
+    common = ["--database-url", url, "--artifact-dir", art]
+    with Store(url, art) as store:
+        _, pair_ids = make_project(store, 2, labels_per_pair=2)
+        _answer(store, "ann", dict(zip(pair_ids, ["left", "right"])))
+        _answer(store, "bob", dict(zip(pair_ids, ["left", "left"])))
+        store.exclude_annotator("proj", "bob")
+        job = store.jobs.enqueue(store.get_project("proj").id, "bootstrap", {})
+    for how, who in (("include", ["ann", "ann", "bob", "bob"]), ("omit", ["ann", "ann"])):
+        out = tmp_path / f"{how}.parquet"
+        assert main(["prefs", "export", "--project", "proj", "--out", str(out), "--excluded", how, *common]) == 0
+        assert sorted(load_export(out).frame["annotator"]) == who
+    assert "without excluded annotators (bob)" in capsys.readouterr().out
+
+    assert main(["worker", "--once", "--poll-s", "0.05", "--kinds", "compare,top_up", *common]) == 0
+    with Store(url, art) as store:
+        assert store.jobs.get(job.id).status == "queued", "a --kinds compare,top_up worker leaves the bootstrap"
+    capsys.readouterr()
+    assert main(["worker", "--once", "--kinds", "bootstrapp", *common]) == 2
+    err = capsys.readouterr().err
+    assert "--kinds bootstrapp: no such job kind; known: alignment_round, bootstrap" in err

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from fkpd.studio import StudioError, auto_round_state, batch_caption, error_headline, job_summary, \
+from fkpd.studio import LabelQuality, StudioError, auto_round_state, batch_caption, error_headline, job_summary, \
     latest_training_job, lease_for_display, record_answers, top_up_state
 from fkpd.studio.config import TOP_UP
 from fkpd.studio.identity import annotator_from_token
@@ -43,7 +43,11 @@ for msg in notices:
 if pairs:
     st.caption(f"{batch_caption(s.store, s.project, pairs[0])} · Keys: ← left · → right · ↓ equal · S skip · "
                "R replay · the next pair is already loaded.")
-    pair_player([p.as_json() for p in pairs], on_answers=_store_answers, key=KEY)
+    try:  # the current setting (an admin may change it on the Data page while the app runs)
+        min_view = LabelQuality.of(s.store.get_project(s.project.id)).min_view_seconds
+    except StudioError:
+        min_view = LabelQuality().min_view_seconds
+    pair_player([p.as_json() for p in pairs], on_answers=_store_answers, key=KEY, min_view_seconds=min_view)
 else:
     # No player while nothing is open: its answers were stored by the callback already.
 

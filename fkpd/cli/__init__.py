@@ -12,10 +12,11 @@ Subcommands (one module per group: :mod:`~fkpd.cli.data`, :mod:`~fkpd.cli.train`
     fkpd pipeline [--task T]                     data -> BC -> eval -> clips
     fkpd align --checkpoint REF --prefs FILE [--regularizer forward|reverse|none] [config flags] [--config FILE.toml]
     fkpd loop --task T --teacher NAME --rounds K --pairs-per-round M [config flags] [--config FILE.toml] [--wandb]
-    fkpd worker [--once]                         run queued jobs (bootstrap, alignment rounds, compare)
+    fkpd worker [--once] [--kinds K,...] [--skip-kinds K,...]   run queued jobs (bootstrap, alignment rounds, ...)
     fkpd projects list | show NAME | create NAME --task T [--identity invite|open] [bootstrap flags]
     fkpd rounds start --project P [--beta B --lam L --steps N ...]       the Rounds page's button
     fkpd prefs export --project P --format parquet|hdf5 --out PATH [--rounds N ...] [--annotators NAME ...]
+                      [--excluded include|omit]
     fkpd labels import LABELS --dataset D --project P [--create-project TASK] [--segment-length L]
     fkpd annotators invite NAME --project P      an invite link (invite mode); also revoke, list, mode
 

@@ -124,18 +124,24 @@ def _cmd_prefs_export(args: argparse.Namespace) -> int:
         project = store.get_project(args.project)
         frame = store.comparisons_frame(project.id)
         _check_filters(frame, project.name, args.rounds, args.annotators)
-        blob = export_bytes(store, project, fmt, rounds=args.rounds, annotators=args.annotators)
+        blob = export_bytes(store, project, fmt, rounds=args.rounds, annotators=args.annotators,
+                            include_excluded=args.excluded == "include")
+        excluded = [e.annotator for e in store.excluded_annotators(project.id)]
     if args.rounds:
         frame = frame[frame["round"].isin(args.rounds)]
     if args.annotators:
         frame = frame[frame["annotator"].isin(args.annotators)]
+    if args.excluded == "omit":
+        frame = frame[~frame["annotator"].isin(excluded)]
     try:
         with atomic_path(out) as tmp:
             tmp.write_bytes(blob)
     except OSError as exc:
         raise FKPDError(f"--out {str(out)!r} cannot be written: {exc}") from None
     which = "".join([f", rounds {', '.join(map(str, args.rounds))}" if args.rounds else "",
-                     f", annotators {', '.join(args.annotators)}" if args.annotators else ""])
+                     f", annotators {', '.join(args.annotators)}" if args.annotators else "",
+                     f", without excluded annotators ({', '.join(excluded)})" if args.excluded == "omit" and excluded
+                     else ""])
     print(f"wrote {len(frame)} comparisons of project {project.name!r}{which} to {out} ({fmt}, "
           f"{len(blob) / 1e6:.2f} MB)")
     return 0
@@ -180,4 +186,7 @@ def add_parsers(sub) -> None:
                    help="only comparisons of these rounds (default: all)")
     s.add_argument("--annotators", nargs="+", default=None, metavar="NAME",
                    help="only comparisons by these annotators (default: all)")
+    s.add_argument("--excluded", choices=("include", "omit"), default="include",
+                   help="comparisons of annotators an admin excluded from training (Data page): include them (the "
+                        "default: the store keeps them) or omit them (the training set of the next round)")
     add_store_args(s)

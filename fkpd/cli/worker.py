@@ -1,4 +1,10 @@
-"""``fkpd worker``: run the preference store's queued jobs (bootstrap, alignment rounds, compare)."""
+"""``fkpd worker``: run the preference store's queued jobs (bootstrap, alignment rounds, compare, top-up pairs).
+
+``--kinds`` / ``--skip-kinds`` (comma-separated job kinds) restrict what the worker
+claims, e.g. ``fkpd worker --kinds top_up`` renders top-up pairs while another worker
+trains; without them, ``$FKPD_WORKER_KINDS`` / ``$FKPD_WORKER_SKIP_KINDS`` are read
+(:func:`fkpd.store.run_worker`), and without those every kind is run.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,29 @@ import os
 import threading
 
 from fkpd.cli.common import add_store_args, command
+from fkpd.errors import FKPDError
+
+
+def job_kinds(value: str | None, flag: str) -> list[str] | None:
+    """The job kinds of a ``--kinds`` / ``--skip-kinds`` value (comma-separated), checked
+    against the registered handlers; None when not given.
+
+    Raises:
+        FKPDError: an empty list, or a kind no handler runs (the message lists the known ones).
+    """
+    if value is None:
+        return None
+    from fkpd.store import HANDLERS
+
+    import fkpd.studio  # noqa: F401 (registers the studio's handlers)
+
+    kinds = [k.strip() for k in value.split(",") if k.strip()]
+    if not kinds:
+        raise FKPDError(f"{flag} needs at least one job kind, e.g. {flag} top_up; known: {', '.join(sorted(HANDLERS))}")
+    unknown = [k for k in kinds if k not in HANDLERS]
+    if unknown:
+        raise FKPDError(f"{flag} {','.join(unknown)}: no such job kind; known: {', '.join(sorted(HANDLERS))}")
+    return kinds
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -16,6 +45,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     from fkpd.store import Store, run_worker
 
+    kinds, skip_kinds = job_kinds(args.kinds, "--kinds"), job_kinds(args.skip_kinds, "--skip-kinds")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads > 0:
         import torch
@@ -40,7 +70,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
     n = run_worker(store, once=args.once, poll_s=args.poll_s, stale_after_s=args.stale_after_s,
                    max_attempts=args.max_attempts, handler_modules=["fkpd.studio"], stop=stop,
-                   sweep_grace_s=args.sweep_grace_s or None)
+                   sweep_grace_s=args.sweep_grace_s or None, kinds=kinds, skip_kinds=skip_kinds or ())
     print(f"worker ran {n} job(s)")
     return 0
 
@@ -51,6 +81,12 @@ def add_parsers(sub) -> None:
                 "run background jobs (bootstrap, alignment rounds) from the preference store")
     add_store_args(s)
     s.add_argument("--once", action="store_true", help="run at most one job, then exit")
+    s.add_argument("--kinds", default=None, metavar="K,...",
+                   help="claim only these job kinds, comma-separated (bootstrap, alignment_round, compare, top_up; "
+                        "default: $FKPD_WORKER_KINDS, else all), e.g. --kinds top_up for a worker that only renders "
+                        "top-up pairs while another trains")
+    s.add_argument("--skip-kinds", default=None, metavar="K,...",
+                   help="never claim these job kinds, comma-separated (default: $FKPD_WORKER_SKIP_KINDS, else none)")
     s.add_argument("--poll-s", type=float, default=1.0, help="seconds between polls of an empty queue")
     s.add_argument("--stale-after-s", type=float, default=120.0,
                    help="requeue/fail running jobs whose heartbeat is older than this")

@@ -3,7 +3,8 @@
 Export layouts (``export_comparisons``; read either back with :func:`load_export`)
 -------------------------------------------------------------------------------
 
-Both hold every comparison of the project (skips included), one record per answer, with
+Both hold every comparison of the project (skips included; those of annotators excluded
+from training too, unless ``include_excluded=False``), one record per answer, with
 the columns of :meth:`fkpd.store.Store.comparisons_frame`: ``comparison_id, pair_id,
 round, policy_version_id, annotator_id, annotator, outcome, p_left`` (1.0 left preferred,
 0.0 right, 0.5 equal, missing for skip), ``shown_at, answered_at, left_clip_id,
@@ -85,9 +86,13 @@ def export_comparisons(
     round: int | None = None,
     rounds: Iterable[int] | None = None,
     annotators: Iterable[str] | None = None,
+    include_excluded: bool = True,
 ) -> Path:
     """Write every comparison of ``project`` (optionally of one round, or of ``rounds``
     by ``annotators``, names, as the Data page filters them) with its segments.
+
+    ``include_excluded=False`` leaves out the comparisons of annotators excluded from
+    training (:meth:`fkpd.store.Store.exclude_annotator`), as the next round does.
 
     The file is written atomically (temporary file, then rename).
 
@@ -110,6 +115,9 @@ def export_comparisons(
     if rounds or annotators:
         keep = store.select_comparisons(info.id, rounds=rounds, annotators=annotators)["comparison_id"]
         frame = frame[frame["comparison_id"].isin(keep)].reset_index(drop=True)
+    if not include_excluded:
+        excluded = [e.annotator_id for e in store.excluded_annotators(info.id)]
+        frame = frame[~frame["annotator_id"].isin(excluded)].reset_index(drop=True)
     clip_ids = sorted(set(frame["left_clip_id"]).union(frame["right_clip_id"]))
     clips = {int(c): store.get_clip(int(c)) for c in clip_ids}
     segments = {clip_id: _segment_arrays(store, clip) for clip_id, clip in clips.items()}

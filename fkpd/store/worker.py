@@ -25,7 +25,7 @@
   handler registry (or is given ``idle_hooks``), never in one given its own handlers.
 * A worker may serve a subset of the job kinds (``kinds`` / ``skip_kinds``), so one
   process can keep rendering pairs while another trains
-  (``FKPD_WORKER_KINDS=top_up fkpd worker``, see :func:`run_worker`).
+  (``fkpd worker --kinds top_up``, or ``$FKPD_WORKER_KINDS``; see :func:`run_worker`).
 
 :func:`run_worker` is the body of the one worker command, ``fkpd worker``
 (:mod:`fkpd.cli`); it imports the modules that register handlers
@@ -489,9 +489,10 @@ def run_worker(
     """Run a :class:`Worker` on ``store`` (the body of a ``worker`` CLI command).
 
     ``kinds`` / ``skip_kinds`` restrict the job kinds it claims (see :class:`Worker`);
-    when not given, they are read from ``$FKPD_WORKER_KINDS`` / ``$FKPD_WORKER_SKIP_KINDS``
-    (comma-separated kinds; e.g. ``FKPD_WORKER_KINDS=top_up fkpd worker`` runs a second
-    worker that only renders top-up pairs).
+    ``fkpd worker`` passes its ``--kinds`` / ``--skip-kinds`` flags; when not given, they
+    are read from ``$FKPD_WORKER_KINDS`` / ``$FKPD_WORKER_SKIP_KINDS`` (comma-separated
+    kinds; e.g. ``fkpd worker --kinds top_up`` runs a second worker that only renders
+    top-up pairs).
 
     ``handler_modules`` are imported first so their ``@register_handler`` decorators
     fill :data:`HANDLERS`. In the main thread, SIGTERM and SIGINT make the worker stop:

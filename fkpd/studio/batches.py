@@ -65,6 +65,7 @@ from fkpd.prefs.pairs import RolledClip, RolloutPairSource, mix_sources
 from fkpd.prefs.segments import Segment
 from fkpd.store import JobContext, PolicyVersionInfo, ProjectInfo, Store, current_job
 from fkpd.studio.errors import RoundError
+from fkpd.studio.labelling import mark_gold
 from fkpd.studio.params import TRAINING_KINDS, BatchSettings
 from fkpd.train.align import AlignConfig
 from fkpd.train.engine import RoundEngine
@@ -295,7 +296,8 @@ class StoreLabeller(Labeller):
             self.project.id, [(ids[2 * k], ids[2 * k + 1]) for k in range(len(pairs))], round=round_)
 
     def labels(self) -> list[Label]:
-        """Every non-skip comparison of the project as ``(left, right, p_left)``.
+        """Every non-skip comparison of the project as ``(left, right, p_left)``, except
+        those of annotators excluded from training (:meth:`Store.exclude_annotator`).
 
         Segments are loaded once per clip, after their sha256 is checked; segments
         without per-step success flags (imported data) get ``success = False``.
@@ -407,7 +409,9 @@ def render_batch(engine: RoundEngine, version: PolicyVersionInfo, round_: int, *
     policy = DiffusionPolicy.load(checkpoint_dir(labeller.store, version), task_id=engine.task_id)
     total = 2 * engine.source.pairs  # type: ignore[attr-defined]
     engine.make_batch(policy, round_, on_clip=labeller.clip_writer(version, round_, total, progress))
-    return labeller.pair_ids.pop(round_)
+    pair_ids = labeller.pair_ids.pop(round_)
+    mark_gold(labeller.store, labeller.project, pair_ids)  # a share of gold pairs (issue #13), hidden from annotators
+    return pair_ids
 
 
 def render_if_missing(ctx: JobContext, engine: RoundEngine, project: ProjectInfo, version: PolicyVersionInfo,

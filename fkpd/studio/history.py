@@ -200,9 +200,10 @@ def enqueue_round(store: Store, project: ProjectInfo, params: Mapping[str, Any],
 
 
 def export_bytes(store: Store, project: ProjectInfo, fmt: str, *, rounds: Iterable[int] | None = None,
-                 annotators: Iterable[str] | None = None) -> bytes:
+                 annotators: Iterable[str] | None = None, include_excluded: bool = True) -> bytes:
     """The project's comparisons with their segments as a Parquet or HDF5 file, in memory;
-    only those of ``rounds`` by ``annotators`` (names) when given (the Data page's filters).
+    only those of ``rounds`` by ``annotators`` (names) when given (the Data page's filters),
+    without those of annotators excluded from training when ``include_excluded`` is False.
 
     Raises:
         StudioError: unknown format; a segment file that is missing, changed since it
@@ -219,7 +220,8 @@ def export_bytes(store: Store, project: ProjectInfo, fmt: str, *, rounds: Iterab
     try:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / f"comparisons.{'h5' if fmt == 'hdf5' else 'parquet'}"
-            export_comparisons(store, project.id, fmt, out, rounds=rounds, annotators=annotators)
+            export_comparisons(store, project.id, fmt, out, rounds=rounds, annotators=annotators,
+                               include_excluded=include_excluded)
             return out.read_bytes()
     except ArtifactIntegrityError as exc:
         raise StudioError(f"the export stopped: {exc}. A segment file was removed or changed after it was stored; "

@@ -5,7 +5,11 @@
   (:meth:`Store.retire_pair`) and reported instead of crashing the page.
 * :func:`record_answers` — answers sent by the browser, each checked on its own
   (a malformed one is skipped and logged, never raised) and stored idempotently, only
-  for pairs leased to that annotator in that project.
+  for pairs leased to that annotator in that project, and only after the project's
+  minimum viewing time (:class:`LabelQuality`), checked again on the server's clock.
+* :class:`LabelQuality` — a project's label-quality settings (minimum viewing time, gold
+  share and margin), read with :meth:`LabelQuality.of`, changed with
+  :func:`set_label_quality`.
 
 No function here takes a filesystem path from the browser: videos are read from the
 artifact store by clip id (paths that escape it are refused). With a remote store
@@ -36,9 +40,109 @@ from fkpd.store import (
     Store,
     StoreError,
 )
-from fkpd.studio.config import OUTCOMES
+from fkpd.studio.config import OUTCOMES, StudioError
 
 log = logging.getLogger(__name__)
+
+
+#: Project settings of label quality (issue #13); see :class:`LabelQuality`.
+MIN_VIEW_SECONDS = "min_view_seconds"
+GOLD_SHARE = "gold_share"
+GOLD_RETURN_MARGIN = "gold_return_margin"
+#: Longest minimum viewing time accepted (seconds).
+MAX_MIN_VIEW_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class LabelQuality:
+    """A project's label-quality settings (project settings of the same names; a missing
+    one takes its default).
+
+    Attributes:
+        min_view_seconds: an answer (left, right, equal) counts only once both clips
+            have played this long, or one full loop of the longer clip if that is
+            shorter; 0 turns the minimum off. The player refuses earlier presses with a
+            hint, and the server refuses earlier answers on its own clock
+            (:meth:`fkpd.store.Store.answer`). 0..60 s, default 1.5.
+        gold_share: fraction of each new batch's pairs made gold pairs (answer clear from
+            ground truth, :meth:`fkpd.store.Store.mark_gold_pairs`), 0..1, default 0.05.
+        gold_return_margin: relative return margin that makes a pair clear when success
+            does not: ``|R_l − R_r| ≥ margin · max(|R_l|, |R_r|)``; ≥ 0, default 0.5
+            (one clip earned at least twice the other's return).
+
+    Raises (on creation):
+        StudioError: a value out of its range, or not a number.
+    """
+
+    min_view_seconds: float = 1.5
+    gold_share: float = 0.05
+    gold_return_margin: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name, hi in ((MIN_VIEW_SECONDS, MAX_MIN_VIEW_SECONDS), (GOLD_SHARE, 1.0), (GOLD_RETURN_MARGIN, 1e9)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= hi:
+                raise StudioError(f"{name} must be a number from 0 to {hi:g}, got {value!r:.40}")
+            object.__setattr__(self, name, float(value))
+
+    @classmethod
+    def of(cls, project: ProjectInfo) -> "LabelQuality":
+        """The settings of ``project`` (a fresh :class:`ProjectInfo`: the app's cached one
+        predates changes an admin made since).
+
+        Raises:
+            StudioError: a stored value is out of range.
+        """
+        settings = project.settings or {}
+        return cls(**{name: settings[name] for name in (MIN_VIEW_SECONDS, GOLD_SHARE, GOLD_RETURN_MARGIN)
+                      if settings.get(name) is not None})
+
+    def as_settings(self) -> dict[str, float]:
+        """The project settings these values are stored as."""
+        return {MIN_VIEW_SECONDS: self.min_view_seconds, GOLD_SHARE: self.gold_share,
+                GOLD_RETURN_MARGIN: self.gold_return_margin}
+
+
+def set_label_quality(store: Store, project: ProjectInfo, **values: float) -> LabelQuality:
+    """Change some of a project's label-quality settings (the Data page's admin form).
+
+    Args:
+        values: ``min_view_seconds``, ``gold_share`` and/or ``gold_return_margin``.
+
+    Raises:
+        StudioError: an unknown setting or a value out of range (nothing is changed).
+    """
+    unknown = sorted(set(values) - {MIN_VIEW_SECONDS, GOLD_SHARE, GOLD_RETURN_MARGIN})
+    if unknown:
+        raise StudioError(f"unknown label-quality setting(s) {unknown}; known: {MIN_VIEW_SECONDS}, {GOLD_SHARE}, "
+                          f"{GOLD_RETURN_MARGIN}")
+    current = LabelQuality.of(store.get_project(project.id))
+    quality = LabelQuality(**{**current.as_settings(), **values})
+    store.update_project(project.id, settings=quality.as_settings())
+    return quality
+
+
+def mark_gold(store: Store, project: ProjectInfo, pair_ids: Iterable[int]) -> dict[int, str]:
+    """Make a share of a new batch's pairs gold pairs, per the project's settings
+    (:class:`LabelQuality`; :meth:`fkpd.store.Store.mark_gold_pairs`). Called when a batch
+    or top-up is registered (:func:`fkpd.studio.batches.render_batch`). A bad setting or a
+    store error is logged, never raised: the batch stays labelable without gold pairs.
+
+    Returns:
+        ``{pair_id: expected outcome}`` of the pairs marked.
+    """
+    ids = list(pair_ids)
+    if not ids:
+        return {}
+    try:
+        quality = LabelQuality.of(store.get_project(project.id))
+        gold = store.mark_gold_pairs(project.id, ids, share=quality.gold_share,
+                                     return_margin=quality.gold_return_margin)
+    except (StoreError, StudioError) as exc:
+        log.warning("project %s: no gold pairs marked among pairs %s..%s: %s", project.name, ids[0], ids[-1], exc)
+        return {}
+    log.info("project %s: %d gold pair(s) among %d new pair(s)", project.name, len(gold), len(ids))
+    return gold
 
 
 @dataclass(frozen=True)
@@ -167,7 +271,9 @@ def parse_answer(item: Any) -> tuple[int, str, datetime | None]:
 
     Args:
         item: ``{"pair": int, "outcome": "left"|"right"|"equal"|"skip", "shown_ms":
-            epoch milliseconds}``; ``shown_ms`` may be missing or null.
+            epoch milliseconds}``; ``shown_ms`` may be missing or null. The player's
+            ``viewed_ms`` (how long both clips played) is informational: the minimum
+            viewing time is checked on the server's clock (:func:`record_answers`).
 
     Raises:
         ValueError: not a mapping; a pair id that is not an int in ``[1, 2**31 - 1]``;
@@ -195,6 +301,12 @@ def record_answers(store: Store, annotator: AnnotatorInfo, answers: Iterable[Map
                    recorded: set[Any], *, project: ProjectInfo | None = None) -> list[str]:
     """Store answers sent by the browser, each at most once, each checked on its own.
 
+    With ``project`` given, a left/right/equal answer is stored only once the pair has
+    been on screen for the project's minimum viewing time (:class:`LabelQuality`,
+    counted by the store on the server's clock from when the pair could first be shown,
+    :meth:`fkpd.store.Store.answer`), so a request crafted around the player's own check
+    is refused (:class:`~fkpd.store.TooEarlyError`, reported, not stored, not retried).
+
     A malformed answer (a pair id that is not a sane integer, an unknown outcome, a
     ``shown_ms`` that is not a plausible time, an entry that is not an object) is
     skipped and logged; it never raises and never stops the answers after it, which
@@ -213,7 +325,7 @@ def record_answers(store: Store, annotator: AnnotatorInfo, answers: Iterable[Map
             and markers of malformed entries already reported); updated in place. The
             store is idempotent per (pair, annotator) as well, so a repeat is harmless.
         project: the project the page serves; when given, answers for pairs of other
-            projects are refused.
+            projects are refused, and its minimum viewing time applies.
 
     Returns:
         Messages for answers that could not be stored (a pair that was retired, filled
@@ -222,6 +334,13 @@ def record_answers(store: Store, annotator: AnnotatorInfo, answers: Iterable[Map
         briefly unreachable) is reported and retried on the next rerun.
     """
     problems = []
+    min_view = None
+    if project is not None:
+        try:
+            min_view = LabelQuality.of(store.get_project(project.id)).min_view_seconds
+        except Exception:  # noqa: BLE001 - unreadable settings: the default minimum, never none
+            log.warning("could not read the label-quality settings of project %s", project.id, exc_info=True)
+            min_view = LabelQuality().min_view_seconds
     for item in answers or ():
         try:
             pair_id, outcome, shown_at = parse_answer(item)
@@ -236,7 +355,8 @@ def record_answers(store: Store, annotator: AnnotatorInfo, answers: Iterable[Map
             continue
         try:
             store.answer(pair_id, annotator.id, outcome, shown_at=shown_at,
-                         project=None if project is None else project.id)
+                         project=None if project is None else project.id,
+                         min_view_seconds=min_view or None)
         except NotLeasedError as exc:
             log.warning("refused an answer of annotator %r for pair %s: %s", annotator.name, pair_id, exc)
             problems.append(f"your answer to pair {pair_id} was not stored: {exc}")
@@ -251,4 +371,6 @@ def record_answers(store: Store, annotator: AnnotatorInfo, answers: Iterable[Map
     return problems
 
 
-__all__ = ["DisplayPair", "batch_caption", "clip_video_b64", "lease_for_display", "parse_answer", "record_answers"]
+__all__ = ["DisplayPair", "GOLD_RETURN_MARGIN", "GOLD_SHARE", "LabelQuality", "MIN_VIEW_SECONDS", "batch_caption",
+           "clip_video_b64", "lease_for_display", "mark_gold", "parse_answer", "record_answers",
+           "set_label_quality"]

@@ -29,7 +29,7 @@ runs dry (20 pairs at the defaults, then minutes of training), so the worker ren
 Who renders: a worker runs one job at a time, so a top-up cannot run while the same
 worker trains. The app starts two local workers (:func:`fkpd.studio.start_local_workers`):
 one for bootstraps, rounds and comparisons, one restricted to ``top_up``
-(``FKPD_WORKER_KINDS=top_up fkpd worker``), which renders while the first trains;
+(``fkpd worker --kinds top_up``), which renders while the first trains;
 rendering takes one core, training the other. A single ``fkpd worker`` runs every kind and tops up between jobs.
 Who queues: idle workers (:mod:`fkpd.studio.upkeep`), at most one ``top_up`` job queued
 or running per project (:meth:`fkpd.store.JobQueue.enqueue_unless`); after a failed
