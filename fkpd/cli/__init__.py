@@ -1,7 +1,8 @@
 """The ``fkpd`` command line.
 
 Subcommands (one module per group: :mod:`~fkpd.cli.data`, :mod:`~fkpd.cli.train`,
-:mod:`~fkpd.cli.worker`, :mod:`~fkpd.cli.labels`, :mod:`~fkpd.cli.projects`)::
+:mod:`~fkpd.cli.worker`, :mod:`~fkpd.cli.labels`, :mod:`~fkpd.cli.projects`,
+:mod:`~fkpd.cli.report`)::
 
     fkpd tasks                                   list task ids
     fkpd data generate --task T --episodes N --out FILE [--clean]
@@ -19,6 +20,8 @@ Subcommands (one module per group: :mod:`~fkpd.cli.data`, :mod:`~fkpd.cli.train`
                       [--excluded include|omit]
     fkpd labels import LABELS --dataset D --project P [--create-project TASK] [--segment-length L]
     fkpd annotators invite NAME --project P      an invite link (invite mode); also revoke, list, mode
+    fkpd report --project P --out report.html [--versions A B --episodes N]   one self-contained HTML report
+    fkpd demo --project P --out demo.mp4 [--versions A B --episodes N]        before/after video, side by side
 
 User errors (:class:`fkpd.errors.FKPDError`) and usage errors print one line that names
 the command's flags, and exit with status 2. ``python -m fkpd.cli`` runs the same
@@ -30,7 +33,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fkpd.cli import data, labels, projects, train, worker
+from fkpd.cli import data, labels, projects, report, train, worker
 from fkpd.cli.common import Parser, UsageError, flag_names, name_flags
 from fkpd.config import read_config_file
 from fkpd.errors import FKPDError
@@ -45,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_parsers(sub)       # worker
     labels.add_parsers(sub)       # labels import, prefs export
     projects.add_parsers(sub)     # projects list|create|show, rounds start, annotators ...
+    report.add_parsers(sub)       # report, demo
     return p
 
 
