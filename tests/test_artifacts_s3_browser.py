@@ -30,7 +30,7 @@ from conftest_store import wait_for  # noqa: E402
 from test_app_browser import ARTIFACTS, CHROMIUM_ARGS, browser_path  # noqa: E402
 from test_artifacts_s3 import s3_server  # noqa: E402,F401
 
-from fkpd.store import ArtifactDir  # noqa: E402
+from fkpd.store import ArtifactDir, run_worker  # noqa: E402
 from fkpd.store.remote_artifacts import RemoteArtifacts  # noqa: E402
 from fkpd.studio import StudioConfig, enqueue_round, open_project  # noqa: E402
 
@@ -60,9 +60,9 @@ def test_bootstrap_round_and_clips_play_from_s3(s3_server, tmp_path, monkeypatch
     assert isinstance(store.artifacts, RemoteArtifacts) and store.artifact_location == url
     project, boot = open_project(store, cfg)
 
-    # A worker process with a cache of its own, as on another machine.
+    # A worker process with a cache of its own, as on another machine, for the round.
     worker_env = {**os.environ, **env, "FKPD_ARTIFACT_CACHE": str(tmp_path / "cache-worker"),
-                  "FKPD_WORKER_KINDS": "bootstrap,alignment_round"}
+                  "FKPD_WORKER_KINDS": "alignment_round"}
     (tmp_path / "worker-cwd").mkdir()
     with (tmp_path / "worker.log").open("wb") as log:
         worker = subprocess.Popen([sys.executable, "-m", "fkpd.cli", "worker", "--threads", "1",
@@ -70,19 +70,24 @@ def test_bootstrap_round_and_clips_play_from_s3(s3_server, tmp_path, monkeypatch
                                   env=worker_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     app = None
     try:
+        # The bootstrap runs here, with this process's cache, while the worker starts.
+        assert run_worker(store, once=True, handler_modules=["fkpd.studio"], heartbeat_s=0.5, stale_after_s=None,
+                          kinds=["bootstrap"]) == 1
+        assert store.jobs.get(boot.id).status == "succeeded", store.jobs.get(boot.id).error
+        v0 = store.latest_policy_version(project.id)
+
+        bob = store.get_or_create_annotator("bob")
+        store.answer(store.lease_pairs(project.id, bob.id, 1)[0].id, bob.id, "left")
+        job = enqueue_round(store, project, {"steps": 3})
+        # The app, with a cache of its own, starts while the worker trains.
+        app_env = {**os.environ, **env, "FKPD_ARTIFACT_CACHE": str(tmp_path / "cache-app"), "FKPD_START_WORKER": "0"}
+        app, base = launch_app(app_env, tmp_path / "streamlit.log")
+
         def finished(job_id: int):
             job = store.jobs.get(job_id)
             assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
             return job.done and job
 
-        done = wait_for(lambda: finished(boot.id), 240, 0.5, what="the bootstrap on the worker")
-        assert done.status == "succeeded", done.error
-        v0 = store.latest_policy_version(project.id)
-
-        ada = store.get_or_create_annotator("bob")
-        pair = store.lease_pairs(project.id, ada.id, 1)[0]
-        store.answer(pair.id, ada.id, "left")
-        job = enqueue_round(store, project, {"steps": 3})
         done = wait_for(lambda: finished(job.id), 240, 0.5, what="the alignment round on the worker")
         assert done.status == "succeeded", done.error
         v1 = store.latest_policy_version(project.id)
@@ -99,12 +104,12 @@ def test_bootstrap_round_and_clips_play_from_s3(s3_server, tmp_path, monkeypatch
         assert len(clips) == 2 * 2 * BOOTSTRAP["pairs_per_batch"], listing  # the batches of rounds 1 and 2
         assert not any(tmp_path.rglob("artifacts")) and not (REPO / "labels" / "artifacts" / "projects" /
                                                                  str(project.id)).exists()
-        worker_cache = tmp_path / "cache-worker"
-        assert (worker_cache / "sha256" / v0.checkpoint_sha256[:2] / v0.checkpoint_sha256 / "config.json").is_file()
+        # The worker read version 0 and the dataset from the bucket into its own cache.
+        worker_cache = tmp_path / "cache-worker" / "sha256"
+        assert (worker_cache / v0.checkpoint_sha256[:2] / v0.checkpoint_sha256 / "config.json").is_file()
+        assert (worker_cache / boot_meta["dataset_sha256"][:2] / boot_meta["dataset_sha256"] / "dataset.hdf5").is_file()
 
-        # The app, with a cache of its own, serves round 2's clips from the bucket.
-        app_env = {**os.environ, **env, "FKPD_ARTIFACT_CACHE": str(tmp_path / "cache-app"), "FKPD_START_WORKER": "0"}
-        app, base = launch_app(app_env, tmp_path / "streamlit.log")
+        # The app serves round 2's clips from the bucket.
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
