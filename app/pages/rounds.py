@@ -157,6 +157,27 @@ else:
             st.line_chart(plot[intents], y_label="intent score", x_label="round")
 
 
+# ---- Report: one self-contained HTML file, the same as `fkpd report` -------------------------
+from fkpd.studio.report import REPORT_EPISODES, report_bytes  # noqa: E402
+
+st.subheader("Report")
+st.caption("One HTML file to share, with nothing outside it: the history table and plots, label statistics, and "
+           f"{REPORT_EPISODES} before/after episodes of the first version and the one served now (the Compare "
+           "page's clips of those two when there are some, else rendered now: about a minute on a CPU). The same "
+           "file as `fkpd report`.")
+_report_key = f"report_html_{s.project.id}"
+if st.button("Prepare report", key="prepare_report", disabled=latest is None):
+    st.session_state.pop(_report_key, None)
+    try:
+        with st.spinner("Writing the report…"):
+            st.session_state[_report_key] = report_bytes(s.store, s.project)
+    except StudioError as exc:
+        st.error(f"The report failed: {exc}", icon=":material/error:")
+if st.session_state.get(_report_key):
+    _blob = st.session_state[_report_key]
+    st.download_button(f"Download report ({len(_blob) / 1e6:.2f} MB)", _blob, file_name=f"{s.project.name}-report.html",
+                       mime="text/html", key="download_report")
+
 # ---- Annotators: identity mode and invite links (admin) --------------------------------------
 from urllib.parse import urlsplit  # noqa: E402
 
