@@ -14,7 +14,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any, Callable
 
-from fkpd.envs._mujoco import plain_scene
+from fkpd.envs._mujoco import physics_state, plain_scene, refresh_kinematics, restore_physics_state
 
 import gymnasium as gym  # noqa: E402  (after _mujoco, which chooses the MuJoCo backend)
 import numpy as np  # noqa: E402
@@ -129,11 +129,26 @@ class LocomotionEnv(gym.Env):
         """The simulator state ``(qpos (nq,), qvel (nv,))``."""
         return self._env.data.qpos.copy(), self._env.data.qvel.copy()
 
+    def physics_state(self) -> np.ndarray:
+        """The simulator's full physics state, ``(S,) float64``
+        (:func:`fkpd.envs._mujoco.physics_state`)."""
+        return physics_state(self._env.model, self._env.data)
+
+    def restore_physics_state(self, state: np.ndarray) -> None:
+        """Put the simulator in a state from :meth:`physics_state` of an env of the same robot.
+
+        Raises:
+            ValueError: a state of another model.
+        """
+        restore_physics_state(self._env.model, self._env.data, state)
+
     def render(self) -> np.ndarray:
-        """An upright frame, ``(H, W, 3) uint8``."""
+        """An upright frame of the current state, ``(H, W, 3) uint8``
+        (:func:`fkpd.envs._mujoco.refresh_kinematics` first)."""
         if not self._render_ready:
             plain_scene(self._env.mujoco_renderer, self._shadows)
             self._render_ready = True
+        refresh_kinematics(self._env.model, self._env.data)
         return np.ascontiguousarray(self._env.render())
 
     def close(self) -> None:

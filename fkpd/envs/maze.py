@@ -51,7 +51,7 @@ from typing import Any, Callable, Sequence
 import gymnasium as gym
 import numpy as np
 
-from fkpd.envs._mujoco import plain_scene, quiet
+from fkpd.envs._mujoco import physics_state, plain_scene, quiet, refresh_kinematics, restore_physics_state
 from fkpd.envs.spec import DEFAULT_RENDER_SIZE, TIE_SKIP, TaskFamily, TaskSpec
 
 #: D4RL's sparse-reward and success radius around the goal, metres.
@@ -296,8 +296,26 @@ class MazeEnv(gym.Env):
         info = self._info()
         return self._obs.copy(), float(info["success"]), False, self._t >= self.max_episode_steps, info
 
+    def physics_state(self) -> np.ndarray:
+        """The simulator's full physics state, ``(S,) float64``
+        (:func:`fkpd.envs._mujoco.physics_state`)."""
+        return physics_state(self._env.point_env.model, self._env.point_env.data)
+
+    def restore_physics_state(self, state: np.ndarray) -> None:
+        """Put the ball in a state from :meth:`physics_state` of an env of the same maze
+        reset with the same seed (the reset places the goal disc in the model); the
+        observation follows the state.
+
+        Raises:
+            ValueError: a state of another model.
+        """
+        env = self._env.point_env
+        restore_physics_state(env.model, env.data, state)
+        self._obs = np.concatenate([env.data.qpos[:2], env.data.qvel[:2]]).astype(np.float64)
+
     def render(self) -> np.ndarray:
-        """An upright ``(H, W, 3) uint8`` frame; top-down over the whole maze by default."""
+        """An upright ``(H, W, 3) uint8`` frame of the current state; top-down over the whole
+        maze by default (:func:`fkpd.envs._mujoco.refresh_kinematics` first)."""
         if not self._render_ready:
             renderer = self._env.point_env.mujoco_renderer
             plain_scene(renderer, self._shadows)
@@ -312,6 +330,7 @@ class MazeEnv(gym.Env):
                 viewer.cam.azimuth = 90.0
                 viewer.cam.distance = half / math.tan(math.radians(fovy) / 2.0)
             self._render_ready = True
+        refresh_kinematics(self._env.point_env.model, self._env.point_env.data)
         return np.ascontiguousarray(self._env.render())
 
     def close(self) -> None:

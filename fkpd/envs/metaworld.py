@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any, Callable
 
-from fkpd.envs._mujoco import plain_scene
+from fkpd.envs._mujoco import physics_state, plain_scene, refresh_kinematics, restore_physics_state
 
 import gymnasium as gym  # noqa: E402  (after _mujoco, which chooses the MuJoCo backend)
 import numpy as np  # noqa: E402
@@ -114,11 +114,27 @@ class MetaWorldEnv(gym.Env):
         truncated = bool(truncated) or self._t >= self.max_episode_steps
         return obs.astype(np.float64), float(reward), bool(terminated), truncated, info
 
+    def physics_state(self) -> np.ndarray:
+        """The simulator's full physics state, ``(S,) float64``
+        (:func:`fkpd.envs._mujoco.physics_state`)."""
+        return physics_state(self._env.model, self._env.data)
+
+    def restore_physics_state(self, state: np.ndarray) -> None:
+        """Put the simulator in a state from :meth:`physics_state` of an env of the same task
+        reset with the same seed (the reset places the objects and goal in the model).
+
+        Raises:
+            ValueError: a state of another model.
+        """
+        restore_physics_state(self._env.model, self._env.data, state)
+
     def render(self) -> np.ndarray:
-        """An upright frame, ``(H, W, 3) uint8`` (MuJoCo's offscreen image is flipped)."""
+        """An upright frame of the current state, ``(H, W, 3) uint8`` (MuJoCo's offscreen
+        image is flipped; :func:`fkpd.envs._mujoco.refresh_kinematics` first)."""
         if not self._render_ready:
             plain_scene(self._env.mujoco_renderer, self._shadows)
             self._render_ready = True
+        refresh_kinematics(self._env.model, self._env.data)
         frame = self._env.render()
         return np.ascontiguousarray(frame[::-1])
 

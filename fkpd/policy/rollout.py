@@ -5,6 +5,9 @@
 episodes in parallel worker processes (each loads the checkpoint itself; MuJoCo
 rendering and the simulator are per-process), returns raw returns and success flags,
 and writes H.264 MP4 clips. The caller normalises (CORL convention).
+:func:`rollout_clips` rolls many clips out in lock step; with ``record="states"`` it
+keeps each frame's physics state instead of rendering it, and the frames are rendered
+afterwards, in other processes (:mod:`fkpd.envs.render`).
 """
 
 from __future__ import annotations
@@ -16,14 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import imageio.v2 as imageio
 import numpy as np
 import torch
 from scipy.stats import binomtest
 from tqdm.auto import tqdm
 
 from fkpd.envs import DEFAULT_RENDER_SIZE, get_task, make_env
-from fkpd.io import atomic_path
+from fkpd.envs.render import write_video  # noqa: F401  (re-exported: the clip encoder of every caller)
 
 
 #: Reset seeds of evaluation episodes are ``EVAL_SEED_BASE + i``, disjoint from dataset
@@ -69,6 +71,9 @@ class Episode(StepRecord):
         rewards: (T,) rewards.
         success: (T,) per-step success flags; the episode succeeded if any is set.
         frames: (T+1, H, W, 3) uint8 when rendered (initial frame included), else None.
+        states: (F, S) float64 physics states of the frames when recorded instead of
+            rendered (``rollout_clips(..., record="states")``; render them with
+            :func:`fkpd.envs.render.render_states`), else None.
     """
 
     reset_seed: int
@@ -77,6 +82,7 @@ class Episode(StepRecord):
     rewards: np.ndarray
     success: np.ndarray
     frames: np.ndarray | None = None
+    states: np.ndarray | None = None
 
 
 def rollout(env, act: Callable[[np.ndarray], np.ndarray], reset_seed: int, render: bool = False,
@@ -116,25 +122,6 @@ def rollout(env, act: Callable[[np.ndarray], np.ndarray], reset_seed: int, rende
         success=np.asarray(rows_s, bool),
         frames=np.asarray(frames, np.uint8) if render else None,
     )
-
-
-def write_video(frames: np.ndarray, path: Path | str, fps: int = 30) -> Path:
-    """Encode ``frames (T, H, W, 3) uint8`` as H.264 MP4 (yuv420p, plays in browsers).
-
-    Written through ``imageio-ffmpeg`` to a temporary name, then renamed, so a
-    half-written file never appears under ``path``.
-    """
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        writer = imageio.get_writer(str(tmp), fps=fps, codec="libx264", pixelformat="yuv420p",
-                                    macro_block_size=16, ffmpeg_log_level="error",
-                                    output_params=["-movflags", "+faststart"])
-        try:
-            for frame in frames:
-                writer.append_data(np.asarray(frame, np.uint8))
-        finally:
-            writer.close()
-    return path
 
 
 @dataclass
@@ -305,7 +292,8 @@ class ClipRequest:
             reproducible whatever batch it runs in.
         max_steps: stop after this many steps (None: the env's horizon).
         render_from: render frames from this step on (None: no frames). Frame ``k`` of
-            the result shows the state before action ``render_from + k``.
+            the result shows the state before action ``render_from + k`` (with
+            ``record="states"``: state ``k`` is that state).
     """
 
     reset_seed: int
@@ -323,7 +311,8 @@ def _sample_chunks(policy, hist: np.ndarray, generators: list[torch.Generator]) 
     return policy.predict_action_chunk(hist, initial_noise=noise)
 
 
-def rollout_clips(policy, envs: Sequence, requests: Sequence[ClipRequest], progress=None) -> list[Episode]:
+def rollout_clips(policy, envs: Sequence, requests: Sequence[ClipRequest], progress=None,
+                  record: str = "frames") -> list[Episode]:
     """Roll out one clip per request, ``len(envs)`` at a time in lock step.
 
     Equivalent to :func:`fkpd.policy.rollout.rollout` with ``policy.select_action`` per clip
@@ -337,11 +326,23 @@ def rollout_clips(policy, envs: Sequence, requests: Sequence[ClipRequest], progr
         envs: environments from :func:`fkpd.envs.make_env`, all of the policy's task.
         requests: the clips to roll out.
         progress: optional callable ``(n_done)`` called after each batch.
+        record: what a clip with ``render_from`` keeps of its steps from there on:
+            ``"frames"`` renders them here (``env.render()``); ``"states"`` records each
+            step's physics state instead (``env.physics_state()``, tens of numbers), so
+            the rollout runs at the speed of the policy and the simulator and the frames
+            are rendered elsewhere (:class:`fkpd.envs.render.ClipRenderer`), equal to
+            those rendered here.
 
     Returns:
-        One :class:`~fkpd.policy.rollout.Episode` per request, in order; ``frames`` hold the
-        rendered steps from ``render_from`` on (or None).
+        One :class:`~fkpd.policy.rollout.Episode` per request, in order; ``frames`` (or
+        ``states``) hold the steps from ``render_from`` on (or None).
+
+    Raises:
+        ValueError: ``record`` is neither ``"frames"`` nor ``"states"``.
     """
+    if record not in ("frames", "states"):
+        raise ValueError(f"record must be 'frames' or 'states', got {record!r}")
+    keep = (lambda env: env.render()) if record == "frames" else (lambda env: env.physics_state())
     cfg = policy.cfg
     out: list[Episode] = []
     for b0 in range(0, len(requests), len(envs)):
@@ -360,7 +361,7 @@ def rollout_clips(policy, envs: Sequence, requests: Sequence[ClipRequest], progr
             idx = [i for i in range(n) if active[i]]
             for i in idx:
                 if batch[i].render_from is not None and t >= batch[i].render_from:
-                    rows[i]["f"].append(envs[i].render())
+                    rows[i]["f"].append(keep(envs[i]))
             if t % cfg.n_action_steps == 0:
                 chunks[idx] = _sample_chunks(policy, np.stack([np.stack(hist[i]) for i in idx]),
                                              [gens[i] for i in idx])
@@ -376,16 +377,18 @@ def rollout_clips(policy, envs: Sequence, requests: Sequence[ClipRequest], progr
                 if terminated or truncated or len(rows[i]["a"]) >= limits[i]:
                     active[i] = False
                     if batch[i].render_from is not None and len(rows[i]["a"]) >= batch[i].render_from:
-                        rows[i]["f"].append(envs[i].render())
+                        rows[i]["f"].append(keep(envs[i]))
             t += 1
         for i, r in enumerate(batch):
+            kept = r.render_from is not None
             out.append(Episode(
                 reset_seed=int(r.reset_seed),
                 observations=np.asarray(rows[i]["o"], np.float32),
                 actions=np.asarray(rows[i]["a"], np.float32),
                 rewards=np.asarray(rows[i]["r"], np.float32),
                 success=np.asarray(rows[i]["s"], bool),
-                frames=np.asarray(rows[i]["f"], np.uint8) if r.render_from is not None else None,
+                frames=np.asarray(rows[i]["f"], np.uint8) if kept and record == "frames" else None,
+                states=np.asarray(rows[i]["f"], np.float64) if kept and record == "states" else None,
             ))
         if progress is not None:
             progress(len(out))
