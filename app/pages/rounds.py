@@ -19,6 +19,8 @@ from fkpd.studio import (
     set_auto_rounds,
     top_up_state,
 )
+from fkpd.studio.params import MAX_CANDIDATE_FACTOR, QUERY_SELECTIONS
+from fkpd.studio.topup import batch_settings
 from studio_ui import admin_sign_in, is_admin, studio
 
 s = studio()
@@ -70,11 +72,27 @@ else:
             c_bc = st.number_input("c_bc (BC weight inside the sigmoid, in_sigmoid)", min_value=0.0,
                                    value=float(defaults["c_bc"]))
             steps = st.number_input("Steps", min_value=1, max_value=100_000, value=int(defaults["steps"]), step=50)
+        with st.expander("Advanced: query selection", expanded=False):
+            current, _ = batch_settings(s.store, s.project)
+            query_selection = st.selectbox(
+                "Query selection", list(QUERY_SELECTIONS), index=list(QUERY_SELECTIONS).index(current.query_selection),
+                key="query_selection",
+                help="which pairs the next batches and top-ups show: uniform (every pair rolled out); disagreement "
+                     "(the pairs the current policy is least sure of, by its implicit reward; Christiano et al. "
+                     "2017, PEBBLE 2021); diversity (the pairs whose two clips visit the most different states). "
+                     "Kept for later rounds and top-ups.")
+            candidate_factor = st.number_input(
+                "Candidate factor", min_value=1, max_value=MAX_CANDIDATE_FACTOR, value=int(current.candidate_factor),
+                step=1, key="candidate_factor",
+                help="with disagreement or diversity: candidate pairs rolled out per pair shown (only the shown pairs "
+                     "are rendered)")
         if st.form_submit_button("Run alignment round", type="primary"):
             try:
                 job = enqueue_round(s.store, s.project, {"objective": objective, "regularizer": regularizer,
                                                          "beta": float(beta), "lam": float(lam),
-                                                         "c_bc": float(c_bc), "steps": int(steps)})
+                                                         "c_bc": float(c_bc), "steps": int(steps),
+                                                         "query_selection": query_selection,
+                                                         "candidate_factor": int(candidate_factor)})
                 st.success(f"Queued alignment round (job {job.id}).")
             except StudioError as exc:
                 st.error(str(exc))

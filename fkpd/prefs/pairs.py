@@ -27,6 +27,14 @@ Every rollout pair of every round is fixed by :class:`PairPlan`, the one seed ru
   f))``. ``f`` is the number of pairs the round already has, so a round's pairs never
   share a reset seed; ``first = 0`` is the round's own batch, unchanged. Indices stay
   below 100 000, where round r + 1's seeds begin.
+* a *candidate pool* (active query selection, :mod:`fkpd.train.acquisition`: roll out
+  more pairs than are shown and choose among them) of ``c·n`` candidates for the ``n``
+  pairs from index ``f`` is ``c`` layers (:meth:`PairPlan.pool`): layer 0 is the plan
+  above (``PairPlan.for_round(..., first=f)``, the pairs shown without selection), layer
+  ``m`` is ``PairPlan.for_round(..., first=m·10 000 + f)``. Layer ``m`` uses indices
+  ``m·10 000 + f`` … so the candidates of one round never share a reset seed, whatever
+  batches and factors its pairs came in, as long as the round has at most 10 000 pairs
+  and ``c <= 10`` (:data:`CANDIDATE_LAYER`, :data:`MAX_CANDIDATE_FACTOR`).
 
 Shapes follow DESIGN.md §3: L segment length, Do/Da observation/action dims.
 """
@@ -83,6 +91,12 @@ log = logging.getLogger(__name__)
 #: Pairs one round may hold (its batch and its top-ups): pair indices stay below this,
 #: so round r's reset seeds never reach round r + 1's (:func:`pair_seed`).
 MAX_PAIRS_PER_ROUND = 100_000
+#: Index offset between the layers of a candidate pool (:meth:`PairPlan.pool`); a round
+#: whose pairs are chosen from pools holds at most this many pairs.
+CANDIDATE_LAYER = 10_000
+#: Most candidates per shown pair (layers of a pool): ``MAX_CANDIDATE_FACTOR · CANDIDATE_LAYER``
+#: = :data:`MAX_PAIRS_PER_ROUND`.
+MAX_CANDIDATE_FACTOR = MAX_PAIRS_PER_ROUND // CANDIDATE_LAYER
 
 
 def pair_seed(seed: int, round_: int, i: int) -> int:
@@ -147,6 +161,45 @@ class PairPlan:
                              f"(at most {MAX_PAIRS_PER_ROUND} pairs per round)")
         seeds = [pair_seed(seed, round_, first + i) for i in range(pairs)]
         return cls.draw(seeds, pair_seed(seed, round_, first), horizon, length, start)
+
+    @classmethod
+    def pool(cls, seed: int, round_: int, pairs: int, horizon: int, length: int, start: int | None = 0,
+             first: int = 0, factor: int = 1) -> "PairPlan":
+        """The candidate pool of ``factor·pairs`` pairs for the ``pairs`` pairs from index
+        ``first`` of round ``round_`` (see the module docstring): layer ``m`` =
+        ``for_round(seed, round_, pairs, ..., first=m·CANDIDATE_LAYER + first)``, layers
+        in order, so candidates ``0 .. pairs−1`` are exactly :meth:`for_round`'s plan.
+
+        Raises:
+            ValueError: ``factor`` outside ``1 ..`` :data:`MAX_CANDIDATE_FACTOR`, or
+                (``factor > 1``) ``first + pairs`` beyond :data:`CANDIDATE_LAYER`.
+        """
+        if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or not (
+                1 <= factor <= MAX_CANDIDATE_FACTOR):
+            raise ValueError(f"candidate factor must be an integer from 1 to {MAX_CANDIDATE_FACTOR}, got {factor!r}")
+        if factor > 1 and first + pairs > CANDIDATE_LAYER:
+            raise ValueError(f"pairs {first}..{first + pairs - 1} of round {round_} do not fit the candidate seed "
+                             f"plan (at most {CANDIDATE_LAYER} pairs per round when pairs are chosen from a pool)")
+        return cls.concat([cls.for_round(seed, round_, pairs, horizon, length, start,
+                                         first=m * CANDIDATE_LAYER + first) for m in range(int(factor))])
+
+    @classmethod
+    def concat(cls, plans: Sequence["PairPlan"]) -> "PairPlan":
+        """One plan of ``plans``' pairs, in order (all of one segment length L).
+
+        Raises:
+            ValueError: no plan, or plans of different lengths.
+        """
+        if not plans or len({p.length for p in plans}) != 1:
+            raise ValueError(f"concat needs plans of one segment length, got {[p.length for p in plans]}")
+        return cls(tuple(s for p in plans for s in p.reset_seeds), np.concatenate([p.starts for p in plans]),
+                   np.concatenate([p.noise_seeds for p in plans]), plans[0].length)
+
+    def take(self, index: Sequence[int]) -> "PairPlan":
+        """The plan of pairs ``index`` (in that order), e.g. the pairs chosen from a pool."""
+        index = np.asarray(index, np.int64)
+        return PairPlan(tuple(self.reset_seeds[int(k)] for k in index), self.starts[index], self.noise_seeds[index],
+                        self.length)
 
     def __len__(self) -> int:
         return len(self.reset_seeds)

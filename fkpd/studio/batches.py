@@ -61,12 +61,13 @@ from fkpd.errors import DatasetError
 from fkpd.policy.rollout import write_video
 from fkpd.prefs.labellers import Label, Labeller
 from fkpd.prefs.dataset_pairs import DatasetPairSource, DatasetReplay
-from fkpd.prefs.pairs import RolledClip, RolloutPairSource, mix_sources
+from fkpd.prefs.pairs import PairSource, RolledClip, RolloutPairSource, mix_sources
 from fkpd.prefs.segments import Segment
 from fkpd.store import JobContext, PolicyVersionInfo, ProjectInfo, Store, current_job
 from fkpd.studio.errors import RoundError
 from fkpd.studio.labelling import mark_gold
 from fkpd.studio.params import TRAINING_KINDS, BatchSettings
+from fkpd.train.acquisition import select_pairs
 from fkpd.train.align import AlignConfig
 from fkpd.train.engine import RoundEngine
 from fkpd.train.evaluate import Evaluator
@@ -332,7 +333,7 @@ def evaluator(task: str, settings: BatchSettings) -> Evaluator:
 
 def round_engine(store: Store, project: ProjectInfo, settings: BatchSettings, reference: PolicyVersionInfo,
                  job_id: int | None = None, align_cfg: AlignConfig | None = None,
-                 first_pair: int = 0) -> RoundEngine:
+                 first_pair: int = 0, beta: float | None = None) -> RoundEngine:
     """The round engine of ``project``: reference = version 0 (``reference``, its
     checkpoint sha256-checked), the dataset it was cloned from, current-policy pairs of
     the batch settings rendered for people, the store as labeller, and a short
@@ -340,7 +341,11 @@ def round_engine(store: Store, project: ProjectInfo, settings: BatchSettings, re
     are dataset pairs (:func:`dataset_pairs`; its RoundError is raised here, before
     anything is trained or rendered). ``first_pair`` > 0 makes more pairs for a
     round that already has that many (top-up pairs, :mod:`fkpd.studio.topup`; the seed
-    rule is :mod:`fkpd.prefs.pairs`')."""
+    rule is :mod:`fkpd.prefs.pairs`'). With ``settings.query_selection`` other than
+    ``uniform`` the current-policy pairs are chosen from ``settings.candidate_factor``
+    times as many candidates (:mod:`fkpd.train.acquisition`; ``disagreement`` scores
+    them with the implicit reward at ``beta``, default ``align_cfg``'s β); only the
+    chosen pairs are rendered."""
     task = project.task_id
     boot = reference.metrics.get("bootstrap") or {}
     # generated data lives in the artifact directory; a named dataset is read where it is
@@ -348,14 +353,19 @@ def round_engine(store: Store, project: ProjectInfo, settings: BatchSettings, re
                else str(boot.get("dataset_source") or ""))
     start = None if settings.segment_start < 0 else settings.segment_start
 
-    def policy_pairs(n: int, first: int) -> RolloutPairSource:
-        return RolloutPairSource(lambda c: make_envs(task, settings, c), n, settings.length(task), seed=settings.seed,
-                                 start=start, render=True, task_id=task, first=first)
+    ref_dir = checkpoint_dir(store, reference)
+    beta = beta if beta is not None else (align_cfg or AlignConfig()).beta
+
+    def policy_pairs(n: int, first: int) -> PairSource:
+        return select_pairs(
+            RolloutPairSource(lambda c: make_envs(task, settings, c), n, settings.length(task), seed=settings.seed,
+                              start=start, render=True, task_id=task, first=first),
+            settings.query_selection, settings.candidate_factor, reference=ref_dir, beta=beta)
 
     source = mix_sources(settings.pairs_per_batch, settings.dataset_share, policy_pairs,
                          lambda n, first, stride: dataset_pairs(task, dataset, settings, n, first, stride),
                          first=first_pair)
-    return RoundEngine(task, checkpoint_dir(store, reference), dataset, settings.seed, source,
+    return RoundEngine(task, ref_dir, dataset, settings.seed, source,
                        StoreLabeller(store, project, job_id), evaluator(task, settings), align_cfg)
 
 
@@ -395,6 +405,9 @@ def render_batch(engine: RoundEngine, version: PolicyVersionInfo, round_: int, *
     segments of the offline dataset, replayed from their reset seeds to render them
     (:mod:`fkpd.prefs.dataset_pairs`; their clips' ``meta`` says ``source: dataset``).
     Clips are rolled out ``n_envs`` at a time, so only their frames are held in memory.
+    With a query selection (:mod:`fkpd.train.acquisition`) the candidates are rolled out
+    first without frames (progress "choosing pairs"), then only the chosen pairs are
+    rendered and saved.
 
     Returns:
         The new pair ids, in order.
@@ -408,7 +421,20 @@ def render_batch(engine: RoundEngine, version: PolicyVersionInfo, round_: int, *
     labeller: StoreLabeller = engine.labeller  # type: ignore[assignment]
     policy = DiffusionPolicy.load(checkpoint_dir(labeller.store, version), task_id=engine.task_id)
     total = 2 * engine.source.pairs  # type: ignore[attr-defined]
-    engine.make_batch(policy, round_, on_clip=labeller.clip_writer(version, round_, total, progress))
+    rolled = [total]  # clips rolled out in all, candidates included (known from the first callback)
+
+    def rolling(done: int, clips: int) -> None:
+        rolled[0] = max(clips, total)
+        if progress is not None and clips > total and done <= clips - total:
+            progress(done / clips, f"rendering batch: choosing pairs: candidate clip {done}/{clips - total}")
+
+    def writing(fraction: float, message: str) -> None:
+        if progress is not None:
+            extra = rolled[0] - total
+            progress((extra + fraction * total) / rolled[0], message)
+
+    engine.make_batch(policy, round_, on_clip=labeller.clip_writer(version, round_, total, writing),
+                      progress=rolling)
     pair_ids = labeller.pair_ids.pop(round_)
     mark_gold(labeller.store, labeller.project, pair_ids)  # a share of gold pairs (issue #13), hidden from annotators
     return pair_ids

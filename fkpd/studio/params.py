@@ -33,6 +33,8 @@ from fkpd.errors import ConfigError
 from fkpd.envs import get_task
 from fkpd.policy import PolicyConfig
 from fkpd.studio.errors import ParamError
+from fkpd.prefs.pairs import MAX_CANDIDATE_FACTOR
+from fkpd.train.acquisition import DEFAULT_CANDIDATE_FACTOR, QUERY_SELECTIONS
 from fkpd.train.align import AlignConfig
 from fkpd.train.bc import BCConfig
 
@@ -42,7 +44,7 @@ ALIGNMENT_ROUND = "alignment_round"
 TRAINING_KINDS = (BOOTSTRAP, ALIGNMENT_ROUND)
 #: Round parameters the Rounds page offers (the others keep their defaults).
 ROUND_FIELDS = ("objective", "regularizer", "beta", "lam", "c_bc", "steps", "lr", "pairs_per_batch", "eval_episodes",
-                "dataset_share")
+                "dataset_share", "query_selection", "candidate_factor")
 
 
 def round_defaults() -> dict[str, Any]:
@@ -115,6 +117,13 @@ class BatchSettings:
             rendered by replaying the stored actions from the stored reset seeds, which
             needs a dataset that replays exactly (generated data does; a dataset
             without reset seeds is refused when the batch is made).
+        query_selection: how the current-policy pairs of a batch are chosen
+            (:mod:`fkpd.train.acquisition`): ``uniform`` (every pair rolled out is
+            shown), ``disagreement`` (the pairs the served version is least sure of) or
+            ``diversity`` (the pairs whose two clips visit the most different states).
+            Batches and top-ups both use it; a round's parameters may override it.
+        candidate_factor: with ``disagreement`` or ``diversity``, candidate pairs rolled
+            out per shown pair (1..10); only the shown pairs are rendered.
     """
 
     pairs_per_batch: int = 20
@@ -127,6 +136,8 @@ class BatchSettings:
     seed: int = 0
     threads: int = 0
     dataset_share: float = 0.0
+    query_selection: str = "uniform"
+    candidate_factor: int = DEFAULT_CANDIDATE_FACTOR
 
     def __post_init__(self) -> None:
         for name, minimum in (("pairs_per_batch", 1), ("segment_length", 0), ("n_envs", 1),
@@ -137,6 +148,13 @@ class BatchSettings:
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
             raise ParamError(f"batch parameter 'dataset_share' must be a number from 0 to 1, got {share!r}")
         self.dataset_share = float(share)
+        if self.query_selection not in QUERY_SELECTIONS:
+            raise ParamError(f"batch parameter 'query_selection' must be one of {list(QUERY_SELECTIONS)}, got "
+                             f"{self.query_selection!r}")
+        _check_int("batch", "candidate_factor", self.candidate_factor, 1)
+        if self.candidate_factor > MAX_CANDIDATE_FACTOR:
+            raise ParamError(f"batch parameter 'candidate_factor' must be an integer from 1 to {MAX_CANDIDATE_FACTOR}, "
+                             f"got {self.candidate_factor!r}")
         size = self.render_size
         size = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
         if (not isinstance(size, (list, tuple)) or len(size) != 2

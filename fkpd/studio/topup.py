@@ -16,7 +16,10 @@ runs dry (20 pairs at the defaults, then minutes of training), so the worker ren
   settings recorded with version 0. Their reset seeds continue the round's pair index
   (``first`` = the pairs the round has already; the seed rule in :mod:`fkpd.prefs.pairs`),
   so they never repeat a pair of the round's batch or of an earlier top-up. Top-ups are
-  rollouts only, also in projects whose batches mix in dataset pairs.
+  rollouts only, also in projects whose batches mix in dataset pairs. They are chosen
+  by the project's query selection (:func:`batch_settings`: the rule and candidate
+  factor of the latest round started on the Rounds page, else version 0's), like the
+  batches (:mod:`fkpd.train.acquisition`).
 * **How many**: the shortfall, rounded up to whole lock-step rollout batches
   (``n_envs / 2`` pairs), at most a batch size per job; the next check queues more.
 * **When**: only once the round's own batch exists (the bootstrap or the round that
@@ -144,6 +147,40 @@ def maybe_top_up(store: Store, project: ProjectInfo) -> JobView | None:
     return job
 
 
+#: The batch settings a project's rounds may change for its later batches and top-ups.
+SELECTION_FIELDS = ("query_selection", "candidate_factor")
+
+
+def batch_settings(store: Store, project: ProjectInfo, reference: PolicyVersionInfo | None = None
+                   ) -> tuple[BatchSettings, float | None]:
+    """The project's batch settings now: version 0's recorded ones (``reference``; the
+    defaults before the bootstrap) with the :data:`SELECTION_FIELDS` of the round
+    parameters it remembers (:data:`fkpd.studio.history.ROUND_PARAMS`: the latest round
+    started on the Rounds page, which automatic rounds use too), and that round's β
+    (None when none is remembered). Remembered values this version refuses are ignored.
+
+    Raises:
+        NotFoundError: unknown project.
+    """
+    from fkpd.studio.history import ROUND_PARAMS
+
+    if reference is None:
+        reference = next((v for v in served_versions(store, project) if v.round == 0), None)
+    names = {f.name for f in dataclasses.fields(BatchSettings)}
+    recorded = {k: v for k, v in (((reference.metrics.get("bootstrap") or {}).get("settings") or {})
+                                  if reference is not None else {}).items() if k in names}
+    remembered = store.get_project(project.id).settings.get(ROUND_PARAMS)
+    remembered = remembered if isinstance(remembered, dict) else {}
+    chosen = {k: remembered[k] for k in SELECTION_FIELDS if k in remembered}
+    try:
+        settings = BatchSettings(**{**recorded, **chosen})
+    except ParamError:
+        log.warning("project %s: ignoring the remembered query selection %s", project.name, chosen)
+        settings = BatchSettings(**recorded)
+    beta = remembered.get("beta")
+    return settings, float(beta) if isinstance(beta, (int, float)) and not isinstance(beta, bool) else None
+
+
 def top_up_size(shortfall: int, settings: BatchSettings) -> int:
     """Pairs one top-up renders: the shortfall rounded up to whole lock-step rollout
     batches (``n_envs // 2`` pairs), at most ``max(pairs_per_batch, n_envs // 2)``; 0
@@ -204,9 +241,7 @@ def top_up(ctx: JobContext) -> dict[str, Any]:
     reference = next((v for v in served_versions(store, project) if v.round == 0), None)
     if reference is None:
         raise RoundError(f"project {project.name!r} has no round-0 policy version; run a bootstrap job first")
-    recorded = {k: v for k, v in ((reference.metrics.get("bootstrap") or {}).get("settings") or {}).items()
-                if k in {f.name for f in dataclasses.fields(BatchSettings)}}
-    settings = BatchSettings(**recorded)
+    settings, beta = batch_settings(store, project, reference)
     n = wanted or top_up_size(state.shortfall, settings)
     base = {"policy_version_id": state.version.id, "round": state.round, "first_pair": state.round_pairs}
     if n == 0:
@@ -216,7 +251,7 @@ def top_up(ctx: JobContext) -> dict[str, Any]:
         overrides["dataset_share"] = 0.0  # top-ups are fresh rollouts of the served version
     settings = dataclasses.replace(settings, **overrides)
     apply_threads(settings.threads)
-    engine = round_engine(store, project, settings, reference, ctx.job_id, first_pair=state.round_pairs)
+    engine = round_engine(store, project, settings, reference, ctx.job_id, first_pair=state.round_pairs, beta=beta)
     stage = Stage(ctx, 0.0, 1.0)
 
     def progress(fraction: float, message: str) -> None:
@@ -230,5 +265,5 @@ def top_up(ctx: JobContext) -> dict[str, Any]:
     return json_safe({**base, "pair_ids": pair_ids, "reason": ""})
 
 
-__all__ = ["ACTIVE_WITHIN_S", "MIN_OPEN_PAIRS", "RETRY_AFTER_S", "TopUpState", "maybe_top_up", "parse_params",
-           "top_up", "top_up_size", "top_up_state", "top_up_target"]
+__all__ = ["ACTIVE_WITHIN_S", "MIN_OPEN_PAIRS", "RETRY_AFTER_S", "SELECTION_FIELDS", "TopUpState", "batch_settings",
+           "maybe_top_up", "parse_params", "top_up", "top_up_size", "top_up_state", "top_up_target"]

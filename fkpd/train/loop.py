@@ -7,7 +7,9 @@
    clips with π_{r−1} from fresh reset seeds (:class:`fkpd.prefs.pairs.RolloutPairSource`;
    with ``--label-source dataset`` pairs of offline-dataset segments instead,
    :class:`fkpd.prefs.dataset_pairs.DatasetPairSource`, or a ``--dataset-share`` of
-   them with ``mix``), let the teacher label them (:class:`fkpd.prefs.labellers.ScriptedLabeller`), align on
+   them with ``mix``; with ``--query-selection disagreement`` or ``diversity`` the
+   current-policy pairs are chosen from ``--candidate-factor`` times as many candidates,
+   :mod:`fkpd.train.acquisition`), let the teacher label them (:class:`fkpd.prefs.labellers.ScriptedLabeller`), align on
    *all* labels so far starting from π_{r−1} against π_ref (:func:`fkpd.train.align.align`),
    and evaluate π_r (:class:`fkpd.train.evaluate.Evaluator`).
 
@@ -50,9 +52,11 @@ from fkpd.io import atomic_path
 from fkpd.policy import DiffusionPolicy, PolicyConfig, read_checkpoint_meta
 from fkpd.prefs.labellers import ScriptedLabeller
 from fkpd.prefs.dataset_pairs import DatasetPairSource
-from fkpd.prefs.pairs import PairSource, RolloutPairSource, clip_files_writer, mix_sources
+from fkpd.prefs.pairs import (CANDIDATE_LAYER, MAX_CANDIDATE_FACTOR, PairSource, RolloutPairSource,
+                              clip_files_writer, mix_sources)
 from fkpd.prefs.segments import Segment, save_preferences
 from fkpd.prefs.teachers import ScriptedTeacher, make_teacher
+from fkpd.train.acquisition import DEFAULT_CANDIDATE_FACTOR, QUERY_SELECTIONS, AcquisitionPairSource, select_pairs
 from fkpd.train.align import AlignConfig, PairWindows, evaluate_pairs, pairs_from_labels
 from fkpd.train.engine import RoundEngine
 from fkpd.train.evaluate import ActionOOD, Evaluator, describe_comparison
@@ -83,6 +87,14 @@ class LoopConfig:
                                                                 "in each round's pairs (0..1)"})
     dataset_same_seed: bool = field(default=False, metadata={
         "help": "dataset pairs only from episodes with the same reset seed (needs several episodes per seed)"})
+    query_selection: str = field(default="uniform", metadata={
+        "help": "how the current-policy pairs of a round are chosen (fkpd.train.acquisition): uniform (every pair "
+                "rolled out is labelled), disagreement (those the current model is least sure of) or diversity "
+                "(those whose two clips visit the most different states), among --candidate-factor times as many "
+                "candidates"})
+    candidate_factor: int = field(default=DEFAULT_CANDIDATE_FACTOR, metadata={
+        "help": "candidate pairs rolled out per labelled pair with --query-selection disagreement or diversity "
+                f"(1..{MAX_CANDIDATE_FACTOR})"})
     out_dir: str = field(default="", metadata={"help": "output directory (default runs/loop/<task>_<teacher>_<reg>)"})
     dataset: str = field(default="", metadata={"help": "reuse this offline dataset: a file, a D4RL dataset name or "
                                                        "minari:DATASET_ID (default: generate OUT/data.hdf5; D4RL "
@@ -107,6 +119,16 @@ class LoopConfig:
             raise ConfigError(f"--label-source must be one of {', '.join(LABEL_SOURCES)}, got {self.label_source!r}")
         if not 0.0 <= float(self.dataset_share) <= 1.0:
             raise ConfigError(f"--dataset-share must be between 0 and 1, got {self.dataset_share!r}")
+        if self.query_selection not in QUERY_SELECTIONS:
+            raise ConfigError(f"--query-selection must be one of {', '.join(QUERY_SELECTIONS)}, got "
+                              f"{self.query_selection!r}")
+        if (isinstance(self.candidate_factor, bool) or not isinstance(self.candidate_factor, int)
+                or not 1 <= self.candidate_factor <= MAX_CANDIDATE_FACTOR):
+            raise ConfigError(f"--candidate-factor must be an integer from 1 to {MAX_CANDIDATE_FACTOR}, got "
+                              f"{self.candidate_factor!r}")
+        if self.query_selection != "uniform" and self.candidate_factor > 1 and self.pairs_per_round > CANDIDATE_LAYER:
+            raise ConfigError(f"--pairs-per-round must be at most {CANDIDATE_LAYER} with --query-selection "
+                              f"{self.query_selection}, got {self.pairs_per_round}")
         for name in ("rounds", "pairs_per_round", "bc_episodes", "bc_steps", "eval_episodes", "n_envs", "ood_k"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"LoopConfig.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -258,13 +280,22 @@ def run_loop(cfg: LoopConfig, align_cfg: AlignConfig | None = None, policy_cfg: 
                     f"λ={align_cfg.lam:g})")
 
     start = None if cfg.segment_start < 0 else cfg.segment_start
-    source: PairSource = RolloutPairSource(envs, cfg.pairs_per_round, cfg.segment_length, seed=cfg.seed, start=start,
-                                           render=cfg.render, task_id=cfg.task)
+    acquirers: list[AcquisitionPairSource] = []  # the current-policy sources that choose among candidates
+
+    def policy_source(n: int) -> PairSource:
+        src = select_pairs(RolloutPairSource(envs, n, cfg.segment_length, seed=cfg.seed, start=start,
+                                             render=cfg.render, task_id=cfg.task),
+                           cfg.query_selection, cfg.candidate_factor, reference=ref, beta=align_cfg.beta)
+        if isinstance(src, AcquisitionPairSource):
+            acquirers.append(src)
+        return src
+
+    source: PairSource = policy_source(cfg.pairs_per_round)
     if cfg.label_source != "policy":
+        acquirers.clear()
         source = mix_sources(
             cfg.pairs_per_round, 1.0 if cfg.label_source == "dataset" else cfg.dataset_share,
-            lambda n, _first: RolloutPairSource(envs, n, cfg.segment_length, seed=cfg.seed, start=start,
-                                                render=cfg.render, task_id=cfg.task),  # _first = 0: no top-ups
+            lambda n, _first: policy_source(n),  # _first = 0: no top-ups
             lambda n, first, stride: DatasetPairSource(ds, n, cfg.segment_length, seed=cfg.seed, start=start,
                                                        same_reset_seed=cfg.dataset_same_seed, render=cfg.render,
                                                        task_id=cfg.task, first=first, stride=stride))
@@ -277,8 +308,13 @@ def run_loop(cfg: LoopConfig, align_cfg: AlignConfig | None = None, policy_cfg: 
         implicit accuracy of π_{r−1} on them, before training on them."""
         t0 = time.time()
         bar = tqdm(total=2 * cfg.pairs_per_round, desc=f"round {r} rollouts", unit="clip", disable=not progress)
+
+        def advance(done: int, total: int) -> None:  # total counts candidate clips too
+            bar.total = max(bar.total, total)
+            bar.update(done - bar.n)
+
         engine.make_batch(policy, r, on_clip=clip_files_writer(out / f"round{r}" / "segments", spec.fps),
-                          progress=lambda done, total: bar.update(done - bar.n))
+                          progress=advance)
         bar.close()
         rollout_s = time.time() - t0
         new = labeller.new_labels(r)
@@ -293,9 +329,10 @@ def run_loop(cfg: LoopConfig, align_cfg: AlignConfig | None = None, policy_cfg: 
         # Agreement of the labels with ground-truth return (how far the teacher's intent is from the task).
         gt = [(o == "left") == (a.ret > b.ret) for (a, b), o in zip(pairs, outcomes)
               if o in ("left", "right") and a.ret != b.ret]
+        selection = {"query_selection": acquirers[0].last.summary()} if acquirers and acquirers[0].last else {}
         return {"outcomes": {k: outcomes.count(k) for k in ("left", "right", "equal", "skip")},
                 "label_return_agreement": float(np.mean(gt)) if gt else float("nan"),
-                "implicit_acc_new": acc_new, "rollout_s": rollout_s}
+                "implicit_acc_new": acc_new, "rollout_s": rollout_s, **selection}
 
     ev = engine.evaluator(ref)
     summary["rounds"].append({"round": 0, "checkpoint": str(bc), "labels": 0, **ev})
@@ -323,6 +360,7 @@ def run_loop(cfg: LoopConfig, align_cfg: AlignConfig | None = None, policy_cfg: 
                "reward_margin": a.after["reward_margin"], "dpo_loss": a.after["dpo"],
                "train_reg": a.metrics.get("reg", 0.0), "align_steps_per_s": a.steps_per_s,
                "rollout_s": offered["rollout_s"], "align_s": res.align_s, **res.evaluation,
+               **({"query_selection": offered["query_selection"]} if "query_selection" in offered else {}),
                "vs_parent": res.comparison, "worse_than_parent": bool(res.comparison and res.comparison["worse"]),
                "round_s": time.time() - t_round}
         summary["rounds"].append(row)
