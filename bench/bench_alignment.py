@@ -49,6 +49,19 @@ segment is the time spent at the goal, the quantity the D4RL score normalises)::
 
 The "decided labels" column is the share of labels that were left/right rather than
 equal; pairs whose two clips tie (e.g. neither reaches the goal) carry no preference.
+
+Active query selection (:mod:`fkpd.train.acquisition`): ``--query-selection uniform
+disagreement diversity`` runs every method with each rule (pairs chosen from
+``--candidate-factor`` times as many candidates; ``uniform`` is the plain loop), and
+``--label-budgets 100 200 400`` runs each at every budget B (``--rounds`` rounds of B /
+``--rounds`` pairs) and prints a labels curve (success against labels) per rule. Runs
+are keyed by rule and budget (``OUT/<task>/seed<s>/<teacher>/<method>[+<rule>x<factor>][/labels<B>]``,
+the plain ``<method>`` folder for uniform without budgets), so they share one --out
+directory, data and BC policy with the plain runs::
+
+    python bench/bench_alignment.py --tasks metaworld/door-open-v3 --seeds 0 1 2 --methods forward \
+        --query-selection uniform disagreement diversity --label-budgets 100 200 400 \
+        --out runs/bench_acquisition --json bench/results/bench_acquisition.json
 """
 
 from __future__ import annotations
@@ -68,6 +81,8 @@ from fkpd.train.align import AlignConfig
 from fkpd.data import generate_dataset
 from fkpd.config import json_safe, read_config_file, save_config_toml
 from fkpd.errors import ConfigError
+from fkpd.prefs.pairs import MAX_CANDIDATE_FACTOR
+from fkpd.train.acquisition import DEFAULT_CANDIDATE_FACTOR, QUERY_SELECTIONS
 from fkpd.train.loop import LoopConfig, run_loop
 from fkpd.train.bc import BCConfig, train_bc
 
@@ -140,7 +155,7 @@ def _across_tasks(tables: list[dict], args) -> list[dict]:
         print()
         print("| method | per seed (mean over tasks) | mean [95% bootstrap CI over seeds] | tasks |")
         print("|---|---|---|---|")
-        for method in args.methods:
+        for method, label in _variants(args):
             per_seed: dict[int, list[float]] = {}
             tasks = 0
             for t in sel:
@@ -156,25 +171,84 @@ def _across_tasks(tables: list[dict], args) -> list[dict]:
             mean = float(np.mean(vals)) if vals else None
             out.append({"teacher": teacher, "method": method, "tasks": tasks, "per_seed": diffs, "mean": mean,
                         "ci95": list(ci)})
-            print(f"| {METHODS[method][0]} | {', '.join(f'{100 * v:+.1f}' for v in vals)} | {_pts(mean)} "
+            print(f"| {label} | {', '.join(f'{100 * v:+.1f}' for v in vals)} | {_pts(mean)} "
                   f"[{_pts(ci[0])}, {_pts(ci[1])}] | {tasks} |")
     return out
 
 
-def _work(args) -> list[tuple[str, int, str, str]]:
+def _budgets(args) -> list[int | None]:
+    """The label budgets of a run (None: ``--rounds × --pairs-per-round``, the plain layout)."""
+    return list(args.label_budgets) if args.label_budgets else [None]
+
+
+def _variant(method: str, rule: str = "uniform", budget: int | None = None) -> str:
+    """A run's key within (task, seed, teacher): the method, then ``+rule`` unless
+    uniform, then ``@B`` with a label budget (the plain method name by default)."""
+    return method + ("" if rule == "uniform" else f"+{rule}") + ("" if budget is None else f"@{budget}")
+
+
+def _variants(args) -> list[tuple[str, str]]:
+    """``(key, table label)`` of every method × query selection × label budget."""
+    out = []
+    for method in args.methods:
+        for rule in args.query_selection:
+            for budget in _budgets(args):
+                label = METHODS[method][0]
+                if rule != "uniform":
+                    label += f", {rule} ×{args.candidate_factor}"
+                if budget is not None:
+                    label += f", {budget} labels"
+                out.append((_variant(method, rule, budget), label))
+    return out
+
+
+def _label_curves(runs: list[dict], args) -> list[dict]:
+    """With ``--label-budgets``: per task, teacher, method and query selection, the final
+    success rate (mean ± std over seeds) at each label budget; printed as one table per
+    (task, teacher), a row per method × rule, a column per budget."""
+    if not args.label_budgets:
+        return []
+    out = []
+    for task in args.tasks:
+        for teacher in args.teachers:
+            sel = [r for r in runs if r["task"] == task and r["teacher"] == teacher]
+            if not sel:
+                continue
+            print()
+            print(f"### Labels curve: {task}, teacher `{teacher}`: success rate (mean ± std over seeds) by labels")
+            print()
+            print("| method | query selection | " + " | ".join(f"{b} labels" for b in args.label_budgets) + " |")
+            print("|---|---|" + "---|" * len(args.label_budgets))
+            for method in args.methods:
+                for rule in args.query_selection:
+                    per_budget = {b: [r["rounds"][-1]["success_rate"] for r in sel
+                                      if r["method"] == method and r.get("query_selection", "uniform") == rule
+                                      and r.get("label_budget") == b] for b in args.label_budgets}
+                    out.append({"task": task, "teacher": teacher, "method": method, "query_selection": rule,
+                                "candidate_factor": None if rule == "uniform" else args.candidate_factor,
+                                "success_rate": {str(b): v for b, v in per_budget.items()}})
+                    rule_txt = rule if rule == "uniform" else f"{rule} ×{args.candidate_factor}"
+                    print(f"| {METHODS[method][0]} | {rule_txt} | "
+                          + " | ".join(_fmt(v, pct=True, digits=0) for v in per_budget.values()) + " |")
+    return out
+
+
+def _work(args) -> list[tuple[str, int, str, str, str, int | None]]:
     intent_tasks = args.intent_tasks or args.tasks[:1]
-    return [(task, seed, teacher, method)
+    return [(task, seed, teacher, method, rule, budget)
             for task in args.tasks for seed in args.seeds for teacher in args.teachers
             if teacher == "return" or task in intent_tasks
-            for method in args.methods]
+            for method in args.methods for rule in args.query_selection for budget in _budgets(args)]
 
 
 def _seed_root(args, task: str, seed: int) -> Path:
     return Path(args.out) / task.replace("/", "_") / f"seed{seed}"
 
 
-def _run_dir(args, task, seed, teacher, method) -> Path:
-    return _seed_root(args, task, seed) / teacher / method
+def _run_dir(args, task, seed, teacher, method, rule="uniform", budget=None) -> Path:
+    d = _seed_root(args, task, seed) / teacher / (method if rule == "uniform" else
+                                                  f"{method}+{rule}x{args.candidate_factor}")
+    return d if budget is None else d / f"labels{budget}"
 
 
 def _finished(args, run_dir: Path) -> dict | None:
@@ -235,12 +309,14 @@ def _worker(args) -> None:
         if not pending:
             return
         started = False
-        for task, seed, teacher, method in pending:
-            run_dir = _run_dir(args, task, seed, teacher, method)
+        for task, seed, teacher, method, rule, budget in pending:
+            run_dir = _run_dir(args, task, seed, teacher, method, rule, budget)
             bc = _prepare_bc(args, task, seed)
             if bc is None or not _claim(run_dir / ".claim"):
                 continue
-            cfg = LoopConfig(task=task, teacher=teacher, rounds=args.rounds, pairs_per_round=args.pairs_per_round,
+            pairs = args.pairs_per_round if budget is None else budget // args.rounds
+            cfg = LoopConfig(task=task, teacher=teacher, rounds=args.rounds, pairs_per_round=pairs,
+                             query_selection=rule, candidate_factor=args.candidate_factor,
                              segment_length=args.segment_length, out_dir=str(run_dir),
                              dataset=str(_seed_root(args, task, seed) / "data.hdf5"), bc_checkpoint=str(bc),
                              eval_episodes=args.eval_episodes, max_episode_steps=args.max_episode_steps,
@@ -248,7 +324,7 @@ def _worker(args) -> None:
             acfg = AlignConfig(**{"steps": args.steps, "beta": args.beta, "lam": args.lam, "threads": args.threads,
                                   "device": args.device, **METHODS[method][1]})
             tr = time.time()
-            tag = f"[{task} seed {seed} {teacher} {method}]"
+            tag = f"[{task} seed {seed} {teacher} {_variant(method, rule, budget)}]"
             summary = run_loop(cfg, acfg, progress=False, log=lambda s: print(f"{tag} {s}", flush=True))
             last = summary["rounds"][-1]
             print(f"{tag} done: success {last['success_rate']:.0%}, return {last['mean_return']:.1f}, "
@@ -286,6 +362,15 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--pairs-per-round", type=int, default=200)
+    ap.add_argument("--query-selection", nargs="+", default=["uniform"], choices=list(QUERY_SELECTIONS),
+                    help="acquisition rule(s) choosing each round's pairs (fkpd.train.acquisition); several: one run "
+                         "per rule")
+    ap.add_argument("--candidate-factor", type=int, default=DEFAULT_CANDIDATE_FACTOR,
+                    help=f"candidate pairs rolled out per labelled pair with disagreement or diversity "
+                         f"(1..{MAX_CANDIDATE_FACTOR})")
+    ap.add_argument("--label-budgets", nargs="+", type=int, default=None, metavar="B",
+                    help="labels per run, one run per budget (--rounds rounds of B / --rounds pairs; B a multiple "
+                         "of --rounds); prints a labels curve. Default: --rounds × --pairs-per-round")
     ap.add_argument("--segment-length", type=int, default=0,
                     help="L, steps per labelled segment (0: the task's, 64; whole episodes on maze2d)")
     ap.add_argument("--steps", type=int, default=AlignConfig.steps, help="alignment steps per round")
@@ -313,9 +398,16 @@ def main() -> None:
         except ConfigError as exc:
             ap.exit(2, f"error: {' '.join(str(exc).split())}\n")
         args = ap.parse_args()
-    if args.rounds * args.pairs_per_round > MAX_LABELS:
+    if not args.label_budgets and args.rounds * args.pairs_per_round > MAX_LABELS:
         ap.error(f"--rounds × --pairs-per-round = {args.rounds * args.pairs_per_round} labels per run; the benchmark "
                  f"allows at most {MAX_LABELS}")
+    for b in args.label_budgets or ():
+        if not args.rounds <= b <= MAX_LABELS or b % args.rounds:
+            ap.error(f"--label-budgets {b}: each budget must be a multiple of --rounds ({args.rounds}) from "
+                     f"{args.rounds} to {MAX_LABELS}")
+    if not 1 <= args.candidate_factor <= MAX_CANDIDATE_FACTOR:
+        ap.error(f"--candidate-factor must be from 1 to {MAX_CANDIDATE_FACTOR}, got {args.candidate_factor}")
+    args.query_selection = list(dict.fromkeys(args.query_selection))
     _check_out_dir(args)
     save_config_toml(Path(args.out) / "config.toml", ap, [("bench_alignment", vars(args))],
                      header=f"Resolved options of bench_alignment.py; rerun with --config {Path(args.out) / 'config.toml'}")
@@ -336,11 +428,14 @@ def main() -> None:
             _worker(args)
 
     runs = []
-    for task, seed, teacher, method in _work(args):
-        summary = _finished(args, _run_dir(args, task, seed, teacher, method))
+    for task, seed, teacher, method, rule, budget in _work(args):
+        summary = _finished(args, _run_dir(args, task, seed, teacher, method, rule, budget))
         if summary is not None:
             runs.append({"task": task, "seed": seed, "teacher": teacher, "method": method,
-                         "rounds": summary["rounds"], "wall_s": summary.get("wall_s")})
+                         "rounds": summary["rounds"], "wall_s": summary.get("wall_s"),
+                         **({} if rule == "uniform" and budget is None else
+                            {"query_selection": rule, "label_budget": budget,
+                             "key": _variant(method, rule, budget)})})
     missing = len(_work(args)) - len(runs)
     tables = []
     for task in args.tasks:
@@ -353,12 +448,12 @@ def main() -> None:
             for r in sel:  # BC = round 0, identical across methods for one seed
                 first.setdefault(r["seed"], r["rounds"][0])
             rows.append({"method": "BC", "per_seed": list(first.values())})
-            for method in args.methods:
-                mine = [r for r in sel if r["method"] == method]
+            for method, label in _variants(args):
+                mine = [r for r in sel if r.get("key", r["method"]) == method]
                 outcomes = [rd.get("outcomes", {}) for r in mine for rd in r["rounds"][1:]]
                 n = sum(sum(o.values()) for o in outcomes)
                 decided = sum(o.get("left", 0) + o.get("right", 0) for o in outcomes)
-                rows.append({"method": METHODS[method][0], "key": method, "per_seed": [r["rounds"][-1] for r in mine],
+                rows.append({"method": label, "key": method, "per_seed": [r["rounds"][-1] for r in mine],
                              "seeds": [r["seed"] for r in mine], "decided_labels": decided / n if n else None})
             bc_success = {s: rd["success_rate"] for s, rd in first.items()}
             for row in rows[1:]:
@@ -366,8 +461,10 @@ def main() -> None:
                     bc_success, {s: p["success_rate"] for s, p in zip(row["seeds"], row["per_seed"])})
             tables.append({"task": task, "teacher": teacher, "rows": rows})
             print()
-            print(f"### {task}, teacher `{teacher}` ({len(first)} seed(s), {args.rounds} round(s) × "
-                  f"{args.pairs_per_round} pairs, {args.eval_episodes} eval episodes)")
+            budget = (f"label budgets {', '.join(map(str, args.label_budgets))} over {args.rounds} round(s)"
+                      if args.label_budgets else f"{args.rounds} round(s) × {args.pairs_per_round} pairs")
+            print(f"### {task}, teacher `{teacher}` ({len(first)} seed(s), {budget}, {args.eval_episodes} eval "
+                  "episodes)")
             print()
             d4rl = any(p.get("d4rl_normalized_score") is not None for row in rows for p in row["per_seed"])
             print("| method | success | mean return |" + (" D4RL score |" if d4rl else "")
@@ -389,6 +486,7 @@ def main() -> None:
                 print(f"| {row['method']} | {', '.join(f'{100 * x:+.0f}' for x in d['diffs'])} | "
                       f"{_pts(d['mean'])} [{_pts(d['ci95'][0])}, {_pts(d['ci95'][1])}] |")
     overall = _across_tasks(tables, args)
+    curves = _label_curves(runs, args)
     round_s = [rd["round_s"] for r in runs for rd in r["rounds"][1:]]
     sps = [rd["align_steps_per_s"] for r in runs for rd in r["rounds"][1:]]
     print()
@@ -404,7 +502,8 @@ def main() -> None:
         "benchmark": "bench_alignment", "args": vars(args), "runs_missing": missing,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                     "cuda": torch.cuda.is_available(), "platform": platform.platform()},
-        "tables": tables, "across_tasks": overall, "runs": runs, "align_steps_per_s": sps, "round_s": round_s,
+        "tables": tables, "across_tasks": overall, "label_curves": curves, "runs": runs, "align_steps_per_s": sps,
+        "round_s": round_s,
         "wall_s": time.time() - t0}), indent=2))
     print(f"results: {out}")
 
