@@ -1,7 +1,15 @@
 """What every page shares: the store, the project, the local worker, the sidebar.
 
-Resources live in ``st.cache_resource`` (one per server process); the annotator and the
-admin sign-in live in ``st.session_state`` (one per browser tab). Who the annotator is
+Resources live in ``st.cache_resource`` (one per server process); the project, the
+annotator and the admin sign-in live in ``st.session_state`` (one per browser tab).
+
+The project a tab works on is chosen by the sidebar's picker or by the link
+(``?project=NAME``, kept in the URL on every page beside ``?annotator=`` or ``?token=``);
+without one, the project the app was started with (``FKPD_PROJECT``/``FKPD_TASK``).
+Switching project clears the tab's page state (forms, exports, the pair player), keeps
+the typed name (annotators are shared by all projects) and the admin sign-in (one admin
+password per app), and keeps each project's invite token apart: an invite is valid in
+its own project only. Who the annotator is
 depends on the project's identity mode (:mod:`fkpd.studio.identity`): in ``invite`` mode
 the invite link's token (``?token=...``), checked against the store on every rerun; in
 ``open`` mode the typed name, also kept in the URL (``?annotator=...``) so a reload
@@ -11,6 +19,7 @@ remembers it.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -20,6 +29,7 @@ import streamlit as st
 from fkpd.store import AnnotatorInfo, ProjectInfo, Store
 from fkpd.studio import AdminAuth, StudioConfig, StudioError, clean_annotator_name, open_project, start_local_workers
 from fkpd.studio.identity import OPEN, annotator_from_name, annotator_from_token
+from fkpd.studio.projects import project_for_token, resolve_project
 
 log = logging.getLogger("fkpd.app")
 
@@ -28,10 +38,16 @@ log = logging.getLogger("fkpd.app")
 class Studio:
     cfg: StudioConfig
     store: Store
-    project: ProjectInfo
-    auth: AdminAuth
+    project: ProjectInfo  # the project this tab works on (studio()); the app's default in the cached resource
+    auth: AdminAuth  # one admin password for the app, every project
     workers: list = field(default_factory=list)  # subprocess.Popen of the local workers this app started
     worker_pids: tuple[int, ...] = ()  # local workers started before the app (make run: fkpd.studio.serve)
+    projects: tuple[ProjectInfo, ...] = ()  # every project of the store, as read for this run (studio())
+
+    @property
+    def local_workers(self) -> bool:
+        """Whether workers on this machine run the jobs (so a dataset path can be checked here)."""
+        return bool(self.workers or self.worker_pids)
 
     def exited_worker(self) -> str | None:
         """``"pid P (code C)"`` of a local worker that exited, or None while all run."""
@@ -104,15 +120,94 @@ def _studio() -> Studio:
 
 
 def studio() -> Studio:
-    """The shared resources; a configuration error stops the page with its message."""
+    """The shared resources, with the project this tab works on (:func:`_this_tab`); a
+    configuration error stops the page with its message."""
     try:
-        return _studio()
+        base = _studio()
     except StudioError as exc:
         st.error(f"FKPD Studio cannot start: {exc}")
         st.stop()
     except Exception as exc:  # noqa: BLE001 - show it instead of a blank page
         st.error(f"FKPD Studio cannot start: {type(exc).__name__}: {exc}")
         st.stop()
+    return _this_tab(base)
+
+
+PROJECT_KEY = "project"  # session: the project this tab works on
+PICKER_KEY = "project_picker"
+_TOKENS_KEY = "_invite_tokens"  # session: {project name: invite token} of the links opened in this tab
+#: Session keys that survive a project switch; every other (page state) is cleared.
+_KEEP_ON_SWITCH = {PROJECT_KEY, PICKER_KEY, _TOKENS_KEY, "is_admin", "_project_problem"}
+
+
+def _this_tab(base: Studio) -> Studio:
+    """``base`` working on the project this tab asks for: ``?project=`` in the URL, else
+    the one this tab had, else the project of an invite link's token, else the app's
+    default. Keeps ``?project=`` (and the annotator's ``?annotator=`` or ``?token=``) in
+    the URL, so links and page switches keep them. Idempotent within a run."""
+    projects = tuple(base.store.list_projects())
+    requested = st.query_params.get("project") or st.session_state.get(PROJECT_KEY)
+    token = st.query_params.get("token")
+    if not requested and token:  # an invite link without ?project= (fkpd annotators invite before issue #16)
+        found = project_for_token(base.store, projects, token)
+        requested = found.name if found is not None else None
+    try:
+        project, problem = resolve_project(list(projects), requested, base.cfg.project)
+    except StudioError as exc:
+        st.error(str(exc))
+        st.stop()
+    if problem:
+        st.session_state["_project_problem"] = problem
+    previous = st.session_state.get(PROJECT_KEY)
+    if previous is not None and previous != project.name:
+        _switch_project(previous, project.name)
+    st.session_state[PROJECT_KEY] = project.name
+    if st.query_params.get("project") != project.name:
+        st.query_params["project"] = project.name
+    if st.session_state.get("invited") and st.session_state.get("invite_token") and not st.query_params.get("token"):
+        st.query_params["token"] = st.session_state["invite_token"]
+    elif (not st.session_state.get("invited") and st.session_state.get("annotator")
+          and not st.query_params.get("annotator")):
+        st.query_params["annotator"] = st.session_state["annotator"]
+    return dataclasses.replace(base, project=project, projects=projects)
+
+
+def _switch_project(previous: str, new: str) -> None:
+    """This tab moves from project ``previous`` to ``new``: its page state goes, a typed
+    name stays, and the invite token of ``previous`` is put aside (and ``new``'s own
+    brought back, if this tab opened one)."""
+    tokens = st.session_state.setdefault(_TOKENS_KEY, {})
+    invited = bool(st.session_state.get("invited"))
+    if invited and st.session_state.get("invite_token"):
+        tokens[previous] = st.session_state["invite_token"]
+    keep = _KEEP_ON_SWITCH | (set() if invited else {"annotator"})
+    for key in list(st.session_state.keys()):
+        if key not in keep:
+            del st.session_state[key]
+    st.query_params.pop("token", None)
+    if tokens.get(new):
+        st.query_params["token"] = tokens[new]
+    if invited:
+        st.query_params.pop("annotator", None)
+
+
+def _picked() -> None:
+    st.query_params["project"] = st.session_state[PICKER_KEY]
+
+
+def project_picker(s: Studio) -> None:
+    """The sidebar's project picker (every project of the store, for everyone); a pick
+    reruns the current page on that project and puts it in the URL."""
+    with st.sidebar:
+        problem = st.session_state.pop("_project_problem", None)
+        if problem:
+            st.warning(problem, icon=":material/link_off:")
+        tasks = {p.name: p.task_id for p in s.projects} or {s.project.name: s.project.task_id}
+        if st.session_state.get(PICKER_KEY) != s.project.name:
+            st.session_state[PICKER_KEY] = s.project.name
+        st.selectbox("Project", list(tasks), key=PICKER_KEY, on_change=_picked,
+                     format_func=lambda name: f"{name} · {tasks.get(name, '')}",
+                     help="Every project of this app. The link (?project=NAME) opens the same project.")
 
 
 def _show_annotator(name: str) -> None:
@@ -136,7 +231,7 @@ def is_admin() -> bool:
 def sidebar(s: Studio) -> None:
     """Project, annotator, worker status and admin state."""
     with st.sidebar:
-        st.markdown(f"**Project** `{s.project.name}`  \n**Task** `{s.project.task_id}`")
+        st.markdown(f"**Task** `{s.project.task_id}`")
         name = st.session_state.get("annotator")
         st.session_state["_sidebar_annotator"] = name
         if name:

@@ -19,65 +19,33 @@ from typing import Any, Mapping
 from fkpd.cli.common import add_store_args, command, open_store
 from fkpd.errors import FKPDError
 
-#: Bootstrap settings ``projects create`` takes as flags (more with --bootstrap JSON):
-#: name -> (type, help). See fkpd.studio.params.BootstrapParams / BatchSettings.
-BOOTSTRAP_FLAGS: dict[str, tuple[type, str]] = {
-    "dataset": (str, "offline data instead of generating it: a D4RL-layout file, a D4RL dataset name or "
-                     "minari:DATASET_ID (default: generated; D4RL locomotion tasks: their own dataset)"),
-    "dataset_episodes": (int, "episodes of generated data (default 100)"),
-    "bc_steps": (int, "behaviour-cloning steps (default 4000)"),
-    "pairs_per_batch": (int, "pairs per labelling batch (default 20)"),
-    "segment_length": (int, "L, steps per clip (default: the task's)"),
-    "eval_episodes": (int, "evaluation episodes of each new version (default 10)"),
-    "max_episode_steps": (int, "horizon in steps (default: the task's)"),
-    "seed": (int, "seeds the dataset, BC, alignment and clips (default 0)"),
-}
-
-
 def create_project(store, args: argparse.Namespace, name: str, task: str, bootstrap: Mapping[str, Any],
                    instructions: str = "", auto_rounds: int | None = None):
-    """Create project ``name`` of ``task`` with its bootstrap queued, as the app's first
-    start does (:func:`fkpd.studio.open_project`; identity from ``args.identity``;
-    automatic rounds after ``auto_rounds`` new comparisons, None: the batch size, 0:
-    rounds by hand), then set ``instructions`` when given (the task's own otherwise).
+    """Create project ``name`` of ``task`` with its bootstrap queued, as the app's
+    New-project form does (:func:`fkpd.studio.projects.create_project`; identity from
+    ``args.identity``; automatic rounds after ``auto_rounds`` new comparisons, None: the
+    batch size, 0: rounds by hand), with ``instructions`` when given (the task's own
+    otherwise).
 
     Returns:
         ``(project, bootstrap job)``; the job is None when another process created the
         project a moment ago.
 
     Raises:
-        UnknownTaskError: ``task`` is not registered.
+        StudioError: a taken name or an unknown task.
         ParamError: a bad bootstrap setting.
     """
-    from fkpd.studio import StudioConfig, open_project
+    from fkpd.studio.projects import create_project as create
 
-    cfg = StudioConfig(database_url=args.database_url or "", artifact_dir=args.artifact_dir or "", project=name,
-                       task=task, bootstrap=dict(bootstrap), start_worker=False, identity=args.identity,
-                       auto_rounds=auto_rounds)
-    project, job = open_project(store, cfg)
-    if instructions:
-        project = store.update_project(project.id, instructions=instructions)
-    return project, job
+    return create(store, name, task, bootstrap, instructions=instructions, identity=args.identity,
+                  auto_rounds=auto_rounds)
 
 
 def _bootstrap_params(args: argparse.Namespace) -> dict[str, Any]:
     """``--bootstrap`` JSON with the bootstrap flags given on top."""
-    params: dict[str, Any] = {}
-    if args.bootstrap:
-        try:
-            params = json.loads(args.bootstrap)
-        except json.JSONDecodeError as exc:
-            raise FKPDError(f"--bootstrap is not valid JSON ({exc}); give an object such as "
-                            "'{\"bc_steps\": 2000, \"policy\": {\"hidden_dim\": 128}}'") from None
-        if not isinstance(params, dict):
-            raise FKPDError(f"--bootstrap must be a JSON object, got {args.bootstrap!r}")
-    for name in BOOTSTRAP_FLAGS:
-        value = getattr(args, name)
-        if value is not None:
-            params[name] = value
-    if isinstance(params.get("dataset"), str) and Path(params["dataset"]).expanduser().exists():
-        params["dataset"] = str(Path(params["dataset"]).expanduser().resolve())  # the worker may run elsewhere
-    return params
+    from fkpd.studio.projects import BOOTSTRAP_FIELDS, bootstrap_settings
+
+    return bootstrap_settings({name: getattr(args, name) for name in BOOTSTRAP_FIELDS}, args.bootstrap)
 
 
 def _cmd_projects_create(args: argparse.Namespace) -> int:
@@ -87,17 +55,12 @@ def _cmd_projects_create(args: argparse.Namespace) -> int:
             instructions = Path(args.instructions_file).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
             raise FKPDError(f"--instructions-file {args.instructions_file!r} cannot be read: {exc}") from None
-    params = _bootstrap_params(args)
-    from fkpd.studio.config import MAX_AUTO_ROUND_EVERY
+    from fkpd.studio.projects import check_auto_rounds
 
-    if args.auto_rounds is not None and not 0 <= args.auto_rounds <= MAX_AUTO_ROUND_EVERY:
-        raise FKPDError(f"--auto-rounds must be a number of comparisons from 1 to {MAX_AUTO_ROUND_EVERY}, or 0 for "
-                        f"rounds by hand, got {args.auto_rounds}")
+    params = _bootstrap_params(args)
+    check_auto_rounds(args.auto_rounds, "--auto-rounds")
     with open_store(args) as store:
-        name = args.name.strip()
-        if name in {p.name for p in store.list_projects()}:
-            raise FKPDError(f"project {name!r} exists already; see `fkpd projects show {name}`, or pick another name")
-        project, job = create_project(store, args, name, args.task, params, instructions, args.auto_rounds)
+        project, job = create_project(store, args, args.name, args.task, params, instructions, args.auto_rounds)
     queued = f"its bootstrap is queued (job {job.id})" if job is not None else "its bootstrap was queued by another process"
     print(f"created project {project.name!r} (task {project.task_id}, identity {project.identity}); {queued}: a worker "
           "runs it (`fkpd worker`, or the app's own)")
@@ -107,28 +70,11 @@ def _cmd_projects_create(args: argparse.Namespace) -> int:
 
 
 def _project_summary(store, project) -> dict[str, Any]:
-    """What ``projects list`` / ``projects show`` print about one project."""
-    from fkpd.studio import current_version, error_headline, job_summary, latest_training_job, version_label
+    """What ``projects list`` / ``projects show`` print about one project
+    (:func:`fkpd.studio.projects.project_summary`, also the app's Projects page)."""
+    from fkpd.studio.projects import project_summary
 
-    frame = store.comparisons_frame(project.id)
-    served = current_version(store, project)
-    job = latest_training_job(store, project)
-    counts = frame["outcome"].value_counts().to_dict() if len(frame) else {}
-    done, total = store.batch_progress(project.id)
-    return {
-        "name": project.name, "id": project.id, "task": project.task_id, "identity": project.identity,
-        "created": project.created_at.isoformat(), "settings": project.settings,
-        "instructions": project.instructions,
-        "versions": len(store.list_policy_versions(project.id)),
-        "served_version": version_label(served) if served is not None else None,
-        "comparisons": int(len(frame)), "outcomes": {k: int(counts.get(k, 0)) for k in ("left", "right", "equal",
-                                                                                       "skip")},
-        "annotators": int(frame["annotator"].nunique()) if len(frame) else 0,
-        "batch": {"answers": done, "needed": total},
-        "training_job": None if job is None else {
-            "id": job.id, "kind": job.kind, "status": job.status, "summary": job_summary(job),
-            "error": error_headline(job) if job.status == "failed" else None},
-    }
+    return project_summary(store, project)
 
 
 def _cmd_projects_list(args: argparse.Namespace) -> int:
@@ -262,7 +208,9 @@ def add_parsers(sub) -> None:
     s.add_argument("--auto-rounds", type=int, default=None, metavar="N",
                    help="start an alignment round after every N new trainable comparisons (0: rounds by hand; "
                         "default: the batch size, as in the app)")
-    for name, (tp, help_text) in BOOTSTRAP_FLAGS.items():
+    from fkpd.studio.projects import BOOTSTRAP_FIELDS
+
+    for name, (tp, help_text) in BOOTSTRAP_FIELDS.items():
         s.add_argument("--" + name.replace("_", "-"), type=tp, default=None, help=help_text)
     s.add_argument("--bootstrap", default=None, metavar="JSON",
                    help="other bootstrap settings as a JSON object, as FKPD_BOOTSTRAP (e.g. '{\"bc\": {\"lr\": "
