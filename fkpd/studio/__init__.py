@@ -9,8 +9,9 @@ worker, shared constants), :mod:`~fkpd.studio.auth` (admin and annotator),
 :mod:`~fkpd.studio.bootstrap` and :mod:`~fkpd.studio.alignment` (the ``bootstrap`` and
 ``alignment_round`` jobs), :mod:`~fkpd.studio.topup` (the ``top_up`` job: more pairs
 while people label and rounds train), :mod:`~fkpd.studio.autoround` (automatic rounds),
-:mod:`~fkpd.studio.upkeep` (what idle workers check) and :mod:`~fkpd.studio.serve` (what
-``make run`` starts). Importing this package registers the four job handlers and the
+:mod:`~fkpd.studio.projects` (creating, listing and picking projects: the app's Projects
+page and ``fkpd projects``), :mod:`~fkpd.studio.upkeep` (what idle workers check) and
+:mod:`~fkpd.studio.serve` (what ``make run`` starts). Importing this package registers the four job handlers and the
 idle hook, so ``fkpd worker`` (``handler_modules=["fkpd.studio"]``) runs them.
 """
 
