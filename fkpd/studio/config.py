@@ -75,7 +75,9 @@ class StudioConfig:
             (``s3://bucket/prefix``; :mod:`fkpd.store.remote_artifacts`), which wins over
             ``artifact_dir``; "" means ``$FKPD_ARTIFACT_URL`` or none. The local workers
             get it as ``FKPD_ARTIFACT_URL``.
-        project: project name shown and labelled.
+        project: the app's default project: created on first start, and opened by a link
+            that names no other (``?project=NAME``; the app serves every project of the
+            store, :mod:`fkpd.studio.projects`).
         task: task id of the project when it is created.
         bootstrap: parameters of the bootstrap job queued on first start
             (:class:`fkpd.studio.params.BootstrapParams`, flat).
