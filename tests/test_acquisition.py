@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest_app import PAIRS, PROJECT, bootstrapped_project, project_dir, project_store  # noqa: F401
+from conftest_app import ADMIN_PASSWORD, PAIRS, PROJECT, bootstrapped_project, project_dir, project_store  # noqa: F401
+from test_app import app  # noqa: F401  (fixture used by name)
 from fkpd.envs import make_env
 from fkpd.errors import ConfigError
 from fkpd.policy import DiffusionPolicy
@@ -256,3 +257,27 @@ def test_the_app_setting_is_validated_and_used_by_rounds_and_top_ups(project_sto
     pool = PairPlan.pool(0, 1, 1, 60, 12, first=PAIRS, factor=2)
     seeds = [Segment.load(f).reset_seed for f in sorted(folder.glob("*.npz"))]
     assert seeds[0] == seeds[1] and seeds[0] in pool.reset_seeds
+
+
+def test_the_rounds_page_offers_the_query_selection_and_remembers_it(app, project_store):  # noqa: F811
+    from fkpd.studio.history import ROUND_PARAMS
+    from fkpd.studio.topup import batch_settings
+
+    project = project_store.get_project(PROJECT)
+    project_store.update_project(project.id, settings={ROUND_PARAMS: {"query_selection": "diversity",
+                                                                      "candidate_factor": 4}})
+    at = app()
+    at.switch_page("pages/rounds.py").run()
+    at.text_input(key="admin_pw").input(ADMIN_PASSWORD)
+    next(b for b in at.button if b.label == "Sign in").click().run()
+    assert not at.exception
+    assert at.selectbox(key="query_selection").value == "diversity", "the project's current rule"
+    assert at.number_input(key="candidate_factor").value == 4
+    ada = project_store.get_or_create_annotator("ada")
+    project_store.answer(project_store.next_pair(project.id, ada).id, ada, "left")
+    at.selectbox(key="query_selection").select("disagreement")
+    next(b for b in at.button if b.label == "Run alignment round").click().run()
+    assert any("Queued alignment round" in m.value for m in at.success)
+    job = project_store.jobs.list(project.id, status="queued")[0]
+    assert (job.params["query_selection"], job.params["candidate_factor"]) == ("disagreement", 4)
+    assert batch_settings(project_store, project)[0].query_selection == "disagreement", "top-ups follow it"
