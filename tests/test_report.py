@@ -207,6 +207,7 @@ def test_report_and_demo_errors_name_their_flags(report_project, tmp_path, capsy
     for cmd, name in (("report", "r.html"), ("demo", "d.mp4")):
         msg = error([cmd, "--project", "fresh", "--out", str(tmp_path / name), *fresh])
         assert "has no evaluated policy version yet" in msg and "fkpd projects show fresh" in msg
+        assert "--versions" not in msg, "not a problem of the versions asked for"
 
 
 def test_rounds_page_offers_the_report_as_a_download(compared_project, tmp_path, monkeypatch):

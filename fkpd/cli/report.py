@@ -50,15 +50,14 @@ def _project(store, args: argparse.Namespace):
 
 
 def _checked(fn, *a, **kw):
-    """Run ``fn``; a ReportError about the versions names ``--versions`` (the counts'
-    ``'episodes'`` / ``'render_size'`` become flags in :func:`fkpd.cli.main`)."""
+    """Run ``fn``; a ReportError about the versions starts with ``--versions:`` (the
+    counts' ``'episodes'`` / ``'render_size'`` become flags in :func:`fkpd.cli.main`)."""
     from fkpd.studio.report import ReportError
 
     try:
         return fn(*a, **kw)
     except ReportError as exc:
-        text = str(exc)
-        raise FKPDError(f"--versions: {text}" if "policy version" in text else text) from None
+        raise FKPDError(f"--{exc.about}: {exc}" if exc.about else str(exc)) from None
 
 
 class _Bar:
@@ -73,8 +72,7 @@ class _Bar:
         if self.bar is None or self.bar.total != total or self.bar.desc != what:
             self.close()
             self.bar = tqdm(total=total, desc=what, unit="episode", leave=False)
-        self.bar.n = done
-        self.bar.refresh()
+        self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -56,7 +56,12 @@ Progress = Callable[[int, int, str], None]
 
 class ReportError(StudioError):
     """A report or demo cannot be made: no policy version yet, an unknown version, bad
-    sizes. The message says what to do."""
+    sizes. The message says what to do; ``about`` names the argument at fault, if one
+    (``"versions"``), for callers that name it their own way (the CLI's flags)."""
+
+    def __init__(self, message: str, about: str | None = None) -> None:
+        super().__init__(message)
+        self.about = about
 
 
 # ------------------------------------------------------------------ versions
@@ -88,7 +93,7 @@ def resolve_versions(store: Store, project: ProjectInfo,
         return default_versions(store, project)
     ids = list(ids)
     if len(ids) != 2:
-        raise ReportError(f"give two policy versions (A B), got {len(ids)}: {ids}")
+        raise ReportError(f"give two policy versions (A B), got {len(ids)}: {ids}", about="versions")
     versions = {v.id: v for v in store.list_policy_versions(project.id)}
     if not versions:
         default_versions(store, project)  # raises: nothing evaluated yet
@@ -96,10 +101,10 @@ def resolve_versions(store: Store, project: ProjectInfo,
     for vid in ids:
         if vid not in versions:
             raise ReportError(f"policy version {vid} is not a version of project {project.name!r}; its versions are "
-                              + ", ".join(str(v) for v in versions))
+                              + ", ".join(str(v) for v in versions), about="versions")
         if versions[vid].checkpoint_path is None:
             raise ReportError(f"policy version {vid} holds imported labels, not a policy, so it cannot be rolled "
-                              "out; pick a version with a checkpoint")
+                              "out; pick a version with a checkpoint", about="versions")
         out.append(versions[vid])
     return out[0], out[1]
 
@@ -338,12 +343,17 @@ def write_demo(store: Store, project: ProjectInfo, out: Path | str, versions: Se
         episodes: reset seeds, 1..16; render_size: each half's frame size in pixels.
 
     Raises:
-        ReportError: no version yet, an unknown version, bad counts or sizes.
+        ReportError: no version yet, only one and no ``versions``, an unknown version,
+            bad counts or sizes.
     """
     from fkpd.policy.rollout import write_video
 
     _check_counts(episodes, render_size)
     a, b = resolve_versions(store, project, versions)
+    if versions is None and a.id == b.id:
+        raise ReportError(f"project {project.name!r} has one policy version so far ({short_label(a)}): nothing to "
+                          f"compare it with until its first alignment round; give 'versions' {a.id} {a.id} to see "
+                          "it on both sides")
     clips = episode_clips(store, project, a, b, episodes, render_size, progress)
     shape = side_by_side(clips, clips.episodes[0]).shape[1:3]
     count = sum(max(len(ep.a.frames), len(ep.b.frames)) for ep in clips.episodes)
