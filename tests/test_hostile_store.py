@@ -30,6 +30,7 @@ from conftest_store import (  # noqa: F401  (fixtures are used by name)
     db_url,
     make_project,
     store,
+    wait_for,
 )
 from fkpd.errors import FKPDError
 from fkpd.store import PairUnavailableError, Store, StoreError, StoreInputError
@@ -485,16 +486,20 @@ def test_a_worker_whose_job_was_recovered_stops_writing_clips(clocked_store, clo
     version = store.latest_policy_version("proj")
     seen: dict = {}
 
+    def batch_files():
+        return sorted(p.name for p in store.artifact_dir.glob("projects/*/batches/*/[!.]*"))  # no temporary file
+
     def frozen_round(ctx):
         labeller = StoreLabeller(store, project, ctx.job_id)
         write = labeller.clip_writer(version, 1, 4)
-        write(_tiny_clip(0, 0))  # while the job is this worker's, clips are written
-        seen["written"] = sorted(p.name for p in store.artifact_dir.glob("projects/*/batches/*/*"))
+        write(_tiny_clip(0, 0))  # while the job is this worker's, clips are written: a pair at a time
+        write(_tiny_clip(0, 1))
+        seen["written"] = wait_for(lambda: len(batch_files()) == 4 and batch_files(), what="pair 0's files")
         clock.advance(600)  # the worker freezes past its heartbeat ...
         store.jobs.recover_stale(60, max_attempts=2)  # ... another worker recovers the job ...
         seen["other"] = store.jobs.claim("rescuer").id  # ... and runs it again
         try:
-            write(_tiny_clip(0, 1))
+            write(_tiny_clip(1, 0))
         except JobLostError as exc:
             seen["lost"] = str(exc)
         else:
@@ -507,7 +512,7 @@ def test_a_worker_whose_job_was_recovered_stops_writing_clips(clocked_store, clo
     job = store.jobs.enqueue("proj", "frozen_round", {})
     ended = Worker(store, {"frozen_round": frozen_round}, worker_id="frozen", heartbeat_s=3600,
                    stale_after_s=None, sweep_grace_s=None).run_one()
-    assert seen["written"] == ["p000_a.mp4", "p000_a.npz"]
+    assert seen["written"] == ["p000_a.mp4", "p000_a.npz", "p000_b.mp4", "p000_b.npz"]
     assert "wrote_after_recovery" not in seen and "no longer this worker's" in seen["lost"]
     assert sorted(p.name for p in store.artifact_dir.glob("projects/*/batches/*/*")) == seen["written"]
     assert seen.get("registration_fenced"), "registering the batch is fenced too"

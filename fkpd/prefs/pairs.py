@@ -214,8 +214,8 @@ class PairPlan:
 
 
 def rollout_pairs(policy, envs: Sequence, plan: PairPlan, *, render: bool = False, task_id: str = "",
-                  on_clip: ClipSink | None = None,
-                  progress: Callable[[int], None] | None = None) -> list[tuple[Segment, Segment]]:
+                  on_clip: ClipSink | None = None, progress: Callable[[int], None] | None = None,
+                  record: str = "frames") -> list[tuple[Segment, Segment]]:
     """Roll out the clips of ``plan`` ``len(envs)`` at a time and cut their segments.
 
     Args:
@@ -226,6 +226,10 @@ def rollout_pairs(policy, envs: Sequence, plan: PairPlan, *, render: bool = Fals
         task_id: recorded in each segment.
         on_clip: optional :data:`ClipSink`, called per clip in order.
         progress: optional ``(clips done)`` callback, after each batch of clips.
+        record: with ``render``, ``"frames"`` (rendered during the rollout, in
+            ``episode.frames``) or ``"states"`` (physics states in ``episode.states``, for
+            a sink that renders them apart, :class:`fkpd.envs.render.ClipRenderer`); see
+            :func:`fkpd.policy.rollout.rollout_clips`.
 
     Returns:
         ``[(left, right), ...]``, one segment pair per planned pair.
@@ -233,7 +237,7 @@ def rollout_pairs(policy, envs: Sequence, plan: PairPlan, *, render: bool = Fals
     requests = plan.requests(render)
     segments: list[Segment] = []
     for b0 in range(0, len(requests), len(envs)):
-        for i, ep in enumerate(rollout_clips(policy, envs, requests[b0:b0 + len(envs)]), start=b0):
+        for i, ep in enumerate(rollout_clips(policy, envs, requests[b0:b0 + len(envs)], record=record), start=b0):
             k, j = divmod(i, 2)
             seg = cut_segment(ep, int(plan.starts[k]), plan.length, task_id=task_id)
             if on_clip is not None:
@@ -277,12 +281,16 @@ class RolloutPairSource(PairSource):
         task_id: recorded in each segment.
         first: index of the first pair (0: the round's batch; more pairs for a round
             that has ``f`` already start at ``f``, see the module docstring).
+        record: with ``render``, what the clips keep: ``"frames"``, or ``"states"`` for a
+            sink that renders them apart (:func:`rollout_pairs`).
     """
 
     def __init__(self, envs: Sequence | Callable[[int], list], pairs: int, length: int, seed: int = 0,
-                 start: int | None = 0, render: bool = False, task_id: str = "", first: int = 0) -> None:
+                 start: int | None = 0, render: bool = False, task_id: str = "", first: int = 0,
+                 record: str = "frames") -> None:
         self.envs, self.pairs, self.length, self.seed = envs, int(pairs), int(length), int(seed)
         self.start, self.render, self.task_id, self.first = start, bool(render), task_id, int(first)
+        self.record = record
 
     def make_pairs(self, policy, round_: int, *, on_clip: ClipSink | None = None,
                    progress: Callable[[int, int], None] | None = None) -> list[tuple[Segment, Segment]]:
@@ -292,7 +300,8 @@ class RolloutPairSource(PairSource):
                                       self.start, first=self.first)
             total = 2 * len(plan)
             return rollout_pairs(policy, envs, plan, render=self.render, task_id=self.task_id, on_clip=on_clip,
-                                 progress=None if progress is None else (lambda done: progress(done, total)))
+                                 progress=None if progress is None else (lambda done: progress(done, total)),
+                                 record=self.record)
         finally:
             if callable(self.envs):
                 close_envs(envs)

@@ -120,6 +120,24 @@ class PairsMixin(CatalogueMixin):
             )
         return pv.round
 
+    def batch_pair_indices(self, project: Any, round: int, job_id: int | None) -> set[int]:
+        """Batch indices (the clips' ``meta["pair"]``) of the pairs of ``round`` whose clips
+        job ``job_id`` wrote: what a retried job finds of a batch it registered part of
+        (batches are registered pair by pair, :mod:`fkpd.studio.progressive`).
+
+        Raises:
+            NotFoundError: unknown project.
+        """
+        with self.session() as s:
+            proj = self.project_row(s, project)
+            metas = s.scalars(
+                select(m.Clip.meta)
+                .join(m.Pair, m.Pair.left_clip_id == m.Clip.id)
+                .where(m.Pair.project_id == proj.id, m.Pair.round == int(round))
+            ).all()
+        return {int(meta["pair"]) for meta in metas
+                if isinstance(meta, dict) and meta.get("job_id") == job_id and isinstance(meta.get("pair"), int)}
+
     def retire_open_pairs(self, project: Any, before_round: int | None = None) -> int:
         """Mark open pairs of rounds older than ``before_round`` as retired.
 

@@ -4,10 +4,12 @@ The worker's jobs (:mod:`fkpd.studio.bootstrap`, :mod:`fkpd.studio.alignment`) r
 rounds through :class:`fkpd.train.engine.RoundEngine`, as ``fkpd loop`` does; this
 module supplies the store side:
 
-* :class:`StoreLabeller`: a batch's clips are written as artifacts while they are
-  rolled out (:meth:`StoreLabeller.clip_writer`), then registered, clips then pairs,
-  each in one transaction (:meth:`StoreLabeller.request`); the labels are every
-  non-skip comparison people stored (:meth:`StoreLabeller.labels`);
+* :class:`StoreLabeller`: a batch's clips are rendered apart from the rollout and
+  registered pair by pair as they land (:meth:`StoreLabeller.clip_writer`,
+  :class:`fkpd.studio.progressive.ProgressiveBatch`: both files of a pair written, then
+  its clips, then the pair, so a batch is labelable from its first pair on);
+  :meth:`StoreLabeller.request` waits for the last pair; the labels are every non-skip
+  comparison people stored (:meth:`StoreLabeller.labels`);
 * :func:`round_engine`: the engine of a project (reference = version 0, its dataset,
   its batch settings);
 * progress adapters that map a stage's progress into the job's and honour
@@ -27,12 +29,14 @@ the steps are those of :mod:`fkpd.studio.bootstrap` and :mod:`fkpd.studio.alignm
   step 4 leaves the previous version served; the previous checkpoint is only ever read.
 * Jobs never change or delete comparisons or pairs; they only add rows. The previous
   batch stays open and is what :meth:`Store.next_pair` hands out (the latest round with
-  open pairs) until the new batch's pairs are added, in one transaction, at the very
-  end. A crash between registering the clips and the pairs leaves clip rows whose files
-  exist but that no pair uses: harmless.
+  open pairs) until the new batch's first pair is added; the new batch's pairs are added
+  one by one, each after both of its videos are complete on disk. A crash between
+  registering a pair's clips and the pair leaves clip rows whose files exist but that no
+  pair uses: harmless.
 * Re-running is safe. A retried ``alignment_round`` job that finds a version registered
   by its own earlier attempt (``metrics["job_id"]``) skips to step 5; a batch is
-  rendered only when its round has no pairs yet; ``bootstrap`` reuses version 0.
+  rendered only when its round has no pairs yet, or completed when this job registered
+  part of it (:func:`render_if_missing`); ``bootstrap`` reuses version 0.
 
 Long work (data generation, BC, alignment) runs in the job's thread: the trainers call
 back after every step (``on_step`` / ``on_episode``), and :class:`Watch` turns that into
@@ -56,9 +60,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from fkpd.data import load_dataset
-from fkpd.envs import get_task, make_env
+from fkpd.envs import DEFAULT_RENDER_SIZE, get_task, make_env
 from fkpd.errors import DatasetError
-from fkpd.policy.rollout import write_video
 from fkpd.prefs.labellers import Label, Labeller
 from fkpd.prefs.dataset_pairs import DatasetPairSource, DatasetReplay
 from fkpd.prefs.pairs import PairSource, RolledClip, RolloutPairSource, mix_sources
@@ -67,6 +70,7 @@ from fkpd.store import JobContext, PolicyVersionInfo, ProjectInfo, Store, curren
 from fkpd.studio.errors import RoundError
 from fkpd.studio.labelling import mark_gold
 from fkpd.studio.params import TRAINING_KINDS, BatchSettings
+from fkpd.studio.progressive import ProgressiveBatch
 from fkpd.train.acquisition import select_pairs
 from fkpd.train.align import AlignConfig
 from fkpd.train.engine import RoundEngine
@@ -222,79 +226,87 @@ class StoreLabeller(Labeller):
         store: the store.
         project: the project.
         job_id: recorded in each clip's ``meta``.
+        render_size: ``(height, width)`` of videos rendered from recorded physics states
+            (the batch settings' ``render_size``); None: the render processes start with
+            the first such clip, at the default size.
+        render_workers: render processes (default: the CPU count, at most 4).
     """
 
-    def __init__(self, store: Store, project: ProjectInfo, job_id: int | None = None) -> None:
+    def __init__(self, store: Store, project: ProjectInfo, job_id: int | None = None,
+                 render_size: tuple[int, int] | None = None, render_workers: int | None = None) -> None:
         self.store, self.project, self.job_id = store, project, job_id
-        self._clips: dict[int, list[dict[str, Any]]] = {}
+        self.render_size, self.render_workers = render_size, render_workers
+        self._batches: dict[int, ProgressiveBatch] = {}
         self.pair_ids: dict[int, list[int]] = {}
-        self._fence: Callable[[], None] = lambda: None
+        #: per round, batch indices of pairs registered before (a retried job); set by
+        #: :func:`render_if_missing`
+        self.skip: dict[int, set[int]] = {}
 
     def clip_writer(self, version: PolicyVersionInfo, round_: int, total: int,
                     progress: Callable[[float, str], None] | None = None) -> Callable[[RolledClip], None]:
-        """A clip sink for the batch of ``round_`` rolled out from ``version``: writes each
-        clip's H.264 MP4 (L + 1 frames) and segment ``.npz`` atomically to a new folder
-        ``projects/<id>/batches/round<r>-v<version>-<token>/`` and keeps its row
-        (ground-truth return and success included, never shown to annotators) for
-        :meth:`request`.
+        """A clip sink for the batch of ``round_`` rolled out from ``version``
+        (:class:`fkpd.studio.progressive.ProgressiveBatch`): clips recorded as physics
+        states are rendered and encoded (H.264 MP4, L + 1 frames) in worker processes
+        while the rollout goes on; as soon as both videos of a pair are complete, the
+        pair's videos and segment ``.npz`` files are written atomically to a new folder
+        ``projects/<id>/batches/round<r>-v<version>-<token>/``, its clips registered
+        (ground-truth return and success included, never shown to annotators), then the
+        pair: annotators get it at once. :meth:`request` waits for the last pair.
 
         Writes are fenced on the job's current attempt: inside a worker's job
-        (:func:`fkpd.store.current_job`), each clip first checks that this worker still
-        runs this attempt of the job (:meth:`JobContext.ensure_current`), so a worker
-        whose job was recovered by another one (it was frozen past its heartbeat) stops
-        instead of writing into the batch folder.
+        (:func:`fkpd.store.current_job`), each clip, and each registration, first checks
+        that this worker still runs this attempt of the job
+        (:meth:`JobContext.ensure_current`), so a worker whose job was recovered by
+        another one (it was frozen past its heartbeat) stops instead of writing into the
+        batch folder.
 
         Args:
             version: the version the clips come from.
             round_: the round they are labelled for.
             total: clips in the batch (for progress messages).
-            progress: optional ``(fraction, message)`` callback, once per clip.
+            progress: optional ``(fraction, message)`` callback, once per registered pair
+                (from the registration thread; an exception it raises stops the batch).
 
         Raises (from the returned writer):
-            JobLostError: the job is no longer this worker's attempt; nothing is written.
+            JobLostError: the job is no longer this worker's attempt; nothing more is written.
         """
         ctx = current_job()
         fence = ctx.ensure_current if ctx is not None and ctx.job_id == self.job_id else (lambda: None)
-        self._fence = fence
-        task = self.project.task_id
-        fps = get_task(task).fps
         folder = f"projects/{self.project.id}/batches/round{round_:03d}-v{version.id}-{uuid.uuid4().hex[:8]}"
-        clips = self._clips.setdefault(round_, [])
-        store = self.store
-
-        def write(clip: RolledClip) -> None:
-            fence()
-            k, j, seg = clip.pair, clip.side, clip.segment
-            stem = f"{folder}/p{k:03d}_{'ab'[j]}"
-            video, video_sha = store.write_artifact_atomic(
-                f"{stem}.mp4", lambda path, frames=clip.episode.frames: write_video(frames, path, fps=fps),
-                to_path=True)
-            seg.video = video
-            segment, segment_sha = store.write_artifact_atomic(f"{stem}.npz", seg.save, to_path=True)
-            clips.append(dict(
-                policy_version_id=version.id, segment_path=segment, segment_sha256=segment_sha,
-                video_path=video, video_sha256=video_sha, length=len(seg), fps=float(fps),
-                reset_seed=int(clip.request.reset_seed) if clip.shared_start else None, gt_return=seg.ret,
-                gt_success=seg.succeeded,
-                meta={"round": round_, "pair": k, "side": "ab"[j], "start": int(seg.start),
-                      "noise_seed": int(clip.request.noise_seed), "job_id": self.job_id, **clip.meta}))
-            if progress is not None:
-                progress(len(clips) / total, f"rendering batch: clip {len(clips)}/{total}")
-
-        return write
+        old = self._batches.pop(round_, None)
+        if old is not None:
+            old.close()
+        batch = ProgressiveBatch(self.store, self.project, version, round_, folder, total,
+                                 get_task(self.project.task_id).fps, job_id=self.job_id, fence=fence,
+                                 progress=progress, render_size=self.render_size or DEFAULT_RENDER_SIZE,
+                                 render_workers=self.render_workers, skip=self.skip.pop(round_, set()),
+                                 warm=self.render_size is not None)
+        self._batches[round_] = batch
+        return batch
 
     def request(self, round_: int, pairs: Sequence[tuple[Segment, Segment]]) -> None:
-        """Register the clips written by :meth:`clip_writer` for ``round_`` in one
-        transaction, then its pairs in another; the new pair ids go to
-        ``pair_ids[round_]``."""
-        clips = sorted(self._clips.pop(round_, []), key=lambda c: (c["meta"]["pair"], c["meta"]["side"]))
-        self._fence()  # the clip writer's fence: a job taken over meanwhile registers nothing
-        if len(clips) != 2 * len(pairs):
-            raise RoundError(f"round {round_}: {len(clips)} clip files were written for {len(pairs)} pairs; "
-                             "roll the batch out with this labeller's clip_writer")
-        ids = [c.id for c in self.store.add_clips(clips)]
-        self.pair_ids[round_] = self.store.add_pairs(
-            self.project.id, [(ids[2 * k], ids[2 * k + 1]) for k in range(len(pairs))], round=round_)
+        """Wait until the batch of ``round_`` written by :meth:`clip_writer` is registered;
+        the new pair ids go to ``pair_ids[round_]``, in batch order.
+
+        Raises:
+            RoundError: the batch was not rolled out with this labeller's clip writer, or
+                its clips do not make ``len(pairs)`` pairs.
+        """
+        batch = self._batches.pop(round_, None)
+        if batch is None:
+            raise RoundError(f"round {round_}: no clip was written for {len(pairs)} pairs; roll the batch out with "
+                             "this labeller's clip_writer")
+        try:
+            self.pair_ids[round_] = batch.finish(len(pairs))
+        except ValueError as exc:
+            raise RoundError(str(exc)) from exc
+
+    def abort(self, round_: int) -> None:
+        """Stop the batch of ``round_`` after a failed rollout: pairs already complete stay
+        registered, the rest is dropped with the render processes."""
+        batch = self._batches.pop(round_, None)
+        if batch is not None:
+            batch.close()
 
     def labels(self) -> list[Label]:
         """Every non-skip comparison of the project as ``(left, right, p_left)``, except
@@ -323,6 +335,12 @@ class StoreLabeller(Labeller):
             return cache[clip.id]
 
         return [(segment(tp.left), segment(tp.right), tp.p_left) for tp in store.training_pairs(self.project.id)]
+
+
+#: Batches of at most this many frames are rendered in the job's own process (in the
+#: registration thread): starting render processes takes seconds, about as long as
+#: rendering 100 frames of MetaWorld on a CPU.
+INLINE_RENDER_FRAMES = 400
 
 
 def evaluator(task: str, settings: BatchSettings) -> Evaluator:
@@ -359,14 +377,16 @@ def round_engine(store: Store, project: ProjectInfo, settings: BatchSettings, re
     def policy_pairs(n: int, first: int) -> PairSource:
         return select_pairs(
             RolloutPairSource(lambda c: make_envs(task, settings, c), n, settings.length(task), seed=settings.seed,
-                              start=start, render=True, task_id=task, first=first),
+                              start=start, render=True, task_id=task, first=first, record="states"),
             settings.query_selection, settings.candidate_factor, reference=ref_dir, beta=beta)
 
     source = mix_sources(settings.pairs_per_batch, settings.dataset_share, policy_pairs,
                          lambda n, first, stride: dataset_pairs(task, dataset, settings, n, first, stride),
                          first=first_pair)
-    return RoundEngine(task, ref_dir, dataset, settings.seed, source,
-                       StoreLabeller(store, project, job_id), evaluator(task, settings), align_cfg)
+    frames = 2 * settings.pairs_per_batch * (settings.length(task) + 1)
+    labeller = StoreLabeller(store, project, job_id, render_size=settings.render_size,
+                             render_workers=0 if frames <= INLINE_RENDER_FRAMES else None)
+    return RoundEngine(task, ref_dir, dataset, settings.seed, source, labeller, evaluator(task, settings), align_cfg)
 
 
 def dataset_pairs(task: str, dataset: str, settings: BatchSettings, pairs: int, first: int,
@@ -404,7 +424,10 @@ def render_batch(engine: RoundEngine, version: PolicyVersionInfo, round_: int, *
     share of the pairs (:func:`fkpd.prefs.pairs.dataset_slots`) are instead two
     segments of the offline dataset, replayed from their reset seeds to render them
     (:mod:`fkpd.prefs.dataset_pairs`; their clips' ``meta`` says ``source: dataset``).
-    Clips are rolled out ``n_envs`` at a time, so only their frames are held in memory.
+    Clips are rolled out ``n_envs`` at a time, recording physics states; worker
+    processes render and encode them meanwhile, and each pair is registered as soon as
+    both its videos are written (:class:`fkpd.studio.progressive.ProgressiveBatch`), so
+    the batch is labelable from its first pair on.
     With a query selection (:mod:`fkpd.train.acquisition`) the candidates are rolled out
     first without frames (progress "choosing pairs"), then only the chosen pairs are
     rendered and saved.
@@ -433,8 +456,11 @@ def render_batch(engine: RoundEngine, version: PolicyVersionInfo, round_: int, *
             extra = rolled[0] - total
             progress((extra + fraction * total) / rolled[0], message)
 
-    engine.make_batch(policy, round_, on_clip=labeller.clip_writer(version, round_, total, writing),
-                      progress=rolling)
+    on_clip = labeller.clip_writer(version, round_, total, writing)
+    try:
+        engine.make_batch(policy, round_, on_clip=on_clip, progress=rolling)
+    finally:
+        labeller.abort(round_)  # after a failure: stop the render processes (a no-op once registered)
     pair_ids = labeller.pair_ids.pop(round_)
     mark_gold(labeller.store, labeller.project, pair_ids)  # a share of gold pairs (issue #13), hidden from annotators
     return pair_ids
@@ -442,8 +468,14 @@ def render_batch(engine: RoundEngine, version: PolicyVersionInfo, round_: int, *
 
 def render_if_missing(ctx: JobContext, engine: RoundEngine, project: ProjectInfo, version: PolicyVersionInfo,
                       progress_from: float) -> list[int]:
-    """Render the batch of round ``version.round + 1`` unless that round has pairs;
-    returns the pair ids added."""
-    if ctx.store.batch_progress(project.id, version.round + 1)[1] > 0:
-        return []
-    return render_batch(engine, version, version.round + 1, progress=Stage(ctx, progress_from, 1.0))
+    """Render the batch of round ``version.round + 1`` unless that round has pairs; returns
+    the pair ids added. A batch this job registered part of (an earlier attempt stopped
+    half-way) is completed: the same plan is rolled out again and only the pairs it has
+    not registered yet are rendered (:meth:`fkpd.store.Store.batch_pair_indices`)."""
+    round_ = version.round + 1
+    if ctx.store.batch_progress(project.id, round_)[1] > 0:
+        done = ctx.store.batch_pair_indices(project.id, round_, ctx.job_id)
+        if not done or len(done) >= engine.source.pairs:  # type: ignore[attr-defined]
+            return []  # another job's batch, or complete
+        engine.labeller.skip[round_] = done  # type: ignore[attr-defined]
+    return render_batch(engine, version, round_, progress=Stage(ctx, progress_from, 1.0))

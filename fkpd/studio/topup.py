@@ -23,8 +23,9 @@ runs dry (20 pairs at the defaults, then minutes of training), so the worker ren
 * **How many**: the shortfall, rounded up to whole lock-step rollout batches
   (``n_envs / 2`` pairs), at most a batch size per job; the next check queues more.
 * **When**: only once the round's own batch exists (the bootstrap or the round that
-  registered ``v`` renders it first), so top-ups never stand in for a batch or collide
-  with its seeds. An annotator sees "nothing to label" only during the bootstrap.
+  registered ``v`` renders it first, pair by pair: top-ups wait until that job has
+  ended), so top-ups never stand in for a batch or collide with its seeds. An annotator
+  sees "nothing to label" only during the bootstrap.
 * **Trainable like any other**: top-up pairs are ordinary pairs of round ``r + 1``;
   :meth:`fkpd.store.Store.next_pair` hands them out (the latest round with open pairs)
   and every later round trains on their answers (:meth:`fkpd.store.Store.training_pairs`).
@@ -38,9 +39,10 @@ Who queues: idle workers (:mod:`fkpd.studio.upkeep`), at most one ``top_up`` job
 or running per project (:meth:`fkpd.store.JobQueue.enqueue_unless`); after a failed
 top-up they wait :data:`RETRY_AFTER_S` before queueing another.
 
-Crash safety is the batches' (:mod:`fkpd.studio.batches`): clips are written under
-temporary names, then registered, then the pairs in one transaction; a top-up stopped
-half-way registers nothing and its retry renders the same seeds again.
+Crash safety is the batches' (:mod:`fkpd.studio.batches`): a pair is registered (its
+clips, then the pair) once both its files are complete under their final names; a top-up
+stopped half-way keeps the pairs it registered, and the next one continues the round's
+pair index after them.
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ class TopUpState:
         round_pairs: pairs the round has, whatever their status (the next pair index).
         active_annotators: annotators active now.
         target: :func:`top_up_target` of them.
+        rendering: the job that registered ``version`` is still queued or running, so it
+            is still adding the round's own batch, pair by pair.
     """
 
     version: PolicyVersionInfo
@@ -93,11 +97,13 @@ class TopUpState:
     round_pairs: int
     active_annotators: int
     target: int
+    rendering: bool = False
 
     @property
     def batch_ready(self) -> bool:
-        """The round's own batch is registered (top-ups only follow it)."""
-        return self.round_pairs > 0
+        """The round's own batch is registered (top-ups only follow it): the round has pairs
+        and the job that renders them has ended."""
+        return self.round_pairs > 0 and not self.rendering
 
     @property
     def shortfall(self) -> int:
@@ -115,8 +121,10 @@ def top_up_state(store: Store, project: ProjectInfo) -> TopUpState | None:
         return None
     version = versions[-1]
     supply = store.pair_supply(project.id, min_round=version.round + 1, active_within_s=ACTIVE_WITHIN_S)
+    job_id = version.metrics.get("job_id")
+    rendering = isinstance(job_id, int) and store.jobs.get(job_id).status in ACTIVE
     return TopUpState(version, version.round + 1, supply.open_pairs, supply.round_pairs, supply.active_annotators,
-                      top_up_target(supply.active_annotators))
+                      top_up_target(supply.active_annotators), rendering)
 
 
 def _recently_failed(store: Store, project: ProjectInfo) -> bool:
@@ -224,7 +232,8 @@ def top_up(ctx: JobContext) -> dict[str, Any]:
         RoundError: the version's checkpoint has no round-0 reference.
         ArtifactIntegrityError / CheckpointError: the served checkpoint is missing,
             changed or corrupt.
-        JobCancelled / WorkerStopping: stopped between two clips; nothing is registered.
+        JobCancelled / WorkerStopping: stopped between two clips; the pairs registered
+            so far stay.
     """
     from fkpd.studio.errors import RoundError
 
