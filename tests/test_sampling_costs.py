@@ -3,6 +3,8 @@ diffusers step it replaces, and the per-round costs that used to grow with every
 (implicit accuracy over all pairs, reference errors, whole-store loads) give the same
 values as the full computations they stand in for."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -102,3 +104,115 @@ def test_sampling_on_cuda_matches_cpu():
         a = cpu.predict_action_chunk(_hist(b), generator=torch.Generator().manual_seed(9))
         g = gpu.predict_action_chunk(_hist(b), generator=torch.Generator().manual_seed(9))
         np.testing.assert_allclose(g, a, atol=1e-3)
+
+
+# -- flat round costs: sampled implicit accuracy, cached reference errors, streamed segments ---------
+from conftest_store import artifact_dir, db_url, store  # noqa: E402,F401  (fixtures are used by name)
+
+from fkpd.prefs.segments import Segment  # noqa: E402
+from fkpd.train.align import PairWindows, SegmentRef, evaluate_pairs  # noqa: E402
+from fkpd.train.losses import dpo_terms, preference_nll  # noqa: E402
+
+SMALL = dict(obs_dim=5, action_dim=2, n_obs_steps=2, horizon=4, n_action_steps=2, hidden_dim=16, n_blocks=1)
+
+
+@pytest.fixture(scope="module")
+def ref_and_policy():
+    torch.manual_seed(0)
+    cfg = PolicyConfig(**SMALL)
+    ref = DiffusionPolicy(cfg, Normalizer(-np.ones(5), np.ones(5)), Normalizer(-np.ones(2), np.ones(2))).eval()
+    pol = DiffusionPolicy(cfg, Normalizer(-np.ones(5), np.ones(5)), Normalizer(-np.ones(2), np.ones(2))).eval()
+    pol.net.load_state_dict(ref.net.state_dict())
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for prm in pol.net.parameters():
+            prm.add_(torch.randn(prm.shape, generator=g) * 0.2)
+    return ref, pol
+
+
+def _pairs(n: int, seed: int = 0) -> list:
+    rng = np.random.default_rng(seed)
+
+    def seg(length):
+        return Segment(rng.uniform(-1, 1, (length, 5)), rng.uniform(-1, 1, (length, 2)), rng.uniform(0, 1, length),
+                       np.zeros(length, bool))
+
+    return [(seg(int(rng.integers(2, 7))), seg(6), float(rng.choice([1.0, 1.0, 0.5]))) for _ in range(n)]
+
+
+def test_sampled_implicit_accuracy_equals_full_and_its_interval_covers_it(ref_and_policy):
+    ref, pol = ref_and_policy
+    small = PairWindows(_pairs(40), ref)
+    full = evaluate_pairs(pol, ref, small, 500.0, seed=3)
+    assert full["pairs_evaluated"] == full["pairs"] == 40
+    for sample in (40, 1000):  # a sample that covers every pair is the full evaluation, draw for draw
+        assert evaluate_pairs(pol, ref, small, 500.0, seed=3, sample=sample) == full
+    assert full["implicit_acc_low"] <= full["implicit_acc"] <= full["implicit_acc_high"]
+
+    big = PairWindows(_pairs(300, seed=1), ref)
+    exact = evaluate_pairs(pol, ref, big, 500.0, seed=5)["implicit_acc"]
+    for seed in (5, 6, 7):
+        est = evaluate_pairs(pol, ref, big, 500.0, seed=seed, sample=64)
+        assert est["pairs_evaluated"] == 64 and est["pairs"] == 300
+        assert est["implicit_acc_low"] <= exact <= est["implicit_acc_high"], (seed, est, exact)
+        assert est["implicit_acc_high"] - est["implicit_acc_low"] < 0.3
+
+
+class _Frozen:
+    """A reference that must not run (its errors come from the cache)."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the reference was used ({name}) although its errors were given")
+
+
+def test_reference_error_cache_gives_the_same_loss_as_recomputing(ref_and_policy):
+    ref, pol = ref_and_policy
+    windows = PairWindows(_pairs(12), ref)
+    batch = windows.batch(torch.arange(12))
+    first = dpo_terms(pol, ref, batch, 500.0, generator=torch.Generator().manual_seed(2))
+    again = dpo_terms(pol, _Frozen(), batch, 500.0, generator=torch.Generator().manual_seed(2),
+                      reference_errors=(first.ref_w, first.ref_l))
+    for a, b in zip(first, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(preference_nll(first.z, batch.p), preference_nll(again.z, batch.p), rtol=0, atol=0)
+    # before/after a round: the second evaluation reuses m_ref and equals a fresh one at the new θ
+    cache: dict = {}
+    before = evaluate_pairs(ref, ref, windows, 500.0, seed=4, sample=8, reference_cache=cache)
+    assert before["implicit_acc"] == 0.5 and len(cache["errors"]) == 1
+    after = evaluate_pairs(pol, _Frozen(), windows, 500.0, seed=4, sample=8, reference_cache=cache)
+    assert after == evaluate_pairs(pol, ref, windows, 500.0, seed=4, sample=8)
+
+
+def test_stored_segments_stream_through_a_bounded_cache(store, ref_and_policy):
+    from fkpd.studio.batches import StoreLabeller
+
+    ref, pol = ref_and_policy
+    pairs = _pairs(10, seed=2)
+    project = store.create_project("p", "metaworld/door-open-v3", "Which is better?")
+    ann = store.get_or_create_annotator("ada")
+    clips = []
+    for i, (w, l, _) in enumerate(pairs):
+        for side, seg in (("w", w), ("l", l)):
+            rel, sha = store.artifacts.save_segment(f"s/{i}{side}.npz", seg.observations, seg.actions, seg.rewards)
+            clips.append({"segment_path": rel, "segment_sha256": sha, "length": len(seg), "fps": 30.0})
+    outcomes = ["left" if p == 1.0 else "equal" for _, _, p in pairs]
+    store.add_imported_labels(project.id, ann.id, clips, [(2 * i, 2 * i + 1) for i in range(10)], outcomes)
+    labels = StoreLabeller(store, project).labels()
+    assert all(isinstance(s, SegmentRef) for l, r, _ in labels for s in (l, r))
+    loads = []
+    for l, r, _ in labels:
+        for s in (l, r):
+            inner = s._load
+            s._load = (lambda inner=inner, key=s.key: loads.append(key) or inner())
+    streamed = PairWindows([(l, r, 1.0 if p == 1.0 else 0.5) for l, r, p in labels], ref, cache_steps=12)
+    assert loads == [] and len(streamed) == 10  # nothing read until a batch needs it
+    memory = PairWindows(pairs, ref)
+    for idx in (torch.tensor([0, 3, 9]), torch.tensor([3, 4]), torch.arange(10)):
+        got, want = streamed.batch(idx), memory.batch(idx)
+        for f in dataclasses.fields(got):
+            torch.testing.assert_close(getattr(got, f.name), getattr(want, f.name), rtol=0, atol=0)
+        assert streamed._cached_steps <= 12 or len(streamed._cache) == 1
+    torch.testing.assert_close(streamed.states(30, torch.Generator().manual_seed(1)),
+                               memory.states(30, torch.Generator().manual_seed(1)), rtol=0, atol=0)
+    assert evaluate_pairs(pol, ref, streamed, 500.0, seed=1) == evaluate_pairs(pol, ref, memory, 500.0, seed=1)
+    assert len(loads) > 20  # re-read after eviction: the cache stays bounded

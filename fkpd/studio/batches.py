@@ -72,7 +72,7 @@ from fkpd.studio.labelling import mark_gold
 from fkpd.studio.params import TRAINING_KINDS, BatchSettings
 from fkpd.studio.progressive import ProgressiveBatch
 from fkpd.train.acquisition import select_pairs
-from fkpd.train.align import AlignConfig
+from fkpd.train.align import AlignConfig, SegmentRef
 from fkpd.train.engine import RoundEngine
 from fkpd.train.evaluate import Evaluator
 
@@ -312,27 +312,35 @@ class StoreLabeller(Labeller):
         """Every non-skip comparison of the project as ``(left, right, p_left)``, except
         those of annotators excluded from training (:meth:`Store.exclude_annotator`).
 
-        Segments are loaded once per clip, after their sha256 is checked; segments
-        without per-step success flags (imported data) get ``success = False``.
+        The segments are :class:`fkpd.train.align.SegmentRef` handles (the clip's id,
+        recorded length and the project's task): a file is read, after its sha256 is
+        checked, only when the trainer's batch needs it
+        (:class:`fkpd.train.align.PairWindows` streams them through a bounded cache), so
+        reading the labels costs one query however many there are. Segments without
+        per-step success flags (imported data) get ``success = False``.
 
-        Raises:
+        Raises (when a segment is read):
             ArtifactIntegrityError: a segment file is missing or was changed.
-            PreferenceError: a segment file holds malformed arrays.
+            PreferenceError: a segment file holds malformed arrays or another length.
         """
         store = self.store
-        cache: dict[int, Segment] = {}
+        task = self.project.task_id
+        refs: dict[int, SegmentRef] = {}
 
-        def segment(clip) -> Segment:
-            if clip.id not in cache:
-                arrays = store.artifacts.load_segment(clip.segment_path, clip.segment_sha256)
-                length = len(arrays["actions"])
-                cache[clip.id] = Segment(
-                    arrays["observations"], arrays["actions"], arrays["rewards"],
-                    arrays.get("success", np.zeros(length, bool)),
-                    reset_seed=-1 if clip.reset_seed is None else int(clip.reset_seed),
-                    start=int(arrays.get("start", 0)), task_id=str(arrays.get("task_id", "")),
-                    path=store.resolve(clip.segment_path) if store.artifacts.is_local else None)
-            return cache[clip.id]
+        def segment(clip) -> SegmentRef:
+            if clip.id not in refs:
+                def load(clip=clip) -> Segment:
+                    arrays = store.artifacts.load_segment(clip.segment_path, clip.segment_sha256)
+                    length = len(arrays["actions"])
+                    return Segment(
+                        arrays["observations"], arrays["actions"], arrays["rewards"],
+                        arrays.get("success", np.zeros(length, bool)),
+                        reset_seed=-1 if clip.reset_seed is None else int(clip.reset_seed),
+                        start=int(arrays.get("start", 0)), task_id=str(arrays.get("task_id", "")),
+                        path=store.resolve(clip.segment_path) if store.artifacts.is_local else None)
+
+                refs[clip.id] = SegmentRef(clip.id, clip.length, task, load)
+            return refs[clip.id]
 
         return [(segment(tp.left), segment(tp.right), tp.p_left) for tp in store.training_pairs(self.project.id)]
 

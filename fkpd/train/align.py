@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -106,6 +107,9 @@ class AlignConfig:
     device: str = field(default="auto", metadata={"help": "auto (cuda, mps, cpu), or a torch device"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch default)"})
     log_every: int = field(default=25, metadata={"help": "steps between metric log lines"})
+    eval_pairs: int = field(default=256, metadata={"help": "pairs of the implicit accuracy before and after the "
+                                                           "round: a seeded random sample of this size, with its "
+                                                           "Wilson interval at 95 percent (0: all pairs, exact)"})
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -124,6 +128,8 @@ class AlignConfig:
             raise ConfigError(f"--lam must be a finite number >= 0, got {self.lam!r}")
         if not (self.lr > 0):
             raise ConfigError(f"--lr must be > 0, got {self.lr!r}")
+        if int(self.eval_pairs) < 0:
+            raise ConfigError(f"--eval-pairs must be >= 0 (0: all pairs), got {self.eval_pairs!r}")
         for name in ("steps", "batch_pairs", "bc_batch_size", "reverse_states", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"AlignConfig.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -136,7 +142,8 @@ class AlignResult:
     Attributes:
         checkpoint: the new checkpoint directory.
         metrics: last logged training window (loss, dpo, reg, implicit_acc, ...).
-        before, after: :func:`evaluate_pairs` on all training pairs at the start and end.
+        before, after: :func:`evaluate_pairs` on the training pairs (a sample of
+            ``AlignConfig.eval_pairs``, with its interval) at the start and end.
         steps_per_s: gradient steps per second (wall clock, training loop only).
         history: every logged line.
     """
@@ -149,30 +156,80 @@ class AlignResult:
     history: list[dict[str, float]]
 
 
-class PairWindows:
-    """All winner-first pairs as policy windows, for batched DPO steps.
-
-    Segments are concatenated into one :class:`~fkpd.data.OfflineDataset` (each segment
-    an episode) and windowed by one :class:`~fkpd.data.WindowSampler` with the
-    reference's normalisers, so windows are edge-padded inside each segment exactly as
-    in behaviour cloning. Segments of different lengths are padded to L_max and masked.
+class SegmentRef:
+    """A stored segment known by its length and task, whose arrays are read only when a
+    batch needs them (:class:`PairWindows` streams them through a bounded cache), so a
+    round never holds every labelled segment in memory at once.
 
     Args:
-        pairs: ``[(σ_w, σ_l, p), ...]`` winner first, p in {1.0, 0.5}.
+        key: identifies the segment (e.g. the store's clip id) in that cache.
+        length: L, its number of steps.
+        task_id: the task it was recorded on ('' when unknown).
+        load: returns the :class:`~fkpd.prefs.segments.Segment`; may raise
+            ``PreferenceError`` or ``ArtifactIntegrityError`` (a missing or changed file).
+    """
+
+    __slots__ = ("key", "length", "task_id", "_load")
+
+    def __init__(self, key: Any, length: int, task_id: str, load: Callable[[], Segment]) -> None:
+        self.key, self.length, self.task_id, self._load = key, int(length), task_id, load
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __repr__(self) -> str:
+        return f"SegmentRef({self.key!r}, length={self.length}, task_id={self.task_id!r})"
+
+    def load(self) -> Segment:
+        """Read the segment; its length must be the recorded one.
+
+        Raises:
+            PreferenceError: the file holds another number of steps than recorded, or bad arrays.
+        """
+        seg = self._load()
+        if len(seg) != self.length:
+            raise PreferenceError(f"segment {self.key!r} ({seg.path or 'stored'}) has {len(seg)} steps but "
+                                  f"{self.length} were recorded for it; the file was replaced")
+        return seg
+
+
+#: Steps of stored segments (:class:`SegmentRef`) :class:`PairWindows` keeps loaded
+#: (least recently used dropped first): about 45 MB at Do = 39, Da = 4.
+SEGMENT_CACHE_STEPS = 1 << 18
+
+
+class PairWindows:
+    """Winner-first pairs as policy windows, for batched DPO steps, built batch by batch.
+
+    The segments of the pairs asked for are concatenated into one
+    :class:`~fkpd.data.OfflineDataset` (each segment an episode) and windowed by one
+    :class:`~fkpd.data.WindowSampler` with the reference's normalisers, so windows are
+    edge-padded inside each segment exactly as in behaviour cloning; segments of
+    different lengths are padded to L_max (of all pairs) and masked. Segments given as
+    :class:`SegmentRef` are read when a batch needs them and kept in a cache of at most
+    ``cache_steps`` steps, so memory and start-up time do not grow with the number of
+    pairs; in-memory segments are used as they are.
+
+    Args:
+        pairs: ``[(σ_w, σ_l, p), ...]`` winner first, p in {1.0, 0.5}; σ a
+            :class:`~fkpd.prefs.segments.Segment` or a :class:`SegmentRef`.
         policy: supplies To, Ta, Do, Da and the normalisers.
         task_id: when given, segments that record another task are refused.
+        cache_steps: bound of the cache of loaded :class:`SegmentRef` segments, in steps.
 
     Raises:
         PreferenceError: empty list, a segment of the wrong size or task, or p not in
-            {1, 0.5}.
+            {1, 0.5} (for a :class:`SegmentRef`, its size is checked when it is read).
     """
 
-    def __init__(self, pairs: Sequence[WinnerFirstPair], policy: DiffusionPolicy, task_id: str | None = None) -> None:
+    def __init__(self, pairs: Sequence[WinnerFirstPair], policy: DiffusionPolicy, task_id: str | None = None,
+                 cache_steps: int = SEGMENT_CACHE_STEPS) -> None:
         if not pairs:
             raise PreferenceError("no trainable preference pairs (empty set, or only skips); label some pairs "
                                   "left/right/equal first")
-        cfg = policy.cfg
-        segs: list[Segment] = []
+        self.cfg = cfg = policy.cfg
+        self.obs_normalizer, self.action_normalizer = policy.obs_normalizer, policy.action_normalizer
+        segs: list = []
         ps = []
         for i, item in enumerate(pairs):
             if len(item) != 3:
@@ -183,15 +240,56 @@ class PairWindows:
                                       "(convert labels with fkpd.prefs.teachers.to_winner_first)")
             for seg in (w, l):
                 if task_id and seg.task_id and seg.task_id != task_id:
-                    raise PreferenceError(f"pair {i}: segment {seg.path or ''} was recorded on {seg.task_id!r}, not "
+                    where = getattr(seg, "path", None) or getattr(seg, "key", "")
+                    raise PreferenceError(f"pair {i}: segment {where or ''} was recorded on {seg.task_id!r}, not "
                                           f"{task_id!r}; use preferences of this task")
-                if seg.observations.shape[1] != cfg.obs_dim or seg.actions.shape[1] != cfg.action_dim:
-                    raise PreferenceError(
-                        f"pair {i}: segment {seg.path or ''} has Do={seg.observations.shape[1]}, "
-                        f"Da={seg.actions.shape[1]} but the policy has Do={cfg.obs_dim}, Da={cfg.action_dim}; "
-                        "the preferences come from another task")
+                if not isinstance(seg, SegmentRef):
+                    self._check(seg, f"pair {i}")
             segs += [w, l]
             ps.append(float(p))
+        self.segments = segs  # 2·i winner, 2·i + 1 loser of pair i
+        self.lengths = np.array([len(s) for s in segs], np.int64)
+        if (self.lengths < 1).any():
+            raise PreferenceError("a segment of length 0 in the pairs; every segment needs at least one step")
+        self.ends = np.cumsum(self.lengths)
+        self.max_len = int(self.lengths.max())
+        self.p = torch.tensor(ps, dtype=torch.float32)
+        self.cache_steps = int(cache_steps)
+        self._cache: OrderedDict[Any, Segment] = OrderedDict()
+        self._cached_steps = 0
+
+    def _check(self, seg: Segment, what: str) -> None:
+        cfg = self.cfg
+        if seg.observations.shape[1] != cfg.obs_dim or seg.actions.shape[1] != cfg.action_dim:
+            raise PreferenceError(
+                f"{what}: segment {seg.path or ''} has Do={seg.observations.shape[1]}, "
+                f"Da={seg.actions.shape[1]} but the policy has Do={cfg.obs_dim}, Da={cfg.action_dim}; "
+                "the preferences come from another task")
+
+    def __len__(self) -> int:
+        return len(self.p)
+
+    def segment(self, i: int) -> Segment:
+        """Segment ``i`` (2·pair + 0 winner / 1 loser), read through the cache if stored."""
+        seg = self.segments[i]
+        if not isinstance(seg, SegmentRef):
+            return seg
+        got = self._cache.get(seg.key)
+        if got is not None:
+            self._cache.move_to_end(seg.key)
+            return got
+        got = seg.load()
+        self._check(got, f"pair {i // 2}")
+        self._cache[seg.key] = got
+        self._cached_steps += len(got)
+        while self._cached_steps > self.cache_steps and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._cached_steps -= len(old)
+        return got
+
+    def _sampler(self, seg_ids: Sequence[int]) -> tuple[WindowSampler, np.ndarray]:
+        """A :class:`WindowSampler` over segments ``seg_ids`` and their start rows in it."""
+        segs = [self.segment(int(i)) for i in seg_ids]
         lengths = np.array([len(s) for s in segs], np.int64)
         ends = np.cumsum(lengths)
         ds = OfflineDataset(
@@ -199,57 +297,110 @@ class PairWindows:
             actions=np.concatenate([s.actions for s in segs]),
             rewards=np.concatenate([s.rewards for s in segs]),
             episode_ends=ends, infos={}, attrs={})
-        self.sampler = WindowSampler(ds, cfg.n_obs_steps, cfg.horizon, policy.obs_normalizer,
-                                     policy.action_normalizer)
-        self.max_len = int(lengths.max())
-        starts = ends - lengths
-        steps = np.arange(self.max_len)[None]
-        index = starts[:, None] + np.minimum(steps, lengths[:, None] - 1)
-        self.index = torch.from_numpy(index.reshape(len(pairs), 2, self.max_len))
-        self.mask = torch.from_numpy((steps < lengths[:, None]).astype(np.float32).reshape(len(pairs), 2, -1))
-        self.p = torch.tensor(ps, dtype=torch.float32)
-        self.obs_states = self.sampler.obs  # (N, Do) normalised, all segment steps
-
-    def __len__(self) -> int:
-        return len(self.p)
+        sampler = WindowSampler(ds, self.cfg.n_obs_steps, self.cfg.horizon, self.obs_normalizer,
+                                self.action_normalizer)
+        return sampler, ends - lengths
 
     def batch(self, idx: torch.Tensor) -> PairBatch:
         """Pairs ``idx`` (B,) -> :class:`~fkpd.train.losses.PairBatch` with L = L_max."""
+        idx = torch.as_tensor(idx).flatten()
         b = len(idx)
-        obs, act = self.sampler.get(self.index[idx].flatten())
+        seg_ids = torch.stack([2 * idx, 2 * idx + 1], 1).flatten().numpy()  # (2B,) w0, l0, w1, l1, ...
+        sampler, starts = self._sampler(seg_ids)
+        lengths = self.lengths[seg_ids]
+        steps = np.arange(self.max_len)[None]
+        index = starts[:, None] + np.minimum(steps, lengths[:, None] - 1)
+        obs, act = sampler.get(torch.from_numpy(index.reshape(-1)))
         obs = obs.view(b, 2, self.max_len, *obs.shape[1:])
         act = act.view(b, 2, self.max_len, *act.shape[1:])
-        mask = self.mask[idx]
+        mask = torch.from_numpy((steps < lengths[:, None]).astype(np.float32)).view(b, 2, self.max_len)
         return PairBatch(obs[:, 0], act[:, 0], mask[:, 0], obs[:, 1], act[:, 1], mask[:, 1], self.p[idx])
 
     def states(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` random observation histories (n, To, Do) from the segments' windows."""
-        idx = torch.randint(0, len(self.sampler), (n,), generator=generator)
-        return self.sampler.obs[self.sampler.obs_index[idx]]
+        """``n`` random observation histories (n, To, Do), uniform over the windows (steps)
+        of all segments."""
+        idx = torch.randint(0, int(self.ends[-1]), (n,), generator=generator).numpy()
+        seg = np.searchsorted(self.ends, idx, side="right")
+        used, where = np.unique(seg, return_inverse=True)
+        sampler, starts = self._sampler(used)
+        rows = starts[where] + (idx - (self.ends[seg] - self.lengths[seg]))
+        return sampler.obs[sampler.obs_index[torch.from_numpy(rows)]]
+
+
+def sample_pairs(n_pairs: int, size: int | None, seed: int) -> torch.Tensor:
+    """Indices of a seeded uniform random sample of ``size`` of ``n_pairs`` pairs, without
+    replacement, in increasing order; all pairs (``arange``) when ``size`` is None, 0 or
+    at least ``n_pairs``."""
+    if not size or size >= n_pairs:
+        return torch.arange(n_pairs)
+    gen = torch.Generator().manual_seed(int(seed) + 0x5EED)  # apart from the noise draw's generator
+    return torch.randperm(n_pairs, generator=gen)[:int(size)].sort().values
+
+
+def wilson_interval(p_hat: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (Wilson, JASA 1927) from the
+    observed fraction ``p_hat`` of ``n`` trials (half-counts allowed); ``(nan, nan)``
+    when n = 0."""
+    if n <= 0 or not math.isfinite(p_hat):
+        return float("nan"), float("nan")
+    from scipy.stats import norm
+
+    z = float(norm.ppf(0.5 + confidence / 2))
+    denom = 1 + z * z / n
+    centre = (p_hat + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(max(p_hat * (1 - p_hat), 0.0) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 @torch.no_grad()
 def evaluate_pairs(policy: DiffusionPolicy, reference: DiffusionPolicy, windows: PairWindows, beta: float,
-                   seed: int = 0, batch_pairs: int = 32) -> dict[str, float]:
-    """DPO metrics (:func:`fkpd.train.losses.dpo_metrics`) and loss over all pairs, with a
-    fixed noise draw (``seed``) so values at different θ are comparable.
+                   seed: int = 0, batch_pairs: int = 32, sample: int | None = None,
+                   reference_cache: dict | None = None) -> dict[str, float]:
+    """DPO metrics (:func:`fkpd.train.losses.dpo_metrics`) and loss over the pairs, or over
+    a seeded random sample of them, with a fixed noise draw (``seed``) so values at
+    different θ are comparable.
+
+    The cost is that of the pairs evaluated: with ``sample`` it stays flat however many
+    pairs there are, and ``implicit_acc_low``/``implicit_acc_high`` bound the accuracy
+    over all pairs (95 % Wilson interval over the sample's strict pairs). With the same
+    ``seed``, ``sample`` and ``batch_pairs`` the pairs and (t, ε) draws are the same, so
+    the frozen reference's errors are too: a ``reference_cache`` dict passed to several
+    calls (before and after a round) keeps them, and the reference runs once.
+
+    Args:
+        sample: pairs to evaluate (None or 0: all, the exact value).
+        reference_cache: a dict to keep m_ref in between calls (filled by the first).
 
     Returns:
-        metrics over the whole set, plus ``dpo`` (mean loss) and ``pairs``.
+        metrics over the pairs evaluated, plus ``dpo`` (mean loss), ``pairs`` (all),
+        ``pairs_evaluated`` and the interval ``implicit_acc_low``/``implicit_acc_high``.
     """
     gen = torch.Generator().manual_seed(seed)
     dev = policy.device
+    chosen = sample_pairs(len(windows), sample, seed)
+    key = (len(windows), int(seed), int(sample or 0), int(batch_pairs))
+    cached = None
+    if reference_cache is not None:
+        if reference_cache.get("key") != key:
+            reference_cache.clear()
+            reference_cache.update(key=key, errors=[])
+        cached = reference_cache["errors"]
     terms_all = []
-    for b0 in range(0, len(windows), batch_pairs):
-        idx = torch.arange(b0, min(b0 + batch_pairs, len(windows)))
+    for k, b0 in enumerate(range(0, len(chosen), batch_pairs)):
+        idx = chosen[b0:b0 + batch_pairs]
         batch = windows.batch(idx).to(dev)
-        terms = dpo_terms(policy, reference, batch, beta, generator=gen)
+        ref = cached[k] if cached is not None and k < len(cached) else None
+        terms = dpo_terms(policy, reference, batch, beta, generator=gen, reference_errors=ref)
+        if cached is not None and ref is None:
+            cached.append((terms.ref_w, terms.ref_l))
         terms_all.append(terms)
     terms = DPOTerms(*(torch.cat([getattr(t, k) for t in terms_all]) for k in DPOTerms._fields))
-    p = windows.p.to(dev)
+    p = windows.p[chosen].to(dev)
     loss = preference_nll(terms.z, p).mean()
     out = dpo_metrics(terms, p, beta)
-    out.update(dpo=float(loss), pairs=len(windows))
+    low, high = wilson_interval(out["implicit_acc"], out["strict_pairs"])
+    out.update(dpo=float(loss), pairs=len(windows), pairs_evaluated=len(chosen), implicit_acc_low=low,
+               implicit_acc_high=high)
     return out
 
 
@@ -363,7 +514,9 @@ def align(cfg: AlignConfig, pairs: Sequence[WinnerFirstPair] | None = None, prog
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    before = evaluate_pairs(policy, reference, windows, cfg.beta, seed=cfg.seed)
+    ref_cache: dict = {}  # m_ref of the evaluated pairs, the same before and after (frozen reference, same draw)
+    before = evaluate_pairs(policy, reference, windows, cfg.beta, seed=cfg.seed, sample=cfg.eval_pairs,
+                            reference_cache=ref_cache)
     opt = torch.optim.AdamW(policy.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_constant_schedule_with_warmup(opt, cfg.warmup_steps)
     out.mkdir(parents=True, exist_ok=True)
@@ -413,7 +566,8 @@ def align(cfg: AlignConfig, pairs: Sequence[WinnerFirstPair] | None = None, prog
                 on_step(done, cfg.steps)
         steps_per_s = cfg.steps / max(time.time() - t0, 1e-9)
         policy.eval()
-        after = evaluate_pairs(policy, reference, windows, cfg.beta, seed=cfg.seed)
+        after = evaluate_pairs(policy, reference, windows, cfg.beta, seed=cfg.seed, sample=cfg.eval_pairs,
+                               reference_cache=ref_cache)
         tb.log(after, cfg.steps, prefix="pairs/")
     if not math.isfinite(after["dpo"]):
         raise TrainingError(f"the aligned policy gives a non-finite DPO loss on the training pairs; stopped without "

@@ -131,13 +131,20 @@ def segment_errors(policy, obs: torch.Tensor, act: torch.Tensor, mask: torch.Ten
 
 
 def pair_errors(policy, reference, batch: PairBatch, t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                generator: torch.Generator | None = None, with_reference: bool = True
+                generator: torch.Generator | None = None, with_reference: bool = True,
+                reference_errors: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """m_θ and m_ref of the winner and loser of every pair, with one shared (t, ε) per step.
 
     Winner and loser go through each network in one call (2B·L windows); the reference
     runs under ``torch.no_grad`` (and not at all without ``with_reference``: its terms
     are then 0).
+
+    Args:
+        reference_errors: ``(ref_w, ref_l)``, each (B,), returned by an earlier call on
+            the same pairs with the same (t, ε) draw: the reference is frozen, so they
+            are what it would give again, and it is not run. The draw is made (and the
+            generator advanced) exactly as without them.
 
     Returns:
         ``(m_w, m_l, ref_w, ref_l)``, each (B,).
@@ -150,6 +157,9 @@ def pair_errors(policy, reference, batch: PairBatch, t: torch.Tensor | None = No
     t2, noise2 = torch.cat([t, t]), torch.cat([noise, noise])
     m = segment_errors(policy, obs, act, mask, t2, noise2)
     b = len(batch)
+    if reference_errors is not None:
+        ref_w, ref_l = reference_errors
+        return m[:b], m[b:], ref_w.to(m.device), ref_l.to(m.device)
     if not with_reference:
         zeros = torch.zeros_like(m[:b])
         return m[:b], m[b:], zeros, zeros
@@ -159,7 +169,8 @@ def pair_errors(policy, reference, batch: PairBatch, t: torch.Tensor | None = No
 
 
 def dpo_terms(policy, reference, batch: PairBatch, beta: float, t: torch.Tensor | None = None,
-              noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> DPOTerms:
+              noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+              reference_errors: tuple[torch.Tensor, torch.Tensor] | None = None) -> DPOTerms:
     """m_θ, m_ref of both segments and z, with one shared (t, ε) per step.
 
     Winner and loser go through each network in one call (2B·L windows); the reference
@@ -172,8 +183,10 @@ def dpo_terms(policy, reference, batch: PairBatch, beta: float, t: torch.Tensor 
         beta: β of the DPO term (> 0).
         t, noise: (B, L) and (B, L, Ta, Da); drawn with :func:`shared_noise` when None.
         generator: for that draw.
+        reference_errors: cached m_ref of these pairs for this draw (:func:`pair_errors`).
     """
-    m_w, m_l, ref_w, ref_l = pair_errors(policy, reference, batch, t, noise, generator)
+    m_w, m_l, ref_w, ref_l = pair_errors(policy, reference, batch, t, noise, generator,
+                                         reference_errors=reference_errors)
     z = -0.5 * beta * ((m_w - ref_w) - (m_l - ref_l))
     return DPOTerms(m_w, m_l, ref_w, ref_l, z)
 
