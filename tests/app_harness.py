@@ -19,7 +19,7 @@ APP_SCRIPT = REPO_ROOT / "app" / "streamlit_app.py"
 
 
 def launch_app(env: Mapping[str, str], log_file: Path, port: int | None = None,
-               timeout_s: float = 60.0) -> tuple[subprocess.Popen, str]:
+               timeout_s: float = 60.0, serve: bool = False) -> tuple[subprocess.Popen, str]:
     """Start ``streamlit run app/streamlit_app.py`` headless and wait until it answers.
 
     For the browser test and ``bench/bench_ui.py``. The server runs in a session of its
@@ -30,6 +30,8 @@ def launch_app(env: Mapping[str, str], log_file: Path, port: int | None = None,
         log_file: where the server's output goes.
         port: TCP port; default a free one.
         timeout_s: how long to wait for ``/_stcore/health``.
+        serve: start it as ``make run`` does (``python -m fkpd.studio.serve``): the
+            project and the local workers first, so they are ready before a page opens.
 
     Returns:
         ``(process, base_url)``.
@@ -45,9 +47,9 @@ def launch_app(env: Mapping[str, str], log_file: Path, port: int | None = None,
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
+    launcher = ["fkpd.studio.serve"] if serve else ["streamlit", "run"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT), "--server.port", str(port),
-         "--server.headless", "true"],
+        [sys.executable, "-m", *launcher, str(APP_SCRIPT), "--server.port", str(port), "--server.headless", "true"],
         cwd=REPO_ROOT, env=dict(env), stdout=log_file.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout_s

@@ -10,6 +10,7 @@ project whose pair was on screen (checked in the store). Screenshots go to
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -17,7 +18,9 @@ import pytest
 from conftest_app import ADMIN_PASSWORD, PROJECT, bootstrapped_project, project_dir  # noqa: F401
 from conftest_store import wait_for
 from fkpd.store import Store
-from test_app_browser import ARTIFACTS, CHROMIUM_ARGS, browser_path, start_app, stop_app, video_state
+from app_harness import launch_app, stop_app
+from conftest_app import studio_env
+from test_app_browser import ARTIFACTS, CHROMIUM_ARGS, browser_path, video_state
 
 MAZE = "maze"
 #: What the admin types in "Other bootstrap settings": a tiny policy, 32×32 clips.
@@ -28,7 +31,8 @@ MAZE_EXTRA = {"max_episode_steps": 30, "render_size": 32, "n_envs": 2, "threads"
 @pytest.fixture
 def live_app(project_dir, tmp_path):  # noqa: F811
     chromium = browser_path()
-    proc, url = start_app(project_dir, tmp_path / "streamlit.log")
+    env = {**os.environ, **studio_env(project_dir, FKPD_START_WORKER="1", FKPD_WORKER_THREADS="1")}
+    proc, url = launch_app(env, tmp_path / "streamlit.log", serve=True)  # as make run: the workers start at once
     try:
         yield url, chromium, project_dir
     finally:
@@ -112,6 +116,7 @@ def _admin_creates_and_ada_labels(live_app) -> None:
         page.goto(f"{url}/?annotator=ada")
         door_versions = {v.id for v in store.list_policy_versions(PROJECT)}
         first = _answer(page, "ArrowLeft", door_versions)
+        wait_for(lambda: len(store.comparisons_frame(PROJECT)) == 1, 15, what="the first answer in the store")
         assert f"project={PROJECT}" in _href(page) and "annotator=ada" in _href(page)
 
         done = wait_for(lambda: (j := store.jobs.get(job.id)).done and j, 90, what="the maze bootstrap")
@@ -124,6 +129,7 @@ def _admin_creates_and_ada_labels(live_app) -> None:
         maze_versions = {v.id for v in store.list_policy_versions(MAZE)}
         assert maze_versions and not maze_versions & door_versions
         second = _answer(page, "ArrowRight", maze_versions)
+        wait_for(lambda: len(store.comparisons_frame(MAZE)) == 1, 15, what="the maze answer in the store")
         page.screenshot(path=ARTIFACTS / "projects-maze-label.png")
 
         # Another page keeps the project.
