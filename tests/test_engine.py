@@ -143,6 +143,10 @@ def test_compare_with_parent_is_paired_and_flags_only_beyond_the_interval():
     lower = {"episode_successes": [0] * 20, "episode_returns": [40.0 + i % 3 for i in range(20)]}
     cmp = compare_with_parent(lower, flat)
     assert cmp["metric"] == "return" and cmp["worse"]
+    text = describe_comparison(cmp)
+    lo, hi = cmp["delta_return_ci95"]
+    assert f"95% CI {lo:+.1f} to {hi:+.1f}; neither version succeeded" in text and text.endswith("WORSE beyond the interval")
+    assert "neither version succeeded" not in describe_comparison(compare_with_parent(worse, parent))
     assert compare_with_parent(lower, None) is None and compare_with_parent({}, parent) is None
     assert describe_comparison(None) == "no paired comparison with its parent"
 

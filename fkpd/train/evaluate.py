@@ -197,10 +197,14 @@ def compare_with_parent(child: dict[str, Any], parent: dict[str, Any] | None) ->
 
 def describe_comparison(cmp: dict[str, Any] | None, parent: str = "its parent") -> str:
     """One line for logs and pages, e.g. ``success −20 pts vs its parent (95% CI −35 to
-    −5, 50 paired episodes): WORSE``."""
+    −5, 50 paired episodes), return −80.2: WORSE beyond the interval``; when the flag was
+    decided on the return (neither version succeeded), the return's interval too."""
     if not cmp:
         return f"no paired comparison with {parent}"
     lo, hi = cmp["delta_success_ci95"]
     text = (f"success {100 * cmp['delta_success']:+.0f} pts vs {parent} (95% CI {100 * lo:+.0f} to {100 * hi:+.0f}, "
             f"{cmp['episodes']} paired episodes), return {cmp['delta_return']:+.1f}")
+    if cmp.get("metric") == "return":  # no success in either version: the flag is decided on the return
+        rlo, rhi = cmp["delta_return_ci95"]
+        text += f" (95% CI {rlo:+.1f} to {rhi:+.1f}; neither version succeeded, so the return decides)"
     return text + (": WORSE beyond the interval" if cmp["worse"] else "")
