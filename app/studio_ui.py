@@ -119,9 +119,29 @@ def _studio() -> Studio:
     return Studio(cfg, store, project, auth, workers, pids)
 
 
+def _page_without_entry_script() -> bool:
+    """Whether Streamlit runs a page alone, without ``streamlit_app.py`` (and its sidebar).
+
+    Streamlit starts each server process in its old multipage mode because ``app/pages/``
+    exists (``PagesManager.uses_pages_directory``) and keeps it until a run calls
+    ``st.navigation``: a first visit to ``/rounds?project=...`` runs the page alone (so
+    does every AppTest run after the first). Then :func:`studio` draws the picker and the
+    sidebar itself, and the flag is cleared, so the next run goes through the entry script.
+    """
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:  # a Streamlit without it has no such mode
+        return False
+    if getattr(PagesManager, "uses_pages_directory", False):
+        PagesManager.uses_pages_directory = False
+        return True
+    return False
+
+
 def studio() -> Studio:
     """The shared resources, with the project this tab works on (:func:`_this_tab`); a
     configuration error stops the page with its message."""
+    alone = _page_without_entry_script()
     try:
         base = _studio()
     except StudioError as exc:
@@ -130,7 +150,11 @@ def studio() -> Studio:
     except Exception as exc:  # noqa: BLE001 - show it instead of a blank page
         st.error(f"FKPD Studio cannot start: {type(exc).__name__}: {exc}")
         st.stop()
-    return _this_tab(base)
+    s = _this_tab(base)
+    if alone:
+        project_picker(s)
+        sidebar(s)
+    return s
 
 
 PROJECT_KEY = "project"  # session: the project this tab works on

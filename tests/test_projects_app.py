@@ -37,9 +37,10 @@ def app(project_dir, monkeypatch):
 
 
 def _tab(app_dir: str, page: str) -> None:
-    """The entry script's sidebar and one page, without st.navigation: AppTest drops the
-    sidebar of an st.navigation entry script after its first run, so a test that picks a
-    project twice runs this instead."""
+    """The entry script's sidebar and one page, without st.navigation: every AppTest run
+    of the entry script after the first runs the page alone, in Streamlit's old multipage
+    mode (``app/pages/`` exists), where a second pick in the sidebar is not seen; this
+    script keeps one mode."""
     import runpy
     import sys
 
