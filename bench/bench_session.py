@@ -175,6 +175,8 @@ def main() -> None:
     if args.bootstrap:
         env["FKPD_BOOTSTRAP"] = args.bootstrap
     log = root / "serve.log"
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # so that `finally` stops the app's process group
+        signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
     t_start = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "fkpd.studio.serve", "app/streamlit_app.py", "--server.port",
                              str(port), "--server.headless", "true"], cwd=REPO, env=env,
