@@ -465,6 +465,8 @@ def render_batch(engine: RoundEngine, version: PolicyVersionInfo, round_: int, *
             progress((extra + fraction * total) / rolled[0], message)
 
     on_clip = labeller.clip_writer(version, round_, total, writing)
+    if progress is not None:
+        progress(0.0, f"rendering batch: rolling out, clip 0/{total}")
     try:
         engine.make_batch(policy, round_, on_clip=on_clip, progress=rolling)
     finally:
