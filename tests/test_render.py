@@ -4,6 +4,7 @@ progressive batches (a batch is labelable pair by pair as its clips land)."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -133,14 +134,16 @@ def test_a_batch_is_labelable_pair_by_pair_and_never_offers_half_a_pair(store):
     store.release(first[0], ada)
     write(tiny_clip(1, 1))  # half of pair 1: never offered, its files not even written
     write(tiny_clip(2, 0))
-    write(tiny_clip(2, 1))
-    wait_for(lambda: len(offered_pairs_are_whole(store, project, ada)) == 2, what="pair 2")
-    assert offered_pairs_are_whole(store, project, ada)[0] == first[0]
-    assert not list(store.artifact_dir.glob("projects/*/batches/*/p001_b*"))
+    write(tiny_clip(2, 1))  # pair 2 is whole, but waits for pair 1: pairs come in batch order
+    time.sleep(0.5)
+    assert offered_pairs_are_whole(store, project, ada) == first
+    assert not list(store.artifact_dir.glob("projects/*/batches/*/p001_*"))
     write(tiny_clip(1, 0))
     labeller.request(1, [None] * 3)
     ids = labeller.pair_ids.pop(1)
-    assert ids[0] == first[0] and len(set(ids)) == 3 and store.batch_progress(project.id, 1) == (0, 3)
+    assert ids[0] == first[0] and ids == sorted(ids) and store.batch_progress(project.id, 1) == (0, 3)
+    offered = store.lease_pairs(project.id, ada, 3)  # oldest first: the batch's order
+    assert [store.get_clip(pair.left.id).meta["pair"] for pair in offered] == [0, 1, 2]
     # a retried job registers only the pairs it has not: the batch indices it wrote are known
     assert store.batch_pair_indices(project.id, 1, None) == {0, 1, 2}
     labeller.skip[1] = {0, 1}

@@ -5,8 +5,10 @@ The rollout hands it each clip as soon as the clip is rolled out
 (:func:`fkpd.prefs.pairs.rollout_pairs`); clips rolled out with ``record="states"``
 (physics states instead of frames) go to a :class:`fkpd.envs.render.ClipRenderer`, whose
 worker processes render and encode them while the policy rolls out the next clips. One
-registration thread then takes the pairs in the order their second clip arrived (pair
-0, pair 1, ... for a rollout batch) and, for each, once both videos are encoded:
+registration thread then takes the pairs in batch order (pair 0, pair 1, ...; a pair
+whose clips are in waits for the pairs before it, so pair ids, the order annotators get
+pairs in, follow the batch, dataset pairs spread through it included) and, for each,
+once both videos are encoded:
 
 1. writes both videos and segments under their final names atomically
    (:meth:`fkpd.store.Store.write_artifact_atomic`; a reader never sees a half-written
@@ -83,6 +85,8 @@ class ProgressiveBatch:
         self.pair_ids: dict[int, int] = {}  # batch index -> pair id
         self._sides: dict[int, dict[int, tuple[RolledClip, Future | None]]] = {}
         self._queued: list[Future] = []
+        self._ready: set[int] = set()  # pairs with both clips in, not yet queued for registration
+        self._next = 0  # the batch index registered next
         self._registrar = ThreadPoolExecutor(1, thread_name_prefix=f"register-round{round_}")
         self._renderer: ClipRenderer | None = None
         self._env: Any = None  # the registration thread's own, with render_workers=0
@@ -120,11 +124,17 @@ class ProgressiveBatch:
         sides = self._sides.setdefault(k, {})
         sides[side] = (clip, job)
         if len(sides) == 2:
-            self._queued.append(self._registrar.submit(self._register, k))
-            if len(self._queued) == 1:
-                # the first pair first: the rollout of the next clips waits until it is
-                # labelable, so its two renders have the CPU to themselves
-                self._queued[0].result()
+            self._ready.add(k)
+        first = not self._queued
+        while self._next in self._ready or self._next in self.skip:  # in batch order
+            if self._next in self._ready:
+                self._ready.discard(self._next)
+                self._queued.append(self._registrar.submit(self._register, self._next))
+            self._next += 1
+        if first and self._queued:
+            # the first pair first: the rollout of the next clips waits until it is
+            # labelable, so its two renders have the CPU to themselves
+            self._queued[0].result()
 
     def _raise_if_failed(self) -> None:
         with self._lock:
