@@ -11,9 +11,19 @@ Latency of one answer, measured inside the page with ``performance.now()``: from
 videos showing a frame (``readyState >= 2``). Also reported: how long until the answer
 is in the database (polled; resolution ~20 ms).
 
-Prints p50/p95/max and writes ``bench/results/bench_ui.json``::
+With ``--during-round`` (issue #15: the figure that matters is the one while the
+machine trains), the bootstrap uses the app's default network, ``--round-labels`` pairs
+are answered through the store first, an alignment round at the app's default parameters
+is queued and a ``fkpd worker`` process starts it; the answers begin once the round is
+training, and every latency is tagged with whether the round was still running (the
+summary is over those). Answers are ``--gap-s`` apart and each pair stays on screen at
+least the project's minimum viewing time (1.5 s by default), as for people.
+
+Prints p50/p95/max and writes ``bench/results/bench_ui.json`` (``bench_ui_round.json``
+with ``--during-round``)::
 
     python bench/bench_ui.py                # 30 answers
+    python bench/bench_ui.py --during-round # 30 answers while a round trains
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -62,12 +73,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--answers", type=int, default=30)
     ap.add_argument("--pairs", type=int, default=32, help="pairs in the batch (at least --answers + 2)")
-    ap.add_argument("--gap-s", type=float, default=1.5, help="seconds between answers")
-    ap.add_argument("--json", default="bench/results/bench_ui.json")
+    ap.add_argument("--gap-s", type=float, default=2.5, help="seconds between answers (>= the minimum viewing time)")
+    ap.add_argument("--during-round", action="store_true", help="answer while an alignment round trains")
+    ap.add_argument("--round-labels", type=int, default=10, help="pairs answered through the store for the round")
+    ap.add_argument("--json", default="")
     ap.add_argument("--keep", action="store_true", help="keep the temporary project")
     args = ap.parse_args()
+    if args.during_round:
+        args.pairs = max(args.pairs, args.answers + 2 + args.round_labels)
     if args.pairs < args.answers + 2:
         ap.error("--pairs must be at least --answers + 2")
+    args.json = args.json or ("bench/results/bench_ui_round.json" if args.during_round else "bench/results/bench_ui.json")
     chromium = shutil.which("chromium")
     if chromium is None:
         sys.exit("chromium is not on PATH: apt-get install -y chromium")
@@ -75,6 +91,7 @@ def main() -> None:
 
     from fkpd.store import run_worker
     from fkpd.studio import StudioConfig, open_project
+    from fkpd.studio.history import enqueue_round
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from app_harness import launch_app, stop_app  # the test harness: tests/app_harness.py
@@ -84,6 +101,8 @@ def main() -> None:
                  "bc": {"batch_size": 32, "warmup_steps": 5}, "policy": {"hidden_dim": 64, "n_blocks": 1},
                  "pairs_per_batch": args.pairs, "segment_length": 64, "render_size": 224, "n_envs": 8,
                  "eval_episodes": 2, "threads": 1}
+    if args.during_round:
+        del bootstrap["policy"]  # the app's default network: the round trains what people would train
     env = {**os.environ, "FKPD_DATABASE_URL": f"sqlite:///{root / 'fkpd.sqlite'}",
            "FKPD_ARTIFACT_DIR": str(root / "artifacts"), "FKPD_PROJECT": "bench-ui",
            "FKPD_BOOTSTRAP": json.dumps(bootstrap), "FKPD_START_WORKER": "0", "FKPD_ADMIN_PASSWORD": "bench",
@@ -97,7 +116,16 @@ def main() -> None:
         assert store.jobs.get(job.id).status == "succeeded", store.jobs.get(job.id).error
     print(f"bootstrap took {time.time() - t0:.0f} s", flush=True)
     sizes = [p.stat().st_size for p in (root / "artifacts").rglob("*.mp4")]
+    if args.during_round:  # labels for the round, answered by a scripted annotator through the store
+        with cfg.open_store() as store:
+            store.get_or_create_annotator("teacher")
+            for i in range(args.round_labels):
+                pair = store.next_pair(project.id, "teacher")
+                store.answer(pair.id, "teacher", "left" if i % 2 else "right", project=project.id)
     proc, url = launch_app(env, root / "streamlit.log")
+    worker = None
+    round_job = None
+    during: list[bool] = []
     db_ms: list[float] = []
     try:
         with sync_playwright() as pw, cfg.open_store() as store:
@@ -108,6 +136,16 @@ def main() -> None:
             player.wait_for(timeout=60_000)
             page.locator("video.fkpd-left").wait_for(timeout=60_000)
             page.evaluate(PROBE)
+            if args.during_round:
+                round_job = enqueue_round(store, project, {})  # the app's default round parameters
+                worker = subprocess.Popen([sys.executable, "-m", "fkpd.cli", "worker"], env=env,
+                                          stdout=(root / "worker.log").open("wb"), stderr=subprocess.STDOUT)
+                t_wait = time.time()
+                while "aligning" not in (store.jobs.get(round_job.id).message or ""):
+                    if time.time() - t_wait > 300 or store.jobs.get(round_job.id).done:
+                        raise RuntimeError(f"the round did not start training: {store.jobs.get(round_job.id)}")
+                    time.sleep(0.5)
+                print(f"round {round_job.id} is training: {store.jobs.get(round_job.id).message}", flush=True)
             time.sleep(args.gap_s)
             for i in range(args.answers):
                 n_before = len(store.comparisons_frame(project.id))
@@ -118,17 +156,32 @@ def main() -> None:
                         raise RuntimeError(f"answer {i} was not stored within 30 s")
                     time.sleep(0.02)
                 db_ms.append(1000 * (time.perf_counter() - t_key))
+                during.append(round_job is not None and not store.jobs.get(round_job.id).done)
                 time.sleep(max(0.0, args.gap_s - (time.perf_counter() - t_key)))
             page.wait_for_function(f"() => window.__lat.length >= {args.answers}", timeout=30_000)
             lat = page.evaluate("() => window.__lat")
             stored = store.comparisons_frame(project.id)
+            stored = stored[stored["annotator"] == "bench"]
+            round_state = store.jobs.get(round_job.id) if round_job is not None else None
             browser.close()
     finally:
         stop_app(proc)
+        if worker is not None:  # it stops at the job's next step; the round's result does not matter any more
+            worker.terminate()
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    ms = np.array([x["ms"] for x in lat])
+    ms_all = np.array([x["ms"] for x in lat])
     assert len(stored) == args.answers and stored["pair_id"].is_unique, "every answer stored exactly once"
+    ms = ms_all[np.array(during[:len(ms_all)])] if args.during_round else ms_all
+    if args.during_round:
+        print(f"{len(ms)} of {len(ms_all)} answers while round {round_job.id} was running "
+              f"(it ended {round_state.status if round_state.done else 'later'}: {round_state.message})")
+        if not len(ms):
+            sys.exit("no answer fell inside the round; raise --answers")
     q = lambda a, p: float(np.percentile(a, p))  # noqa: E731
     print(f"click-to-next-pair latency over {len(ms)} answers: p50 {q(ms, 50):.1f} ms, p95 {q(ms, 95):.1f} ms, "
           f"max {ms.max():.1f} ms")
@@ -140,6 +193,10 @@ def main() -> None:
     out.write_text(json.dumps({
         "benchmark": "bench_ui", "args": vars(args),
         "latency_ms": {"p50": q(ms, 50), "p95": q(ms, 95), "max": float(ms.max()), "all": ms.tolist()},
+        "during_round": ({"answers_in_round": int(len(ms)), "answers": int(len(ms_all)),
+                          "all_ms": ms_all.tolist(), "in_round": during,
+                          "round_status": round_state.status, "round_message": round_state.message}
+                         if args.during_round else None),
         "stored_ms": {"p50": q(db_ms, 50), "p95": q(db_ms, 95), "all": db_ms},
         "clip_kib_median": float(np.median(sizes) / 1024),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
