@@ -2,7 +2,7 @@
 
 What ``make run`` does, on a fresh store: ``python -m fkpd.studio.serve`` creates the
 project for the default task with its bootstrap queued and starts the local workers and
-the server. Then ``--annotators`` headless-Chromium annotators (one browser context each,
+the server. Then ``--annotators`` headless-Chromium annotators (one browser each,
 ``?annotator=NAME``, open identity) each answer the pair on screen every ``--gap-s``
 seconds (arrow keys, left or right at random; a pair is answered only after it has been
 on screen ``--min-view-s`` seconds, so the player's minimum viewing time never drops a
@@ -31,17 +31,19 @@ import platform
 import random
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# Each annotator gets a browser of their own, as people do; Chromium must not pause or
+# throttle a page it thinks is in the background (videos that do not play never reach the
+# minimum viewing time, and every press would be refused).
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+                 "--disable-component-update", "--disable-sync", "--disable-background-media-suspend",
+                 "--disable-renderer-backgrounding", "--disable-backgrounding-occluded-windows",
+                 "--disable-background-timer-throttling", "--autoplay-policy=no-user-gesture-required"]
 
 # The pair on screen (its id when the player holds one and both videos show a frame, else
 # "") and the number of answers this page has sent (the player's data-answers).
@@ -57,37 +59,6 @@ ON_SCREEN = """
   return {pair: (l && r && l.readyState >= 2 && r.readyState >= 2) ? root.dataset.pairId : "", answers: answers};
 }
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_health(url: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the app exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"the app did not answer within {timeout_s:.0f} s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Ctrl-C to the launcher's process group, as a terminal does; kill after 60 s."""
-    try:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 class Annotator:
@@ -166,9 +137,10 @@ def main() -> None:
 
     from fkpd.store import Store
 
+    sys.path.insert(0, str(REPO / "tests"))
+    from app_harness import launch_app, stop_app  # the test harness: tests/app_harness.py
+
     root = Path(tempfile.mkdtemp(prefix="bench_session_"))
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "FKPD_TASK": args.task,
            "FKPD_DATABASE_URL": f"sqlite:///{root / 'fkpd.sqlite'}", "FKPD_ARTIFACT_DIR": str(root / "artifacts"),
            "FKPD_IDENTITY": "open", "FKPD_ADMIN_PASSWORD": "bench"}
@@ -178,19 +150,17 @@ def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP):  # so that `finally` stops the app's process group
         signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
     t_start = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "fkpd.studio.serve", "app/streamlit_app.py", "--server.port",
-                             str(port), "--server.headless", "true"], cwd=REPO, env=env,
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc, url = launch_app(env, log, timeout_s=120, serve=True)  # what `make run` starts
     rng = random.Random(args.seed)
     result: dict = {}
     try:
-        _wait_health(url, proc)
         print(f"app up after {time.time() - t_start:.1f} s; bootstrap running ...", flush=True)
         with sync_playwright() as pw, Store(env["FKPD_DATABASE_URL"], root / "artifacts") as store:
-            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            browsers = [pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+                        for _ in range(args.annotators)]
             people = []
-            for i in range(args.annotators):
-                page = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
+            for i, browser in enumerate(browsers):
+                page = browser.new_page(viewport={"width": 1280, "height": 800})
                 page.goto(f"{url}/?annotator=annotator{i + 1}")
                 people.append(Annotator(f"annotator{i + 1}", page, args.gap_s, args.min_view_s, rng))
             deadline_first = time.time() + 60 * args.bootstrap_timeout_min
@@ -226,7 +196,8 @@ def main() -> None:
             jobs = store.jobs.list(project.id)
             rounds = [j for j in jobs if j.kind == "alignment_round"]
             versions = store.list_policy_versions(project.id)
-            browser.close()
+            for browser in browsers:
+                browser.close()
         people_out = []
         for a in people:
             span = now - a.first_pair_at
@@ -251,7 +222,7 @@ def main() -> None:
                         "platform": platform.platform()},
         }
     finally:
-        _stop(proc)
+        stop_app(proc)  # SIGTERM: the launcher passes it on to the server and workers
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
         else:
