@@ -226,6 +226,9 @@ export default function (component) {
   show(st);
 
   const onKey = (e) => {
+    // A player Streamlit has replaced (its element left the page) must not take the key:
+    // it would call preventDefault and the player on screen would never see the press.
+    if (!st.el.root.isConnected) { document.removeEventListener("keydown", onKey); return; }
     if (e.defaultPrevented || e.altKey || e.ctrlKey || e.metaKey || e.repeat) return;
     const t = e.composedPath ? e.composedPath()[0] : e.target;
     if (t && (t.isContentEditable || ["INPUT", "TEXTAREA", "SELECT"].includes(t.tagName))) return;

@@ -61,6 +61,22 @@ ON_SCREEN = """
 """
 
 
+# What the player shows when a press was not taken (kept in the JSON to say why).
+DIAGNOSE = """
+() => {
+  const root = document.querySelector(".fkpd-player") ||
+    [...document.querySelectorAll("*")].map(e => e.shadowRoot).filter(Boolean)
+      .map(r => r.querySelector(".fkpd-player")).find(Boolean);
+  if (!root) return {player: false, text: document.body.innerText.slice(0, 300)};
+  const v = (c) => { const e = root.querySelector("video." + c);
+    return e ? {paused: e.paused, t: e.currentTime, ready: e.readyState, err: e.error && e.error.code} : null; };
+  return {player: true, pair: root.dataset.pairId, answers: root.dataset.answers,
+          hint: (root.querySelector(".fkpd-hint") || {}).textContent, status: (root.querySelector(".fkpd-status") || {}).textContent,
+          left: v("fkpd-left"), right: v("fkpd-right"), focus: document.hasFocus(), visibility: document.visibilityState};
+}
+"""
+
+
 class Annotator:
     """One browser context answering pairs; keeps its own timeline."""
 
@@ -71,10 +87,12 @@ class Annotator:
         self.pair_since = 0.0       # when it appeared
         self.last_answer_at = 0.0
         self.pressed: tuple[str, float] | None = None  # (pair, time) of a press not yet seen to move on
-        self.sent = 0               # answers the page sent (the player's own count)
+        self.sent = 0               # answers the page sent (the player's own count, summed over rebuilds)
+        self._count = 0
         self.dropped = 0            # presses the player did not count as an answer within 10 s
         self.empty_s = 0.0          # time with no pair on screen, after the first pair
         self.gaps: list[float] = []  # lengths of the stretches without a pair
+        self.diagnoses: list[dict] = []  # what the page showed after the first presses that were not taken
         self._empty_since: float | None = None
         self._last_sample: float | None = None
 
@@ -84,9 +102,13 @@ class Annotator:
         except Exception:  # noqa: BLE001 - the page is rerunning; count as no pair
             seen = {"pair": "", "answers": -1}
         pair = seen["pair"]
-        if seen["answers"] > self.sent:  # the page's own count; -1 while the player is not mounted
-            self.sent = seen["answers"]
-            self.pressed = None
+        count = seen["answers"]  # the player's own count; -1 while it is not mounted, 0 again if it was rebuilt
+        if count >= 0:
+            new = count if count < self._count else count - self._count
+            if new > 0:
+                self.sent += new
+                self.pressed = None
+            self._count = count
         if self.first_pair_at is None and pair:
             self.first_pair_at = now
         if self.first_pair_at is not None and self._last_sample is not None and not self.pair and not pair:
@@ -102,6 +124,12 @@ class Annotator:
         if self.pressed is not None and now - self.pressed[1] > 10:
             self.dropped += 1  # a press the player did not take as an answer
             self.pressed = None
+            if len(self.diagnoses) < 5:
+                try:
+                    self.diagnoses.append({"t": now, **self.page.evaluate(DIAGNOSE)})
+                except Exception as exc:  # noqa: BLE001
+                    self.diagnoses.append({"t": now, "error": repr(exc)})
+                print(f"  {self.name}: a press was not taken: {self.diagnoses[-1]}", flush=True)
         self._last_sample = now
 
     def maybe_answer(self, now: float) -> None:
@@ -205,7 +233,8 @@ def main() -> None:
                                "labelling_s": span, "answers_sent": a.sent, "presses_dropped": a.dropped,
                                "stored": int((frame["annotator"] == a.name).sum()) if "annotator" in frame else None,
                                "idle_s": a.empty_s, "idle_fraction": a.empty_s / span,
-                               "longest_gap_s": max(a.gaps, default=0.0), "gaps": len(a.gaps)})
+                               "longest_gap_s": max(a.gaps, default=0.0), "gaps": len(a.gaps),
+                               "dropped_presses_seen": a.diagnoses})
         sent = sum(a.sent for a in people)
         result = {
             "benchmark": "bench_session", "args": vars(args),
