@@ -375,3 +375,15 @@ def test_a_store_batch_with_a_dataset_share_registers_replayed_clips(db_url, tmp
     with pytest.raises(RoundError, match="dataset_share is 0.5 but the project's dataset cannot give dataset pairs "
                                          "for people: .*no infos/reset_seed.*Set dataset_share to 0"):
         dataset_pairs(TASK, str(no_seeds), settings, 1, 0, 1)
+    # ... and a bootstrap on such a dataset fails before behaviour cloning trains on it
+    with Store(db_url, tmp_path / "artifacts") as store:
+        store.create_project("no-seeds", TASK, "Which arm opens the door?")
+        job = store.jobs.enqueue("no-seeds", BOOTSTRAP, {**TINY, "dataset": str(no_seeds)})
+        assert run_worker(store, once=True, handler_modules=["fkpd.studio"], heartbeat_s=0.2,
+                          stale_after_s=None) == 1
+        failed = store.jobs.get(job.id)
+        assert failed.status == "failed" and "dataset_share is 0.5" in failed.error and "reset_seed" in failed.error
+        assert store.list_policy_versions("no-seeds") == []
+        project_id = store.get_project("no-seeds").id
+        made = tmp_path / "artifacts" / "projects" / str(project_id)
+        assert not list(made.rglob("state.json")) and not list(made.rglob("model.safetensors")), "BC never started"

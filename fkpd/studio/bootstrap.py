@@ -40,7 +40,7 @@ from fkpd.data import generate_dataset, load_dataset
 from fkpd.errors import DatasetError
 from fkpd.policy import DiffusionPolicy, read_checkpoint_meta
 from fkpd.store import JobContext, register_handler, sha256_file
-from fkpd.studio.batches import (Stage, Watch, apply_threads, ensure_sole_training_job, evaluator,
+from fkpd.studio.batches import (Stage, Watch, apply_threads, dataset_pairs, ensure_sole_training_job, evaluator,
                                  render_if_missing, round_engine, served_versions)
 from fkpd.studio.errors import RoundError
 from fkpd.studio.params import BOOTSTRAP, BootstrapParams
@@ -164,7 +164,8 @@ def bootstrap(ctx: JobContext) -> dict[str, Any]:
 
     Raises:
         RoundError: bad parameters, a named dataset that is missing (the message says
-            where it was looked for) or does not fit the task, a task other than the
+            where it was looked for) or does not fit the task, or cannot give dataset pairs
+            with ``dataset_share > 0`` (checked before BC trains), a task other than the
             project's, another training job running for the project, or a project
             already bootstrapped with other parameters or already aligned.
         FKPDError: from data generation, BC (TrainingError on a NaN loss) or
@@ -216,6 +217,9 @@ def bootstrap(ctx: JobContext) -> dict[str, Any]:
             dataset, data_sha = _bootstrap_dataset(ctx, store, root, task, params, outcome)
             recorded_data = {"dataset": f"{root}/dataset.hdf5", "dataset_sha256": data_sha,
                              "dataset_episodes": params.dataset_episodes}
+        if settings.dataset_share > 0:  # a dataset that cannot give dataset pairs is refused before BC trains on it
+            ctx.progress(0.05, "checking that the dataset's episodes replay (dataset_share > 0)")
+            dataset_pairs(task, str(dataset), settings, settings.pairs_per_batch, 0, 1)  # RoundError says why
         bc_cfg = params.bc_config(task, dataset, store.artifacts.workdir(f"{root}/bc"))
         out = Path(bc_cfg.out_dir)
         saved = _saved_bc_step(out)
