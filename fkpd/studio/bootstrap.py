@@ -219,7 +219,8 @@ def bootstrap(ctx: JobContext) -> dict[str, Any]:
                              "dataset_episodes": params.dataset_episodes}
         if settings.dataset_share > 0:  # a dataset that cannot give dataset pairs is refused before BC trains on it
             ctx.progress(0.05, "checking that the dataset's episodes replay (dataset_share > 0)")
-            dataset_pairs(task, str(dataset), settings, settings.pairs_per_batch, 0, 1)  # RoundError says why
+            checked = dataset_pairs(task, str(dataset), settings, settings.pairs_per_batch, 0, 1)  # RoundError: why
+            checked.replay.close()  # its environment; the batch opens its own after BC
         bc_cfg = params.bc_config(task, dataset, store.artifacts.workdir(f"{root}/bc"))
         out = Path(bc_cfg.out_dir)
         saved = _saved_bc_step(out)
