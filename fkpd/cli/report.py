@@ -80,18 +80,23 @@ class _Bar:
             self.bar = None
 
 
+def _write(write, args: argparse.Namespace, out):
+    """``write(store, project, out, ...)`` (:func:`~fkpd.studio.report.write_report` or
+    :func:`~fkpd.studio.report.write_demo`) with the command's flags and a progress bar."""
+    bar = _Bar()
+    try:
+        with open_store(args) as store:
+            return _checked(write, store, _project(store, args), out, versions=args.versions,
+                            episodes=args.episodes, render_size=args.render_size, progress=bar)
+    finally:
+        bar.close()
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from fkpd.studio.report import write_report
 
     out = _out_path(args, (".html", ".htm"))
-    bar = _Bar()
-    try:
-        with open_store(args) as store:
-            project = _project(store, args)
-            report = _checked(write_report, store, project, out, versions=args.versions, episodes=args.episodes,
-                              render_size=args.render_size, progress=bar)
-    finally:
-        bar.close()
+    report = _write(write_report, args, out)
     print(f"wrote {out} ({report.summary()}); one file with nothing outside it: open it in a browser or send it")
     return 0
 
@@ -100,14 +105,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from fkpd.studio.report import write_demo
 
     out = _out_path(args, (".mp4",))
-    bar = _Bar()
-    try:
-        with open_store(args) as store:
-            project = _project(store, args)
-            demo = _checked(write_demo, store, project, out, versions=args.versions, episodes=args.episodes,
-                            render_size=args.render_size, progress=bar)
-    finally:
-        bar.close()
+    demo = _write(write_demo, args, out)
     c = demo.clips
     print(f"wrote {out} ({demo.n_bytes / 1e6:.2f} MB): {len(c.episodes)} episode(s) of v{c.version_a.id} (left) vs "
           f"v{c.version_b.id} (right) on reset seeds {c.episodes[0].seed}-{c.episodes[-1].seed}, {demo.frames} "
