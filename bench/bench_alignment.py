@@ -56,8 +56,9 @@ disagreement diversity`` runs every method with each rule (pairs chosen from
 ``--label-budgets 100 200 400`` runs each at every budget B (``--rounds`` rounds of B /
 ``--rounds`` pairs) and prints a labels curve (success against labels) per rule. Runs
 are keyed by rule and budget (``OUT/<task>/seed<s>/<teacher>/<method>[+<rule>x<factor>][/labels<B>]``,
-the plain ``<method>`` folder for uniform without budgets), so they share one --out
-directory, data and BC policy with the plain runs::
+the plain ``<method>`` folder for uniform without budgets; a budget of ``--rounds ×
+--pairs-per-round`` labels is the plain run itself), so they share one --out directory,
+data, BC policy and the default budget's runs with the plain benchmark::
 
     python bench/bench_alignment.py --tasks metaworld/door-open-v3 --seeds 0 1 2 --methods forward \
         --query-selection uniform disagreement diversity --label-budgets 100 200 400 \
@@ -246,9 +247,11 @@ def _seed_root(args, task: str, seed: int) -> Path:
 
 
 def _run_dir(args, task, seed, teacher, method, rule="uniform", budget=None) -> Path:
+    """A run's folder; a budget of ``--rounds × --pairs-per-round`` labels is the plain run
+    (the same loop configuration), so labels curves reuse the benchmark's runs."""
     d = _seed_root(args, task, seed) / teacher / (method if rule == "uniform" else
                                                   f"{method}+{rule}x{args.candidate_factor}")
-    return d if budget is None else d / f"labels{budget}"
+    return d if budget is None or budget == args.rounds * args.pairs_per_round else d / f"labels{budget}"
 
 
 def _finished(args, run_dir: Path) -> dict | None:
