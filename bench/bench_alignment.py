@@ -87,15 +87,18 @@ from fkpd.train.acquisition import DEFAULT_CANDIDATE_FACTOR, QUERY_SELECTIONS
 from fkpd.train.loop import LoopConfig, run_loop
 from fkpd.train.bc import BCConfig, train_bc
 
-#: method -> (table label, AlignConfig overrides)
+#: method -> (table label, AlignConfig overrides). Each method names its objective,
+#: regulariser and learning-rate decay, so a change of AlignConfig's defaults does not
+#: change what a method means (runs of one --out directory stay comparable).
+_ADDITIVE = {"objective": "additive", "acc_lr_decay": 0.0}
 METHODS: dict[str, tuple[str, dict]] = {
-    "forward": ("FKPD (forward KL, additive)", {"regularizer": "forward"}),
+    "forward": ("FKPD (forward KL, additive)", {**_ADDITIVE, "regularizer": "forward"}),
     "in_sigmoid": ("FKPD (in-sigmoid form)", {"objective": "in_sigmoid", "acc_lr_decay": 20.0}),
     "cpod": ("FKPD (released code's config)", {"objective": "in_sigmoid", "with_reference": False, "lr": 2e-5,
                                                "acc_lr_decay": 20.0}),
-    "filtered_bc": ("filtered BC", {"objective": "filtered_bc"}),
-    "none": ("Diffusion-DPO (no reg.)", {"regularizer": "none"}),
-    "reverse": ("DPO + reverse KL", {"regularizer": "reverse"}),
+    "filtered_bc": ("filtered BC", {"objective": "filtered_bc", "acc_lr_decay": 0.0}),
+    "none": ("Diffusion-DPO (no reg.)", {**_ADDITIVE, "regularizer": "none"}),
+    "reverse": ("DPO + reverse KL", {**_ADDITIVE, "regularizer": "reverse"}),
 }
 DEFAULT_METHODS = ["forward", "in_sigmoid", "filtered_bc", "none", "reverse"]
 MAX_LABELS = 800
