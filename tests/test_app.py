@@ -13,6 +13,8 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
+from fkpd.studio import round_defaults
+
 from conftest_app import ADMIN_PASSWORD, PAIRS, PROJECT, bootstrapped_project, project_dir, project_store, \
     studio_env  # noqa: F401  (fixtures are used by name)
 
@@ -121,6 +123,33 @@ def test_rounds_page_admin_only_trigger_and_failed_round(app, project_store):
     assert "Labelling continues" in texts(at)
     hist = at.dataframe[0].value
     assert hist["round"].tolist() == [0]
+
+
+def _admin_on_rounds_page(app):
+    at = app()
+    at.switch_page("pages/rounds.py").run()
+    at.text_input(key="admin_pw").input(ADMIN_PASSWORD)
+    next(b for b in at.button if b.label == "Sign in").click().run()
+    assert at.session_state["is_admin"] is True
+    return at
+
+
+def test_rounds_page_objective_and_dataset_share_reach_the_round(app, project_store):
+    """The Rounds page's objective starts at the default objective, and its dataset share
+    (issue #12: mix dataset pairs into a batch) reaches the round's job and is remembered."""
+    ada = project_store.get_or_create_annotator("ada")
+    project_store.answer(project_store.next_pair(PROJECT, ada).id, ada, "left")
+    at = _admin_on_rounds_page(app)
+    assert at.selectbox(key="objective").value == round_defaults()["objective"]
+    assert at.number_input(key="dataset_share").value == 0.0, "version 0's batch settings"
+    at.selectbox(key="objective").set_value("in_sigmoid")
+    at.number_input(key="dataset_share").set_value(0.25)
+    next(b for b in at.button if b.label == "Run alignment round").click().run()
+    assert not at.exception and any("Queued alignment round" in s.value for s in at.success)
+    job = project_store.jobs.list(PROJECT, status="queued")[0]
+    assert job.params["objective"] == "in_sigmoid" and job.params["dataset_share"] == 0.25
+    again = _admin_on_rounds_page(app)  # a new session: the form starts from the remembered round
+    assert again.number_input(key="dataset_share").value == 0.25
 
 
 def test_data_page_tables_filters_and_export(app, project_store):

@@ -12,6 +12,7 @@ from fkpd.studio import (
     job_summary,
     describe_comparison,
     latest_training_job,
+    remembered_round_params,
     roll_back,
     round_defaults,
     rounds_history,
@@ -59,8 +60,9 @@ else:
         st.write("FKPD trains the current policy on every comparison so far, evaluates it, and renders the "
                  "next labelling batch from it.")
         with st.expander("Parameters", expanded=False):
+            objectives = ["additive", "in_sigmoid", "filtered_bc"]
             objective = st.selectbox(
-                "Objective", ["additive", "in_sigmoid", "filtered_bc"],
+                "Objective", objectives, index=objectives.index(defaults["objective"]), key="objective",
                 help="additive: L_DPO + λ·regulariser (the FKPD paper's equation); in_sigmoid: the BC term inside "
                      "the sigmoid, weighted by c_bc (the form of the paper's released code); filtered_bc: "
                      "behaviour cloning on the preferred clips only (a baseline)")
@@ -72,8 +74,16 @@ else:
             c_bc = st.number_input("c_bc (BC weight inside the sigmoid, in_sigmoid)", min_value=0.0,
                                    value=float(defaults["c_bc"]))
             steps = st.number_input("Steps", min_value=1, max_value=100_000, value=int(defaults["steps"]), step=50)
-        with st.expander("Advanced: query selection", expanded=False):
+        with st.expander("Advanced: label source and query selection", expanded=False):
             current, _ = batch_settings(s.store, s.project)
+            dataset_share = st.number_input(
+                "Dataset share", min_value=0.0, max_value=1.0, step=0.1, format="%.2f", key="dataset_share",
+                value=float(remembered_round_params(s.store, s.project).get("dataset_share", current.dataset_share)),
+                help="fraction of the next batch's pairs that are two segments of the offline dataset (different "
+                     "episodes, replayed from their reset seeds to show them) instead of two rollouts of the current "
+                     "policy; 0: current-policy pairs only. Needs a dataset with reset seeds that replays exactly "
+                     "(generated data does; D4RL files do not): otherwise the round stops before training and says "
+                     "so. Top-ups are always current-policy pairs.")
             query_selection = st.selectbox(
                 "Query selection", list(QUERY_SELECTIONS), index=list(QUERY_SELECTIONS).index(current.query_selection),
                 key="query_selection",
@@ -91,6 +101,7 @@ else:
                 job = enqueue_round(s.store, s.project, {"objective": objective, "regularizer": regularizer,
                                                          "beta": float(beta), "lam": float(lam),
                                                          "c_bc": float(c_bc), "steps": int(steps),
+                                                         "dataset_share": float(dataset_share),
                                                          "query_selection": query_selection,
                                                          "candidate_factor": int(candidate_factor)})
                 st.success(f"Queued alignment round (job {job.id}).")

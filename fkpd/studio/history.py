@@ -157,6 +157,17 @@ def _vs_parent(cmp: Mapping[str, Any] | None) -> str | None:
 ROUND_PARAMS = "round_params"
 
 
+def remembered_round_params(store: Store, project: ProjectInfo) -> dict[str, Any]:
+    """The parameters of the latest round an admin started (:data:`ROUND_PARAMS`), ``{}``
+    when none was started (or the setting is not a JSON object).
+
+    Raises:
+        NotFoundError: unknown project.
+    """
+    remembered = store.get_project(project.id).settings.get(ROUND_PARAMS)
+    return dict(remembered) if isinstance(remembered, dict) else {}
+
+
 def enqueue_round(store: Store, project: ProjectInfo, params: Mapping[str, Any], *,
                   remember: bool = True) -> JobView:
     """Queue an alignment round with the admin's parameters.
@@ -233,4 +244,5 @@ def export_bytes(store: Store, project: ProjectInfo, fmt: str, *, rounds: Iterab
 
 
 __all__ = ["ROUND_PARAMS", "active_training_job", "current_version", "enqueue_round", "error_headline", "export_bytes",
-           "job_summary", "latest_training_job", "retry_bootstrap", "rounds_history", "version_label"]
+           "job_summary", "latest_training_job", "remembered_round_params", "retry_bootstrap", "rounds_history",
+           "version_label"]
