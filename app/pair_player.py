@@ -238,8 +238,12 @@ export default function (component) {
     e.preventDefault();
     answer(st, outcome);
   };
+  // Streamlit calls this function again on the same element at every rerun without
+  // calling the previous cleanup: keep one listener per element, not one per rerun.
+  if (st.onKey) document.removeEventListener("keydown", st.onKey);
+  st.onKey = onKey;
   document.addEventListener("keydown", onKey);
-  return () => document.removeEventListener("keydown", onKey);
+  return () => { document.removeEventListener("keydown", onKey); if (st.onKey === onKey) st.onKey = null; };
 }
 """
 

@@ -1,11 +1,14 @@
 """The pair player still takes the arrow keys after Streamlit rebuilt it (commit 875caa7).
 
 Streamlit runs the player's JS again on every rerun that changes its data (an answer:
-the next pair) on the same element, and each run adds a document ``keydown`` listener;
-when the element is later replaced, only the last run's listener is removed, so a
-listener of the replaced player stays on the document and runs first. Before the fix it
-called ``preventDefault`` on an arrow key for its detached player, and the player on
-screen ignored the press (no answer stored, no hint); bench/bench_session.py found it.
+the next pair) on the same element, without calling the previous run's cleanup; each run
+used to add a document ``keydown`` listener, and when the element was later replaced,
+only the last run's listener was removed, so a listener of the replaced player stayed on
+the document and ran first. It called ``preventDefault`` on an arrow key for its
+detached player, and the player on screen ignored the press (no answer stored, no hint);
+bench/bench_session.py found it. Now a player keeps one listener per element (each run
+replaces the previous one) and a detached player's listener ignores keys; the test also
+counts the player's live document listeners (one, whatever the reruns).
 
 Here: answer one pair in the browser (the rerun runs the player's JS again with the next
 pair), go to the Data page and back to Label (Streamlit replaces the player element; the
@@ -32,6 +35,24 @@ from test_app_browser import ARTIFACTS, CHROMIUM_ARGS, browser_path, video_state
 from test_label_quality_browser import HOLD_PLAYBACK
 
 
+#: Counts the pair player's live document keydown listeners (recognised by their source).
+COUNT_KEY_LISTENERS = """
+(() => {
+  const live = new Set();
+  window.__playerKeyListeners = () => live.size;
+  const add = EventTarget.prototype.addEventListener, remove = EventTarget.prototype.removeEventListener;
+  Document.prototype.addEventListener = function (type, fn, opts) {
+    if (type === "keydown" && String(fn).includes("KEYS[e.key]")) live.add(fn);
+    return add.call(this, type, fn, opts);
+  };
+  Document.prototype.removeEventListener = function (type, fn, opts) {
+    if (type === "keydown") live.delete(fn);
+    return remove.call(this, type, fn, opts);
+  };
+})();
+"""
+
+
 def _watch_both_clips(page) -> None:
     """Wait until the pair on screen may be answered: both clips play, then one loop of
     the 12-step clips (0.43 s, shorter than the 1.5 s minimum) and then some."""
@@ -55,6 +76,7 @@ def test_arrow_keys_reach_the_player_after_streamlit_rebuilt_it(project_dir, tmp
             page.set_default_timeout(60_000)
             page.add_init_script(HOLD_PLAYBACK)  # window.__fkpdHold: play() does nothing while true
             page.add_init_script("window.__fkpdHold = false")
+            page.add_init_script(COUNT_KEY_LISTENERS)
             page.goto(f"{url}/?annotator=ada")
             player = page.locator(".fkpd-player")
 
@@ -70,6 +92,7 @@ def test_arrow_keys_reach_the_player_after_streamlit_rebuilt_it(project_dir, tmp
             expect(page.locator(".fkpd-status")).to_contain_text(f"Pair {second} ")
             expect(page.locator(".fkpd-status")).to_contain_text("next pair loaded")
             assert video_state(page, "left")["paused"] and video_state(page, "right")["paused"]
+            assert page.evaluate("window.__playerKeyListeners()") == 1, "one keydown listener per player, not per rerun"
             old = player.element_handle()
 
             # Data and back: Streamlit replaces the player; the same pair comes back.
@@ -94,6 +117,7 @@ def test_arrow_keys_reach_the_player_after_streamlit_rebuilt_it(project_dir, tmp
                          what="the next pair after the rebuild")
             finally:
                 page.screenshot(path=ARTIFACTS / "label-after-rebuild.png")
+            assert page.evaluate("window.__playerKeyListeners()") == 1, "the replaced player's listener is gone"
             frame = store.comparisons_frame(PROJECT)
             assert sorted(frame[["pair_id", "annotator", "outcome"]].values.tolist()) == \
                 sorted([[first, "ada", "left"], [second, "ada", "right"]])
