@@ -301,3 +301,32 @@ def test_a_worse_round_is_flagged_and_an_admin_can_roll_it_back(project_store):
     assert hist.set_index("version").loc[v1.id, "status"] == "rolled back", "kept in the history"
     assert hist.set_index("version").loc[v0.id, "status"] == "served"
     assert store.get_policy_version(v1.id).id == v1.id, "nothing is deleted"
+
+
+def test_local_workers_run_niced_below_the_app(tmp_path):
+    """The app's local workers run at ``worker_nice`` below the app (``fkpd worker --nice``),
+    so the app answers clicks first while a round trains (issue #15); a bad niceness is
+    refused with the range."""
+    import subprocess
+    import sys
+    import time
+
+    from fkpd.studio import StudioConfig, start_local_worker
+
+    cfg = StudioConfig(database_url=f"sqlite:///{tmp_path / 'fkpd.sqlite'}", artifact_dir=str(tmp_path / "artifacts"),
+                       worker_nice=7)
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    proc = start_local_worker(cfg, tmp_path / "worker.log")
+    try:
+        deadline = time.time() + 60
+        while os.getpriority(os.PRIO_PROCESS, proc.pid) != min(mine + 7, 19):
+            assert proc.poll() is None, (tmp_path / "worker.log").read_text()
+            assert time.time() < deadline, "the worker never lowered its priority"
+            time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    bad = subprocess.run([sys.executable, "-m", "fkpd.cli", "worker", "--nice", "25", "--once",
+                          "--database-url", cfg.database_url, "--artifact-dir", cfg.artifact_dir],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--nice must be from 0 to 19" in bad.stderr + bad.stdout

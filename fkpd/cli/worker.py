@@ -46,6 +46,10 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from fkpd.store import Store, run_worker
 
     kinds, skip_kinds = job_kinds(args.kinds, "--kinds"), job_kinds(args.skip_kinds, "--skip-kinds")
+    if args.nice:
+        if args.nice < 0 or args.nice > 19:
+            raise FKPDError(f"--nice must be from 0 to 19, got {args.nice}")
+        os.nice(args.nice)  # inherited by the render processes the jobs start
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads > 0:
         import torch
@@ -95,6 +99,10 @@ def add_parsers(sub) -> None:
                         "bootstrap and alignment-round handlers are safe to re-run)")
     s.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default; 1 leaves a core free on a shared machine)")
+    s.add_argument("--nice", type=int, default=0, metavar="N",
+                   help="lower this worker's CPU priority by N (0..19, os.nice; its render processes inherit it), so "
+                        "an app on the same machine answers clicks first while a round trains (the app starts its "
+                        "local workers with 10)")
     s.add_argument("--parent-pid", type=int, default=0,
                    help="stop (after the current job) when this process exits; the app passes its own pid")
     s.add_argument("--sweep-grace-s", type=float, default=3600.0,

@@ -84,6 +84,9 @@ class StudioConfig:
         start_worker: start a local ``fkpd worker`` child process.
         worker_threads: torch threads of that worker (0: torch's default); 1 leaves a
             core to the app on a 2-core machine.
+        worker_nice: niceness of the local workers (``fkpd worker --nice``, 0..19): the
+            app's own process answers clicks first while they train and render; they
+            still get every cycle the app does not use.
         identity: how annotators of a *new* project are known: ``"invite"`` (invite links
             with a random token, the default) or ``"open"`` (the name in the URL, for
             demos); an existing project keeps its mode (``fkpd annotators mode``).
@@ -101,6 +104,7 @@ class StudioConfig:
     bootstrap: dict[str, Any] = field(default_factory=dict)
     start_worker: bool = True
     worker_threads: int = 1
+    worker_nice: int = 10
     identity: str = "invite"
     auto_rounds: int | None = None
 
@@ -246,7 +250,7 @@ def start_local_worker(cfg: StudioConfig, log_file: Path | None = None, *, kinds
     env["FKPD_WORKER_KINDS"] = ",".join(kinds)  # read by fkpd.store.run_worker
     env["FKPD_WORKER_SKIP_KINDS"] = ",".join(skip_kinds)
     cmd = [sys.executable, "-m", "fkpd.cli", "worker", "--parent-pid", str(os.getpid()),
-           "--threads", str(cfg.worker_threads), "--stale-after-s", "60"]
+           "--threads", str(cfg.worker_threads), "--nice", str(cfg.worker_nice), "--stale-after-s", "60"]
     with open(log_file, "ab") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 stdin=subprocess.DEVNULL)
