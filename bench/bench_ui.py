@@ -14,7 +14,8 @@ is in the database (polled; resolution ~20 ms).
 With ``--during-round`` (issue #15: the figure that matters is the one while the
 machine trains), the bootstrap uses the app's default network, ``--round-labels`` pairs
 are answered through the store first, an alignment round at the app's default parameters
-is queued and a ``fkpd worker`` process starts it; the answers begin once the round is
+is queued and the app's local workers start it (:func:`fkpd.studio.start_local_workers`:
+one torch thread, niceness 10, as ``make run`` starts them); the answers begin once the round is
 training, and every latency is tagged with whether the round was still running (the
 summary is over those). Answers are ``--gap-s`` apart and each pair stays on screen at
 least the project's minimum viewing time (1.5 s by default), as for people.
@@ -90,7 +91,7 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     from fkpd.store import run_worker
-    from fkpd.studio import StudioConfig, open_project
+    from fkpd.studio import StudioConfig, open_project, start_local_workers
     from fkpd.studio.history import enqueue_round
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -123,7 +124,7 @@ def main() -> None:
                 pair = store.next_pair(project.id, "teacher")
                 store.answer(pair.id, "teacher", "left" if i % 2 else "right", project=project.id)
     proc, url = launch_app(env, root / "streamlit.log")
-    worker = None
+    workers: list[subprocess.Popen] = []
     round_job = None
     during: list[bool] = []
     db_ms: list[float] = []
@@ -138,8 +139,7 @@ def main() -> None:
             page.evaluate(PROBE)
             if args.during_round:
                 round_job = enqueue_round(store, project, {})  # the app's default round parameters
-                worker = subprocess.Popen([sys.executable, "-m", "fkpd.cli", "worker"], env=env,
-                                          stdout=(root / "worker.log").open("wb"), stderr=subprocess.STDOUT)
+                workers = start_local_workers(cfg)  # as the app starts them: niced, one torch thread
                 t_wait = time.time()
                 while "aligning" not in (store.jobs.get(round_job.id).message or ""):
                     if time.time() - t_wait > 300 or store.jobs.get(round_job.id).done:
@@ -166,7 +166,7 @@ def main() -> None:
             browser.close()
     finally:
         stop_app(proc)
-        if worker is not None:  # it stops at the job's next step; the round's result does not matter any more
+        for worker in workers:  # they stop at the job's next step; the round's result does not matter any more
             worker.terminate()
             try:
                 worker.wait(timeout=30)
