@@ -193,7 +193,9 @@ function answer(st, outcome) {
   st.el.hint.classList.remove("visible");
   st.answers.push({pair: cur.id, outcome: outcome, shown_ms: st.shownMs || Date.now(), viewed_ms: Math.round(viewed)});
   st.setStateValue("answers", st.answers.slice());
-  st.el.root.dataset.answers = String(st.answers.length);  // answers sent by this page (bench/bench_session.py)
+  st.el.root.dataset.answers = String(st.answers.length);  // answers sent by this player
+  window.__fkpdAnswersSent = (window.__fkpdAnswersSent || 0) + 1;  // ... and by every player of this page
+                                                                    // (bench/bench_session.py)
   show(st);
 }
 

@@ -46,14 +46,15 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-background-timer-throttling", "--autoplay-policy=no-user-gesture-required"]
 
 # The pair on screen (its id when the player holds one and both videos show a frame, else
-# "") and the number of answers this page has sent (the player's data-answers).
+# "") and the number of answers this page has sent (every player it held: Streamlit may
+# replace the player element, whose own count, data-answers, then starts again at 0).
 ON_SCREEN = """
 () => {
   const root = document.querySelector(".fkpd-player") ||
     [...document.querySelectorAll("*")].map(e => e.shadowRoot).filter(Boolean)
       .map(r => r.querySelector(".fkpd-player")).find(Boolean);
-  if (!root) return {pair: "", answers: -1};
-  const answers = Number(root.dataset.answers || 0);
+  const answers = Number(window.__fkpdAnswersSent || 0);
+  if (!root) return {pair: "", answers: answers};
   if (!root.dataset.pairId) return {pair: "", answers: answers};
   const l = root.querySelector("video.fkpd-left"), r = root.querySelector("video.fkpd-right");
   return {pair: (l && r && l.readyState >= 2 && r.readyState >= 2) ? root.dataset.pairId : "", answers: answers};
@@ -87,7 +88,7 @@ class Annotator:
         self.pair_since = 0.0       # when it appeared
         self.last_answer_at = 0.0
         self.pressed: tuple[str, float] | None = None  # (pair, time) of a press not yet seen to move on
-        self.sent = 0               # answers the page sent (the player's own count, summed over rebuilds)
+        self.sent = 0               # answers the page sent (window.__fkpdAnswersSent, counted by the players)
         self._count = 0
         self.dropped = 0            # presses the player did not count as an answer within 10 s
         self.empty_s = 0.0          # time with no pair on screen, after the first pair
@@ -100,14 +101,12 @@ class Annotator:
         try:
             seen = self.page.evaluate(ON_SCREEN)
         except Exception:  # noqa: BLE001 - the page is rerunning; count as no pair
-            seen = {"pair": "", "answers": -1}
+            seen = {"pair": "", "answers": self._count}
         pair = seen["pair"]
-        count = seen["answers"]  # the player's own count; -1 while it is not mounted, 0 again if it was rebuilt
-        if count >= 0:
-            new = count if count < self._count else count - self._count
-            if new > 0:
-                self.sent += new
-                self.pressed = None
+        count = seen["answers"]  # answers sent by this page so far, whatever players it held
+        if count > self._count:
+            self.sent += count - self._count
+            self.pressed = None
             self._count = count
         if self.first_pair_at is None and pair:
             self.first_pair_at = now
