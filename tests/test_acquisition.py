@@ -244,7 +244,9 @@ def test_the_app_setting_is_validated_and_used_by_rounds_and_top_ups(project_sto
     settings, beta = batch_settings(project_store, project)
     assert (settings.query_selection, settings.candidate_factor, beta) == ("diversity", 2, 200.0)
     assert settings.pairs_per_batch == PAIRS, "the other settings stay version 0's"
-    job = project_store.jobs.enqueue(project.id, "top_up", {"pairs": 1})
+    # fresh pairs (query selection applies to them; extension clips, the default while a
+    # start state has room, are not chosen among candidates: tests/test_topup_extension.py)
+    job = project_store.jobs.enqueue(project.id, "top_up", {"pairs": 1, "extend": False})
     assert run_worker(project_store, once=True, handler_modules=["fkpd.studio"], heartbeat_s=0.5,
                       stale_after_s=None) == 1
     done = project_store.jobs.get(job.id)

@@ -220,7 +220,7 @@ def test_open_project_turns_automatic_rounds_on_for_a_new_project(tmp_path):
         StudioConfig.from_env({"FKPD_AUTO_ROUNDS": "many"})
 
 
-def test_top_up_renders_trainable_pairs_with_fresh_seeds(project_store):
+def test_top_up_renders_trainable_pairs(project_store):
     store = project_store
     project = store.get_project(PROJECT)
     ada = store.get_or_create_annotator("ada")
@@ -236,7 +236,8 @@ def test_top_up_renders_trainable_pairs_with_fresh_seeds(project_store):
         added += done.result["pair_ids"]
         assert len(firsts) < 5, "the target is reached in a few jobs"
     state = top_up_state(store, project)
-    # shortfall 10 - 4 = 6: one job of at most a batch (4 pairs), then the remaining 2
+    # shortfall 10 - 4 = 6: one job of at most a batch (4 pairs: two extension clips of 2
+    # pairs each), then the remaining 2 (one more extension clip)
     assert firsts == [PAIRS, PAIRS + 4] and len(added) == 6
     assert state.open_pairs == state.target == 10 and state.round_pairs == PAIRS + 6
     # the top-up pairs are handed out (same round, ada holds the batch) and their answers are training data
@@ -245,7 +246,7 @@ def test_top_up_renders_trainable_pairs_with_fresh_seeds(project_store):
     assert {p.id for p in leased} == set(added) and {p.round for p in leased} == {1}
     assert {p.policy_version_id for p in leased} == {batch[0].policy_version_id}, "from the served version"
     seeds = [store.get_clip(p.left.id).reset_seed for p in batch + leased]
-    assert len(set(seeds)) == PAIRS + 6, "every pair of the round has its own reset seed"
+    assert set(seeds[PAIRS:]) < set(seeds[:PAIRS]), "extension clips: three of the batch's start states get a 3rd clip"
     for p in leased:
         assert store.get_clip(p.right.id).reset_seed == store.get_clip(p.left.id).reset_seed
         store.answer(p.id, bob, "right")

@@ -24,9 +24,11 @@ Every rollout pair of every round is fixed by :class:`PairPlan`, the one seed ru
   and a round trains) continue the index: a plan of ``n`` pairs starting at index ``f``
   (``PairPlan.for_round(..., first=f)``) has the reset seeds ``pair_seed(seed, r, f)``
   … ``pair_seed(seed, r, f + n − 1)`` and draws from ``default_rng(pair_seed(seed, r,
-  f))``. ``f`` is the number of pairs the round already has, so a round's pairs never
-  share a reset seed; ``first = 0`` is the round's own batch, unchanged. Indices stay
-  below 100 000, where round r + 1's seeds begin.
+  f))``. ``f`` is the number of pairs the round already has, so a fresh pair never
+  reuses a reset seed of its round; ``first = 0`` is the round's own batch, unchanged.
+  Indices stay below 100 000, where round r + 1's seeds begin. (Top-ups also add
+  *extension clips* to a reset seed that has clips, on purpose: one more clip from the
+  same start state makes a pair with each of them, :mod:`fkpd.prefs.extension`.)
 * a *candidate pool* (active query selection, :mod:`fkpd.train.acquisition`: roll out
   more pairs than are shown and choose among them) of ``c·n`` candidates for the ``n``
   pairs from index ``f`` is ``c`` layers (:meth:`PairPlan.pool`): layer 0 is the plan
@@ -235,17 +237,41 @@ def rollout_pairs(policy, envs: Sequence, plan: PairPlan, *, render: bool = Fals
         ``[(left, right), ...]``, one segment pair per planned pair.
     """
     requests = plan.requests(render)
+    cuts = [(int(plan.starts[i // 2]), plan.length) for i in range(len(requests))]
+    segments = rollout_segments(policy, envs, requests, cuts, task_id=task_id, record=record, progress=progress,
+                                on_clip=on_clip,
+                                clip_of=lambda i, req, ep, seg: RolledClip(i // 2, i % 2, req, ep, seg))
+    return [(segments[2 * k], segments[2 * k + 1]) for k in range(len(plan))]
+
+
+def rollout_segments(policy, envs: Sequence, requests: Sequence[ClipRequest], cuts: Sequence[tuple[int, int]], *,
+                     clip_of: Callable[[int, ClipRequest, Episode, Segment], RolledClip], task_id: str = "",
+                     on_clip: ClipSink | None = None,
+                     progress: Callable[[int], None] | None = None, record: str = "frames") -> list[Segment]:
+    """Roll out ``requests`` ``len(envs)`` at a time (:func:`fkpd.policy.rollout.rollout_clips`)
+    and cut clip ``i``'s segment at ``cuts[i] = (start, L)`` (:func:`fkpd.prefs.segments.cut_segment`).
+    The loop under :func:`rollout_pairs` and :func:`fkpd.prefs.extension.rollout_extension`.
+
+    Args:
+        clip_of: ``(i, request, episode, segment) -> RolledClip``, what ``on_clip`` gets.
+        on_clip: optional :data:`ClipSink`, called per clip in order, as soon as its
+            lock-step batch is rolled out.
+        progress: optional ``(clips done)`` callback, after each lock-step batch.
+        task_id, record: as :func:`rollout_pairs`.
+
+    Returns:
+        One segment per request, in order.
+    """
     segments: list[Segment] = []
     for b0 in range(0, len(requests), len(envs)):
         for i, ep in enumerate(rollout_clips(policy, envs, requests[b0:b0 + len(envs)], record=record), start=b0):
-            k, j = divmod(i, 2)
-            seg = cut_segment(ep, int(plan.starts[k]), plan.length, task_id=task_id)
+            seg = cut_segment(ep, int(cuts[i][0]), int(cuts[i][1]), task_id=task_id)
             if on_clip is not None:
-                on_clip(RolledClip(k, j, requests[i], ep, seg))
+                on_clip(clip_of(i, requests[i], ep, seg))
             segments.append(seg)
         if progress is not None:
             progress(len(segments))
-    return [(segments[2 * k], segments[2 * k + 1]) for k in range(len(plan))]
+    return segments
 
 
 class PairSource(ABC):

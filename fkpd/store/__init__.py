@@ -68,6 +68,7 @@ from fkpd.store.views import (
     PolicyVersionInfo,
     ProjectInfo,
     PairSupply,
+    SeedGroup,
     TrainingPair,
 )
 from fkpd.store.sweep import SweepReport, sweep_artifacts
@@ -112,6 +113,7 @@ __all__ = [
     "SweepReport",
     "TooEarlyError",
     "PairSupply",
+    "SeedGroup",
     "TrainingPair",
     "Worker",
     "default_artifact_dir",

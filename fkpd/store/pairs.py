@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping, Sequence
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, union_all
 from sqlalchemy.orm import Session
 
 from fkpd.store import models as m
 from fkpd.store.catalogue import CatalogueMixin
 from fkpd.store.errors import NotFoundError, StoreInputError
 from fkpd.store.outcomes import Outcome
-from fkpd.store.views import PolicyVersionInfo
+from fkpd.store.views import PolicyVersionInfo, SeedGroup
 
 
 class PairsMixin(CatalogueMixin):
@@ -137,6 +137,60 @@ class PairsMixin(CatalogueMixin):
             ).all()
         return {int(meta["pair"]) for meta in metas
                 if isinstance(meta, dict) and meta.get("job_id") == job_id and isinstance(meta.get("pair"), int)}
+
+    def seed_groups(self, project: Any, round: int, policy_version_id: int) -> list[SeedGroup]:
+        """The start states of a round that hold more than one clip: the current-policy
+        clips of version ``policy_version_id`` that belong to pairs of ``round``, grouped by
+        reset seed and segment start (the clips' ``meta["start"]``). Clips without a reset
+        seed (imported segments) and dataset clips (``meta["source"] == "dataset"``) are
+        left out. A top-up extends these groups with one more clip each
+        (:mod:`fkpd.prefs.extension`).
+
+        One query, whatever the round's size.
+
+        Returns:
+            :class:`~fkpd.store.views.SeedGroup` s ordered by their first pair id (empty
+            when the version has no clip in the round, e.g. a version of another project).
+
+        Raises:
+            NotFoundError: unknown project.
+            StoreInputError: ``round`` or ``policy_version_id`` is not an int.
+        """
+        for name, value in (("round", round), ("policy_version_id", policy_version_id)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise StoreInputError(f"{name} must be an int, got {value!r:.40}")
+        with self.session() as s:
+            proj = self.project_row(s, project)
+            of_round = (m.Pair.project_id == proj.id, m.Pair.round == int(round))
+            sides = union_all(
+                select(m.Pair.id.label("pair_id"), m.Pair.status.label("status"),
+                       m.Pair.left_clip_id.label("clip_id")).where(*of_round),
+                select(m.Pair.id, m.Pair.status, m.Pair.right_clip_id).where(*of_round),
+            ).subquery()
+            rows = s.execute(
+                select(sides.c.pair_id, sides.c.status, m.Clip.id, m.Clip.reset_seed, m.Clip.length, m.Clip.meta)
+                .join(m.Clip, m.Clip.id == sides.c.clip_id)
+                .where(m.Clip.policy_version_id == int(policy_version_id), m.Clip.reset_seed.is_not(None))
+            ).all()
+        groups: dict[tuple[int, int | None], dict[str, Any]] = {}
+        for pair_id, status, clip_id, reset_seed, length, meta in rows:
+            meta = meta if isinstance(meta, dict) else {}
+            if meta.get("source") == "dataset":
+                continue
+            start, noise = (v if isinstance(v, int) and not isinstance(v, bool) else None
+                            for v in (meta.get("start"), meta.get("noise_seed")))
+            group = groups.setdefault((int(reset_seed), start), {"clips": {}, "pairs": set(), "retired": False})
+            group["clips"][int(clip_id)] = (int(length), noise)
+            group["pairs"].add(int(pair_id))
+            group["retired"] |= status == "retired"
+        out = []
+        for (reset_seed, start), g in groups.items():
+            ids = tuple(sorted(g["clips"]))
+            out.append(SeedGroup(
+                reset_seed=reset_seed, start=start, length=max(g["clips"][c][0] for c in ids), clip_ids=ids,
+                noise_seeds=tuple(g["clips"][c][1] for c in ids if g["clips"][c][1] is not None),
+                first_pair=min(g["pairs"]), pairs=len(g["pairs"]), retired=g["retired"]))
+        return sorted(out, key=lambda g: g.first_pair)
 
     def retire_open_pairs(self, project: Any, before_round: int | None = None) -> int:
         """Mark open pairs of rounds older than ``before_round`` as retired.

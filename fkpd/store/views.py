@@ -198,6 +198,40 @@ class TrainingPair(NamedTuple):
     p_left: float
 
 
+@dataclass(frozen=True)
+class SeedGroup:
+    """The clips of one policy version from one reset seed (and one segment start) among
+    the pairs of one round (:meth:`fkpd.store.Store.seed_groups`): the start states a
+    top-up may give one more clip (:mod:`fkpd.prefs.extension`).
+
+    Attributes:
+        reset_seed: the clips' reset seed.
+        start: first step of their segments in the rollout (the clips' ``meta["start"]``);
+            None when the clips do not record it (such a group cannot be extended).
+        length: L, steps of the longest segment of the group.
+        clip_ids: the clips, ascending (their count is :attr:`clips`).
+        noise_seeds: the sampling-noise seeds the clips record (``meta["noise_seed"]``),
+            in ``clip_ids`` order; clips that record none are left out.
+        first_pair: the smallest id among the group's pairs (the group's place in its round).
+        pairs: the group's pairs in the round.
+        retired: one of those pairs is retired (e.g. a clip that cannot be shown).
+    """
+
+    reset_seed: int
+    start: int | None
+    length: int
+    clip_ids: tuple[int, ...]
+    noise_seeds: tuple[int, ...]
+    first_pair: int
+    pairs: int
+    retired: bool = False
+
+    @property
+    def clips(self) -> int:
+        """How many clips the group has."""
+        return len(self.clip_ids)
+
+
 class PairSupply(NamedTuple):
     """The labelling queue of a project at one moment (:meth:`fkpd.store.Store.pair_supply`).
 
