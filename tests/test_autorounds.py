@@ -237,24 +237,25 @@ def test_top_up_renders_trainable_pairs(project_store):
         assert len(firsts) < 5, "the target is reached in a few jobs"
     state = top_up_state(store, project)
     # shortfall 10 - 4 = 6: one job of at most a batch (4 pairs: two extension clips of 2
-    # pairs each), then the remaining 2 (one more extension clip)
-    assert firsts == [PAIRS, PAIRS + 4] and len(added) == 6
-    assert state.open_pairs == state.target == 10 and state.round_pairs == PAIRS + 6
+    # pairs each), then the remaining 2, rounded up to a batch's worth (extension clips are
+    # cheap: two more clips, 4 pairs)
+    assert firsts == [PAIRS, PAIRS + 4] and len(added) == 8
+    assert state.open_pairs == 12 and state.target == 10 and state.round_pairs == PAIRS + 8
     # the top-up pairs are handed out (same round, ada holds the batch) and their answers are training data
     bob = store.get_or_create_annotator("bob")
     leased = store.lease_pairs(project.id, bob.id, 20)
     assert {p.id for p in leased} == set(added) and {p.round for p in leased} == {1}
     assert {p.policy_version_id for p in leased} == {batch[0].policy_version_id}, "from the served version"
     seeds = [store.get_clip(p.left.id).reset_seed for p in batch + leased]
-    assert set(seeds[PAIRS:]) < set(seeds[:PAIRS]), "extension clips: three of the batch's start states get a 3rd clip"
+    assert set(seeds[PAIRS:]) == set(seeds[:PAIRS]), "extension clips: every start state of the batch gets a 3rd clip"
     for p in leased:
         assert store.get_clip(p.right.id).reset_seed == store.get_clip(p.left.id).reset_seed
         store.answer(p.id, bob, "right")
-    assert store.count_training_pairs(project.id) == 6
+    assert store.count_training_pairs(project.id) == 8
     from fkpd.studio.batches import StoreLabeller
 
     labels = StoreLabeller(store, project).labels()
-    assert len(labels) == 6 and all(p == 0.0 for _, _, p in labels)
+    assert len(labels) == 8 and all(p == 0.0 for _, _, p in labels)
 
 
 def test_an_automatic_round_runs_after_n_answers_with_no_browser(project_store):

@@ -219,7 +219,8 @@ def test_the_job_takes_extend_true_or_false():
 def _run_top_up(store: Store, params: dict) -> dict:
     project = store.get_project(PROJECT)
     job = store.jobs.enqueue(project.id, "top_up", params)
-    assert run_worker(store, once=True, handler_modules=["fkpd.studio"], heartbeat_s=0.5, stale_after_s=None) == 1
+    assert run_worker(store, once=True, handler_modules=["fkpd.studio"], kinds=["top_up"], heartbeat_s=0.5,
+                      stale_after_s=None) == 1
     done = store.jobs.get(job.id)
     assert done.status == "succeeded", done.error
     return done.result
@@ -323,3 +324,49 @@ def test_full_groups_fall_back_to_fresh_pairs(served):
     assert {store.get_clip(p[1]).reset_seed for p in last} == {store.get_clip(fresh[0][1]).reset_seed}
     # and {"extend": false} asks for fresh pairs whatever the groups
     assert _run_top_up(store, {"pairs": 1, "extend": False})["fresh_pairs"] == 1
+
+
+def test_while_the_batch_renders_only_extension_clips_top_it_up(served):
+    """While the job that registered the served version still adds its batch, pair by
+    pair, top-ups extend the registered pairs' start states and never render fresh pairs
+    (those would take the batch's pair indices); with those start states full nothing is
+    queued until the batch's job ends, and then fresh pairs follow."""
+    from fkpd.studio.topup import maybe_top_up, top_up_state
+
+    store = served
+    project = store.get_project(PROJECT)
+    version = store.latest_policy_version(project.id)
+    rendering = store.jobs.enqueue(project.id, "alignment_round", {})  # stands for the job still adding the batch
+    with store.session(write=True) as s:
+        row = s.get(m.PolicyVersion, version.id)
+        row.metrics = {**row.metrics, "job_id": rendering.id}
+    state = top_up_state(store, project)
+    assert state.extension_only and not state.batch_ready and state.shortfall > 0
+
+    def run_queued() -> dict | None:
+        job = maybe_top_up(store, project)
+        if job is None:
+            return None
+        assert run_worker(store, once=True, handler_modules=["fkpd.studio"], kinds=["top_up"], heartbeat_s=0.5,
+                          stale_after_s=None) == 1
+        done = store.jobs.get(job.id)
+        assert done.status == "succeeded", done.error
+        return done.result
+
+    ada = store.get_or_create_annotator("ada")
+    results = []
+    while (result := run_queued()) is not None:
+        results.append(result)
+        while (pair := store.next_pair(project.id, ada)) is not None:  # people answer: the supply runs low again
+            store.answer(pair.id, ada, "left")
+    assert results and all(r["fresh_pairs"] == 0 and r["extension_pairs"] > 0 for r in results)
+    assert results[0]["extension_pairs"] >= PAIRS, "at least a batch's worth of pairs per extension job"
+    assert sorted(g.clips for g in store.seed_groups(project.id, 1, version.id)) == [MAX_CLIPS_PER_SEED] * PAIRS
+    assert len(_round_pairs(store)) == 6 * PAIRS
+    _check_pairs_rule(store, _round_pairs(store))
+    # a job queued by hand meanwhile renders nothing and says why
+    assert "still being rendered" in _run_top_up(store, {"pairs": 2})["reason"]
+    assert len(_round_pairs(store)) == 6 * PAIRS
+    store.jobs.cancel(rendering.id)  # the batch's job ended: fresh pairs now
+    result = run_queued()
+    assert result is not None and result["fresh_pairs"] > 0 and result["first_pair"] == 6 * PAIRS

@@ -43,14 +43,18 @@ runs dry (20 pairs at the defaults, then minutes of training), so the worker ren
 
   So a round's pairs go: its batch, extension clips until every start state has K
   clips, fresh pairs, their extension, and so on.
-* **How many**: the shortfall, rounded up to whole lock-step rollout batches
-  (``n_envs / 2`` pairs), at most a batch size per job; extension clips until their new
-  pairs reach that number, or the groups are full (one job does not mix extension clips
-  and fresh pairs); the next check queues more.
-* **When**: only once the round's own batch exists (the bootstrap or the round that
-  registered ``v`` renders it first, pair by pair: top-ups wait until that job has
-  ended), so top-ups never stand in for a batch or collide with its seeds. An annotator
-  sees "nothing to label" only during the bootstrap.
+* **How many**: fresh pairs: the shortfall, rounded up to whole lock-step rollout
+  batches (``n_envs / 2`` pairs), at most a batch size per job; extension clips: until
+  their new pairs reach that number or a batch size (``pairs_per_batch``), whichever is
+  larger (they are cheap, and fewer, larger jobs pay the job's start, loading the policy
+  and starting the render processes, less often), or the groups are full. One job does
+  not mix extension clips and fresh pairs; the next check queues more.
+* **When**: once the round's own batch has pairs. The bootstrap or the round that
+  registered ``v`` renders that batch, pair by pair; while it does, only extension clips
+  of its registered pairs top it up (they reuse those pairs' reset seeds, so they never
+  collide with the batch's; the two workers render side by side), and fresh top-ups wait
+  until that job has ended, so they never stand in for a batch or take its pair indices.
+  An annotator sees "nothing to label" only during the bootstrap.
 * **Trainable like any other**: top-up pairs are ordinary pairs of round ``r + 1``;
   :meth:`fkpd.store.Store.next_pair` hands them out (the latest round with open pairs)
   and every later round trains on their answers (:meth:`fkpd.store.Store.training_pairs`).
@@ -147,9 +151,16 @@ class TopUpState:
 
     @property
     def batch_ready(self) -> bool:
-        """The round's own batch is registered (top-ups only follow it): the round has pairs
-        and the job that renders them has ended."""
+        """The round's own batch is registered (fresh top-ups only follow it): the round has
+        pairs and the job that renders them has ended."""
         return self.round_pairs > 0 and not self.rendering
+
+    @property
+    def extension_only(self) -> bool:
+        """The round's batch is being registered, pair by pair, and has pairs already: only
+        extension clips may top it up now (they reuse reset seeds of registered pairs, so
+        they never collide with the batch's; fresh pairs would take its pair indices)."""
+        return self.round_pairs > 0 and self.rendering
 
     @property
     def shortfall(self) -> int:
@@ -182,8 +193,9 @@ def _recently_failed(store: Store, project: ProjectInfo) -> bool:
 
 def maybe_top_up(store: Store, project: ProjectInfo) -> JobView | None:
     """Queue a ``top_up`` job when the served version's open pairs are below the target
-    and its batch exists, unless one is queued or running (or one failed within
-    :data:`RETRY_AFTER_S`).
+    and its batch exists (while the batch is still being registered: only when one of
+    its registered start states can take an extension clip), unless one is queued or
+    running (or one failed within :data:`RETRY_AFTER_S`).
 
     Returns:
         The queued job, or None.
@@ -192,8 +204,10 @@ def maybe_top_up(store: Store, project: ProjectInfo) -> JobView | None:
         NotFoundError: unknown project.
     """
     state = top_up_state(store, project)
-    if state is None or not state.batch_ready or state.shortfall == 0 or _recently_failed(store, project):
+    if state is None or state.round_pairs == 0 or state.shortfall == 0 or _recently_failed(store, project):
         return None
+    if state.extension_only and not plan_extension(store.seed_groups(project.id, state.round, state.version.id), 1):
+        return None  # the batch is still rendering and its registered start states are full
     job = store.jobs.enqueue_unless(project.id, TOP_UP, {}, statuses=ACTIVE)
     if job is not None:
         log.info("project %s: %d open pairs of round %d, target %d (%d active annotators): queued top-up job %s",
@@ -338,7 +352,7 @@ def top_up(ctx: JobContext) -> dict[str, Any]:
     wanted = parse_params(ctx.params)
     project = store.get_project(ctx.job.project_id)
     state = top_up_state(store, project)
-    if state is None or not state.batch_ready:
+    if state is None or state.round_pairs == 0:
         reason = ("no policy version yet (the bootstrap renders the first batch)" if state is None else
                   f"round {state.round} has no batch yet (the job that registered version {state.version.id} "
                   "renders it)")
@@ -359,8 +373,15 @@ def top_up(ctx: JobContext) -> dict[str, Any]:
         stage(fraction, f"top-up for round {state.round}: {message.replace('rendering batch: ', '')}")
         ctx.check_cancelled()
 
-    plan = (plan_extension(store.seed_groups(project.id, state.round, state.version.id), n)
+    # Extension clips are cheap (g >= 2 pairs each): without an explicit number a job
+    # renders at least a batch's worth of pairs, so its start (loading the policy,
+    # starting the render processes) is paid for fewer, larger jobs.
+    plan = (plan_extension(store.seed_groups(project.id, state.round, state.version.id),
+                           n if wanted else max(n, settings.pairs_per_batch))
             if ctx.params.get("extend", True) else [])
+    if not plan and state.extension_only:
+        return {**base, "pair_ids": [], "reason": f"round {state.round}'s batch is still being rendered and its "
+                                                  "registered start states are full; fresh pairs wait for it"}
     if plan:
         apply_threads(settings.threads)
         pair_ids = render_extension(ctx, project, state.version, state.round, settings, plan, progress)
