@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 # Each annotator gets a browser of their own, as people do; Chromium must not pause or
 # throttle a page it thinks is in the background (videos that do not play never reach the
@@ -54,10 +56,11 @@ ON_SCREEN = """
     [...document.querySelectorAll("*")].map(e => e.shadowRoot).filter(Boolean)
       .map(r => r.querySelector(".fkpd-player")).find(Boolean);
   const answers = Number(window.__fkpdAnswersSent || 0);
-  if (!root) return {pair: "", answers: answers};
-  if (!root.dataset.pairId) return {pair: "", answers: answers};
+  if (!root) return {pair: "", answers: answers, why: "no player"};
+  if (!root.dataset.pairId) return {pair: "", answers: answers, why: "no pair in the player"};
   const l = root.querySelector("video.fkpd-left"), r = root.querySelector("video.fkpd-right");
-  return {pair: (l && r && l.readyState >= 2 && r.readyState >= 2) ? root.dataset.pairId : "", answers: answers};
+  const ready = l && r && l.readyState >= 2 && r.readyState >= 2;
+  return {pair: ready ? root.dataset.pairId : "", answers: answers, why: ready ? "" : "videos loading"};
 }
 """
 
@@ -92,6 +95,7 @@ class Annotator:
         self._count = 0
         self.dropped = 0            # presses the player did not count as an answer within 10 s
         self.empty_s = 0.0          # time with no pair on screen, after the first pair
+        self.empty_by_why: dict[str, float] = {}  # the same, by what the page showed (ON_SCREEN's why)
         self.gaps: list[float] = []  # lengths of the stretches without a pair
         self.diagnoses: list[dict] = []  # what the page showed after the first presses that were not taken
         self._empty_since: float | None = None
@@ -101,7 +105,7 @@ class Annotator:
         try:
             seen = self.page.evaluate(ON_SCREEN)
         except Exception:  # noqa: BLE001 - the page is rerunning; count as no pair
-            seen = {"pair": "", "answers": self._count}
+            seen = {"pair": "", "answers": self._count, "why": "page not answering"}
         pair = seen["pair"]
         count = seen["answers"]  # answers sent by this page so far, whatever players it held
         if count > self._count:
@@ -112,6 +116,8 @@ class Annotator:
             self.first_pair_at = now
         if self.first_pair_at is not None and self._last_sample is not None and not self.pair and not pair:
             self.empty_s += now - self._last_sample
+            why = seen.get("why") or "?"
+            self.empty_by_why[why] = self.empty_by_why.get(why, 0.0) + now - self._last_sample
         if self.first_pair_at is not None:
             if not pair and self._empty_since is None:
                 self._empty_since = now
@@ -233,6 +239,9 @@ def main() -> None:
                                "stored": int((frame["annotator"] == a.name).sum()) if "annotator" in frame else None,
                                "idle_s": a.empty_s, "idle_fraction": a.empty_s / span,
                                "longest_gap_s": max(a.gaps, default=0.0), "gaps": len(a.gaps),
+                               "gap_s_quantiles": {q: float(np.quantile(a.gaps, q / 100)) if a.gaps else None
+                                                   for q in (50, 90, 99)},
+                               "idle_s_by_reason": a.empty_by_why,
                                "dropped_presses_seen": a.diagnoses})
         sent = sum(a.sent for a in people)
         result = {
@@ -259,7 +268,8 @@ def main() -> None:
     for p in result["annotators"]:
         print(f"{p['annotator']}: {p['answers_sent']} answers sent, {p['stored']} stored, "
               f"idle {100 * p['idle_fraction']:.2f} % ({p['idle_s']:.1f} s of {p['labelling_s']:.0f} s, "
-              f"longest gap {p['longest_gap_s']:.1f} s), {p['presses_dropped']} presses dropped")
+              f"longest gap {p['longest_gap_s']:.1f} s), {p['presses_dropped']} presses dropped; idle by what the "
+              "page showed: " + ", ".join(f"{k} {v:.1f} s" for k, v in p["idle_s_by_reason"].items()))
     print(f"idle fraction {100 * result['idle_fraction']:.2f} % (target <= 2 %); rounds: "
           f"{result['rounds_succeeded']} succeeded, {result['rounds_failed']} failed, {result['rounds_started']} started; "
           f"comparisons stored {result['comparisons_stored']} vs answers sent {result['answers_sent']}")
