@@ -330,3 +330,31 @@ def test_local_workers_run_niced_below_the_app(tmp_path):
                           "--database-url", cfg.database_url, "--artifact-dir", cfg.artifact_dir],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "--nice must be from 0 to 19" in bad.stderr + bad.stdout
+
+
+def test_the_bootstrap_trains_bc_on_every_core_and_gives_the_worker_its_threads_back(tmp_path):
+    """With ``threads`` 0 the bootstrap's BC uses every core (nothing else runs then; the
+    app's worker runs with one torch thread), recorded in the BC checkpoint; the worker's
+    thread count is restored for what follows (issue #15: first pair sooner)."""
+    import json
+
+    import torch
+
+    from fkpd.policy import read_checkpoint_meta
+    from fkpd.studio.batches import checkpoint_dir
+
+    env = {**studio_env(tmp_path), "FKPD_BOOTSTRAP": json.dumps({**TINY_BOOTSTRAP, "threads": 0})}
+    cfg = StudioConfig.from_env(env)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with cfg.open_store() as store:
+            project, job = open_project(store, cfg)
+            assert run_worker(store, once=True, handler_modules=["fkpd.studio"], stale_after_s=None) == 1
+            assert store.jobs.get(job.id).status == "succeeded", store.jobs.get(job.id).error
+            assert torch.get_num_threads() == 1, "the worker's thread count is back"
+            v0 = store.latest_policy_version(project.id)
+            meta = read_checkpoint_meta(checkpoint_dir(store, v0))
+            assert meta["train"]["threads"] == (os.cpu_count() or 1)
+    finally:
+        torch.set_num_threads(before)
