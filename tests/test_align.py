@@ -62,8 +62,10 @@ def _digest(path):
 
 
 def _cfg(synth, tmp_path, **kw):
+    """A small round; the additive form unless ``objective`` is given (the tests of the
+    regularisers are the additive form's; the default objective has tests of its own)."""
     base = dict(checkpoint=str(synth["ref"]), prefs=str(synth["prefs"]), out_dir=str(tmp_path / "out"), steps=30,
-                batch_pairs=4, bc_batch_size=32, reverse_states=8, log_every=10, device="cpu")
+                batch_pairs=4, bc_batch_size=32, reverse_states=8, log_every=10, device="cpu", objective="additive")
     base.update(kw)
     return AlignConfig(**base)
 
@@ -190,7 +192,8 @@ def test_align_other_regularizers(synth, tmp_path, reg):
     ("filtered_bc", {}),
 ])
 def test_align_other_objectives(synth, tmp_path, objective, extra):
-    res = align(_cfg(synth, tmp_path, objective=objective, steps=20, **extra), progress=False)
+    cfg = _cfg(synth, tmp_path, objective=objective, steps=20, **extra)  # in_sigmoid: k = 20 unless given
+    res = align(cfg, progress=False)
     meta = read_checkpoint_meta(res.checkpoint)
     assert meta["objective"] == objective and meta["align"]["objective"] == objective
     assert np.isfinite(res.metrics["loss"])
@@ -198,7 +201,7 @@ def test_align_other_objectives(synth, tmp_path, objective, extra):
         assert res.after["mse_w"] < res.before["mse_w"] and "filtered_bc" in res.metrics
     else:  # the preference is fitted
         assert res.after["implicit_acc"] > 0.5 and res.after["dpo"] < res.before["dpo"]
-    if extra.get("acc_lr_decay"):
+    if cfg.acc_lr_decay:
         # lr·exp(−20·max(acc − 0.5, 0)): below the base rate once the batches are fitted
         assert res.metrics["lr"] < 1e-4 and res.metrics["implicit_acc"] > 0.5
     else:
@@ -283,12 +286,30 @@ def test_output_may_not_overwrite_parent_and_init_must_match(synth, tmp_path):
         AlignConfig(beta=-1)
     with pytest.raises(ConfigError, match="--regularizer must be one of forward, reverse, none"):
         AlignConfig(regularizer="kl")
+    # the regulariser is the additive form's; the default objective (in_sigmoid) refuses another one
+    with pytest.raises(ConfigError, match="--regularizer reverse belongs to the additive objective.*--objective "
+                                          "additive --regularizer reverse"):
+        AlignConfig(regularizer="reverse")
+    assert AlignConfig(objective="additive", regularizer="reverse").regularizer == "reverse"
+
+
+def test_default_objective_is_the_in_sigmoid_form_with_its_learning_rate_decay():
+    """Issue #12 point 6: the default is the benchmark's best FKPD configuration (the
+    in-sigmoid form, c_bc = 1, reference on, k = 20); k defaults per objective, so the
+    additive form and filtered BC keep the configuration they were benchmarked with."""
+    cfg = AlignConfig()
+    assert (cfg.objective, cfg.c_bc, cfg.with_reference, cfg.acc_lr_decay) == ("in_sigmoid", 1.0, True, 20.0)
+    assert AlignConfig(objective="additive").acc_lr_decay == 0.0
+    assert AlignConfig(objective="filtered_bc").acc_lr_decay == 0.0
+    assert AlignConfig(objective="additive", acc_lr_decay=5.0).acc_lr_decay == 5.0
+    assert AlignConfig(acc_lr_decay=0.0).acc_lr_decay == 0.0, "an explicit 0 turns the decay off"
 
 
 def test_cli_align(synth, tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["align", "--checkpoint", str(synth["ref"]), "--prefs", str(synth["prefs"]), "--out-dir", str(out),
-                 "--steps", "5", "--regularizer", "none", "--beta", "200", "--device", "cpu"]) == 0
+                 "--steps", "5", "--objective", "additive", "--regularizer", "none", "--beta", "200",
+                 "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "aligned on 5 pairs" in text and f"checkpoint: {out / 'checkpoint'}" in text
     assert read_checkpoint_meta(out / "checkpoint")["align"]["beta"] == 200.0

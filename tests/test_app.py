@@ -142,12 +142,12 @@ def test_rounds_page_objective_and_dataset_share_reach_the_round(app, project_st
     at = _admin_on_rounds_page(app)
     assert at.selectbox(key="objective").value == round_defaults()["objective"]
     assert at.number_input(key="dataset_share").value == 0.0, "version 0's batch settings"
-    at.selectbox(key="objective").set_value("in_sigmoid")
+    at.selectbox(key="objective").set_value("additive")
     at.number_input(key="dataset_share").set_value(0.25)
     next(b for b in at.button if b.label == "Run alignment round").click().run()
     assert not at.exception and any("Queued alignment round" in s.value for s in at.success)
     job = project_store.jobs.list(PROJECT, status="queued")[0]
-    assert job.params["objective"] == "in_sigmoid" and job.params["dataset_share"] == 0.25
+    assert job.params["objective"] == "additive" and job.params["dataset_share"] == 0.25
     again = _admin_on_rounds_page(app)  # a new session: the form starts from the remembered round
     assert again.number_input(key="dataset_share").value == 0.25
 

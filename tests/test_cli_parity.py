@@ -215,11 +215,14 @@ def test_rounds_start_has_the_rounds_page_checks(store, capsys):
     assert "--pairs-per-batch" in err and "pairs_per_batch" not in err
     err = _error(capsys, main(["rounds", "start", "--project", "proj", "--steps", "x", *common]))
     assert "--steps" in err and "fkpd rounds start --help" in err
-    assert main(["rounds", "start", "--project", "proj", "--beta", "100", "--steps", "5", "--regularizer",
-                 "reverse", *common]) == 0
+    err = _error(capsys, main(["rounds", "start", "--project", "proj", "--regularizer", "reverse", *common]))
+    assert "belongs to the additive objective" in err, "the default objective takes no other regulariser"
+    assert main(["rounds", "start", "--project", "proj", "--beta", "100", "--steps", "5", "--objective", "additive",
+                 "--regularizer", "reverse", *common]) == 0
     assert "queued alignment round" in capsys.readouterr().out
     job = next(j for j in store.jobs.list(store.get_project("proj").id) if j.kind == "alignment_round")
-    assert job.status == "queued" and job.params == {"beta": 100.0, "steps": 5, "regularizer": "reverse"}
+    assert job.status == "queued" and job.params == {"beta": 100.0, "steps": 5, "objective": "additive",
+                                                     "regularizer": "reverse"}
     assert "wait for it to finish" in _error(capsys, main(["rounds", "start", "--project", "proj", *common]))
 
 
