@@ -69,10 +69,13 @@ def stage_of(message: str) -> str:
 
 
 _WHOLE: set[int] = set()  # pairs whose videos were found whole (checked once each)
+_OTHERS: set[int] = set()  # pairs of the round another job (a top-up) added
 
 
-def labelable_pairs(store, project_id: int, round_: int) -> int:
-    """Pairs of ``round_`` whose two videos exist with their recorded sha256."""
+def labelable_pairs(store, project_id: int, round_: int, job_id: int) -> int:
+    """Pairs of ``round_`` rendered by job ``job_id`` (both clips; not the top-ups' pairs,
+    extension pairs included, which the top-up worker adds to the round meanwhile) whose
+    two videos exist with their recorded sha256."""
     from sqlalchemy import select
 
     from fkpd.store import models as m
@@ -81,11 +84,14 @@ def labelable_pairs(store, project_id: int, round_: int) -> int:
         rows = s.execute(select(m.Pair.id, m.Pair.left_clip_id, m.Pair.right_clip_id)
                          .where(m.Pair.project_id == project_id, m.Pair.round == round_)).all()
     for pid, left, right in rows:
-        if pid in _WHOLE:
+        if pid in _WHOLE or pid in _OTHERS:
             continue
         try:
-            for cid in (left, right):
-                clip = store.get_clip(cid)
+            clips = [store.get_clip(cid) for cid in (left, right)]
+            if any(c.meta.get("job_id") != job_id for c in clips):
+                _OTHERS.add(pid)
+                continue
+            for clip in clips:
                 store.artifacts.verify(clip.video_path, clip.video_sha256)
         except Exception:  # noqa: BLE001 (missing or half-written: not labelable)
             continue
@@ -116,7 +122,7 @@ def watch_job(store, job_id: int, line: Timeline, project_id: int, round_: int, 
             line.mark("job running")
             if job.message:
                 line.mark(f"stage: {stage_of(job.message)}")
-        n = labelable_pairs(store, project_id, round_)
+        n = labelable_pairs(store, project_id, round_, job_id)
         if n >= 1:
             line.mark("first pair labelable")
         if n >= batch:
