@@ -230,15 +230,14 @@ def batch_settings(store: Store, project: ProjectInfo, reference: PolicyVersionI
     Raises:
         NotFoundError: unknown project.
     """
-    from fkpd.studio.history import ROUND_PARAMS
+    from fkpd.studio.history import remembered_round_params
 
     if reference is None:
         reference = next((v for v in served_versions(store, project) if v.round == 0), None)
     names = {f.name for f in dataclasses.fields(BatchSettings)}
     recorded = {k: v for k, v in (((reference.metrics.get("bootstrap") or {}).get("settings") or {})
                                   if reference is not None else {}).items() if k in names}
-    remembered = store.get_project(project.id).settings.get(ROUND_PARAMS)
-    remembered = remembered if isinstance(remembered, dict) else {}
+    remembered = remembered_round_params(store, project)
     chosen = {k: remembered[k] for k in SELECTION_FIELDS if k in remembered}
     try:
         settings = BatchSettings(**{**recorded, **chosen})
