@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,22 @@ def browser_path() -> str:
     return path
 
 
+@contextmanager
+def chromium_page(chromium: str, timeout_ms: int = 60_000):
+    """One 1280×800 page of a headless Chromium at ``chromium`` (:func:`browser_path`),
+    Playwright's default timeout set to ``timeout_ms``; the browser is closed on exit."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.set_default_timeout(timeout_ms)
+            yield page
+        finally:
+            browser.close()
+
+
 def start_app(project_root: Path, log: Path) -> tuple[subprocess.Popen, str]:
     """``streamlit run`` on a free port with its own local worker; returns (process, base URL)."""
     env = {**os.environ, **studio_env(project_root, FKPD_START_WORKER="1", FKPD_WORKER_THREADS="1")}
@@ -74,16 +91,13 @@ def live_app(project_dir, tmp_path):
 
 
 def test_label_round_and_next_batch_in_a_real_browser(live_app):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     url, chromium, root = live_app
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     store = Store(f"sqlite:///{root / 'fkpd.sqlite'}", root / "artifacts")
     v0 = store.latest_policy_version(PROJECT)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 800})
-        page.set_default_timeout(60_000)
+    with chromium_page(chromium) as page:
         page.goto(url)
 
         # The name is asked once; an empty one is refused.
@@ -157,5 +171,4 @@ def test_label_round_and_next_batch_in_a_real_browser(live_app):
             expect(page.get_by_text(title)).to_be_visible()
             time.sleep(1.0)
             page.screenshot(path=ARTIFACTS / f"{name.lower()}.png")
-        browser.close()
     store.close()

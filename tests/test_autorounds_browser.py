@@ -16,11 +16,11 @@ from app_harness import stop_app
 from conftest_app import ADMIN_PASSWORD, PROJECT, bootstrapped_project, project_dir  # noqa: F401
 from conftest_store import wait_for
 from fkpd.store import Store
-from test_app_browser import ARTIFACTS, CHROMIUM_ARGS, browser_path, start_app, video_state
+from test_app_browser import ARTIFACTS, browser_path, chromium_page, start_app, video_state
 
 
 def test_a_round_starts_automatically_after_n_answers(project_dir, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     chromium = browser_path()
     root = project_dir
@@ -30,10 +30,7 @@ def test_a_round_starts_automatically_after_n_answers(project_dir, tmp_path):
     proc, url = start_app(root, tmp_path / "streamlit.log")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     try:
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
-            page.set_default_timeout(60_000)
+        with chromium_page(chromium) as page:
 
             # The admin sets automatic rounds to 2 new comparisons.
             page.goto(f"{url}/rounds")
@@ -80,7 +77,6 @@ def test_a_round_starts_automatically_after_n_answers(project_dir, tmp_path):
             page.goto(f"{url}/rounds")
             expect(page.get_by_text("0 of 2 new comparisons")).to_be_visible(timeout=10_000)
             page.screenshot(path=ARTIFACTS / "rounds-auto.png")
-            browser.close()
     finally:
         stop_app(proc)
         store.close()

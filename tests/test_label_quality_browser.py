@@ -23,7 +23,7 @@ from conftest_app import ADMIN_PASSWORD, PROJECT, bootstrapped_project, project_
 from conftest_store import wait_for
 from fkpd.store import Store
 from fkpd.studio.batches import StoreLabeller
-from test_app_browser import ARTIFACTS, CHROMIUM_ARGS, browser_path, video_state
+from test_app_browser import ARTIFACTS, browser_path, chromium_page, video_state
 
 # Videos do not start until the test lets them (window.__fkpdHold = false), so the first
 # key press certainly comes before the minimum viewing time.
@@ -35,7 +35,7 @@ HTMLMediaElement.prototype.play = function () { return window.__fkpdHold ? Promi
 
 
 def test_minimum_viewing_time_gold_accuracy_and_exclusion(project_dir, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     chromium = browser_path()
     store = Store(f"sqlite:///{project_dir / 'fkpd.sqlite'}", project_dir / "artifacts")
@@ -50,10 +50,7 @@ def test_minimum_viewing_time_gold_accuracy_and_exclusion(project_dir, tmp_path)
     proc, url = launch_app({**os.environ, **studio_env(project_dir)}, tmp_path / "streamlit.log")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     try:
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
-            page.set_default_timeout(60_000)
+        with chromium_page(chromium) as page:
             page.add_init_script(HOLD_PLAYBACK)
 
             # Too early: a hint, nothing stored.
@@ -97,7 +94,6 @@ def test_minimum_viewing_time_gold_accuracy_and_exclusion(project_dir, tmp_path)
             labels = StoreLabeller(store, project).labels()
             assert len(labels) == 1 and labels[0][2] == (1.0 if wrong == "ArrowLeft" else 0.0), "only ada's answer"
             assert len(store.comparisons_frame(PROJECT)) == 2, "bob's comparison stays in the store"
-            browser.close()
     finally:
         stop_app(proc)
         store.close()

@@ -31,7 +31,7 @@ from app_harness import launch_app, stop_app
 from conftest_app import PROJECT, bootstrapped_project, project_dir, studio_env  # noqa: F401
 from conftest_store import wait_for
 from fkpd.store import Store
-from test_app_browser import ARTIFACTS, CHROMIUM_ARGS, browser_path, video_state
+from test_app_browser import ARTIFACTS, browser_path, chromium_page, video_state
 from test_label_quality_browser import HOLD_PLAYBACK
 
 
@@ -63,17 +63,14 @@ def _watch_both_clips(page) -> None:
 
 
 def test_arrow_keys_reach_the_player_after_streamlit_rebuilt_it(project_dir, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     chromium = browser_path()
     store = Store(f"sqlite:///{project_dir / 'fkpd.sqlite'}", project_dir / "artifacts")
     proc, url = launch_app({**os.environ, **studio_env(project_dir)}, tmp_path / "streamlit.log")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     try:
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
-            page.set_default_timeout(60_000)
+        with chromium_page(chromium) as page:
             page.add_init_script(HOLD_PLAYBACK)  # window.__fkpdHold: play() does nothing while true
             page.add_init_script("window.__fkpdHold = false")
             page.add_init_script(COUNT_KEY_LISTENERS)
@@ -121,7 +118,6 @@ def test_arrow_keys_reach_the_player_after_streamlit_rebuilt_it(project_dir, tmp
             frame = store.comparisons_frame(PROJECT)
             assert sorted(frame[["pair_id", "annotator", "outcome"]].values.tolist()) == \
                 sorted([[first, "ada", "left"], [second, "ada", "right"]])
-            browser.close()
     finally:
         stop_app(proc)
         store.close()
