@@ -3,7 +3,7 @@
 It runs in the page itself (no iframe), so keyboard shortcuts work wherever the focus
 is, except in text fields: ← Left, → Right, ↓ Equal, ``s`` Skip, ``r`` Replay.
 
-Data in (from Python): ``{"pairs": [pair, next pair], "min_view_ms": ...}``, each pair
+Data in (from Python): ``{"pairs": [current pair, next pairs ...], "min_view_ms": ...}``, each pair
 ``{"id", "round", "version", "left": {"clip", "b64"}, "right": {...}}`` with the MP4s as
 base64 (the files are read server-side by clip id; the browser never names a path).
 State out: ``answers``, the list of every answer given in this page session,
@@ -17,9 +17,11 @@ time not counted). An earlier press or click shows a short "Watch both clips fir
 and is not sent. Skip is always taken (a clip that cannot play can only be skipped). The
 server checks the time again on its own clock (``Store.answer``'s ``min_view_seconds``).
 
-The next pair is prefetched: its videos are decoded into blob URLs and loaded into
-hidden video elements while the current pair plays, and an answer swaps to it at once,
-before the server has even stored the answer. Both clips start together (each waits for
+The next pair is prefetched: its videos are decoded into blob URLs and loaded into a
+hidden video element on each side while the current pair plays; an answer swaps the
+hidden and visible elements (no reload: the next clips are on screen, decoded, at once),
+before the server has even stored the answer. The page passes up to three pairs (the
+current one and two ahead), so a slow server rerun does not leave the player empty. Both clips start together (each waits for
 the other to be ready), loop, are muted, and have the same size.
 """
 
@@ -37,7 +39,8 @@ CSS = """
 .fkpd-side .fkpd-label { font-weight: 600; margin: 0 0 4px 2px; }
 .fkpd-box { position: relative; width: 100%; aspect-ratio: 1 / 1; background: #111; border-radius: 8px;
             overflow: hidden; }
-.fkpd-box video { width: 100%; height: 100%; object-fit: contain; display: block; }
+.fkpd-box video { position: absolute; inset: 0; width: 100%; height: 100%; object-fit: contain; display: block; }
+.fkpd-box video.fkpd-pre-left, .fkpd-box video.fkpd-pre-right { visibility: hidden; }
 .fkpd-box .fkpd-missing { position: absolute; inset: 0; display: none; align-items: center; justify-content: center;
                           color: #eee; text-align: center; padding: 16px; font-size: 15px; }
 .fkpd-box.missing .fkpd-missing { display: flex; }
@@ -50,7 +53,6 @@ CSS = """
              visibility: hidden; }
 .fkpd-hint.visible { visibility: visible; }
 .fkpd-status { text-align: center; margin-top: 8px; color: #555; font-size: 14px; min-height: 1.4em; }
-.fkpd-prefetch { display: none; }
 .fkpd-player.empty .fkpd-videos, .fkpd-player.empty .fkpd-buttons { visibility: hidden; }
 """
 
@@ -59,10 +61,12 @@ HTML = """
   <div class="fkpd-videos">
     <div class="fkpd-side"><div class="fkpd-label">Left</div>
       <div class="fkpd-box"><video class="fkpd-left" muted playsinline loop preload="auto"></video>
+        <video class="fkpd-pre-left" muted playsinline loop preload="auto"></video>
         <div class="fkpd-missing">This video could not be played.<br>Answer Skip; the pair will be looked at.</div>
       </div></div>
     <div class="fkpd-side"><div class="fkpd-label">Right</div>
       <div class="fkpd-box"><video class="fkpd-right" muted playsinline loop preload="auto"></video>
+        <video class="fkpd-pre-right" muted playsinline loop preload="auto"></video>
         <div class="fkpd-missing">This video could not be played.<br>Answer Skip; the pair will be looked at.</div>
       </div></div>
   </div>
@@ -75,8 +79,6 @@ HTML = """
   </div>
   <div class="fkpd-hint" role="status" aria-live="polite"></div>
   <div class="fkpd-status"></div>
-  <div class="fkpd-prefetch"><video class="fkpd-pre-left" muted preload="auto"></video>
-    <video class="fkpd-pre-right" muted preload="auto"></video></div>
 </div>
 """
 
@@ -110,7 +112,7 @@ async function startTogether(st) {
   l.pause(); r.pause();
   await Promise.all([ready(l), ready(r)]);
   if (token !== st.startToken) return;
-  l.currentTime = 0; r.currentTime = 0;
+  for (const v of [l, r]) if (v.currentTime) v.currentTime = 0;  // a prefetched clip is at 0: no seek
   await Promise.allSettled([l.play(), r.play()]);
   if (!st.shownMs) st.shownMs = Date.now();
 }
@@ -143,8 +145,26 @@ function hint(st, text) {
 }
 
 function setSrc(video, url) {
-  video.parentElement.classList.remove("missing");
   if (video.getAttribute("src") !== url) { video.setAttribute("src", url); video.load(); }
+}
+
+const PRE = {left: "preLeft", right: "preRight"};
+
+// Show `url` on one side. When the hidden video of that side already holds it (the
+// prefetched next pair), the two videos trade places instead of reloading: the clip is
+// on screen at once, already decoded, and the video just hidden takes the next prefetch.
+function place(st, side, url) {
+  let v = st.el[side];
+  const pre = st.el[PRE[side]];
+  if (v.getAttribute("src") !== url && pre.getAttribute("src") === url) {
+    v.pause();
+    v.classList.replace("fkpd-" + side, "fkpd-pre-" + side);
+    pre.classList.replace("fkpd-pre-" + side, "fkpd-" + side);
+    st.el[side] = pre; st.el[PRE[side]] = v;
+    v = pre;
+  }
+  setSrc(v, url);
+  v.parentElement.classList.toggle("missing", Boolean(v.error && v.getAttribute("src")));
 }
 
 function nextPending(st) {
@@ -158,7 +178,7 @@ function show(st) {
   root.classList.toggle("empty", !cur);
   if (!cur) {
     root.dataset.pairId = "";
-    st.el.left.removeAttribute("src"); st.el.right.removeAttribute("src");
+    for (const v of [st.el.left, st.el.right]) { v.pause(); v.removeAttribute("src"); v.parentElement.classList.remove("missing"); }
     st.el.status.textContent = "Loading the next pair…";
     return;
   }
@@ -166,16 +186,17 @@ function show(st) {
     root.dataset.pairId = String(cur.id);
     root.dataset.version = String(cur.version);
     st.shownMs = 0;
-    for (const v of [st.el.left, st.el.right]) { v.__playedMs = 0; v.__since = 0; }
     st.el.hint.classList.remove("visible");
-    setSrc(st.el.left, blobUrl(st, cur.left));
-    setSrc(st.el.right, blobUrl(st, cur.right));
+    place(st, "left", blobUrl(st, cur.left));
+    place(st, "right", blobUrl(st, cur.right));
+    for (const v of [st.el.left, st.el.right]) { v.__playedMs = 0; v.__since = 0; }
     startTogether(st);
   }
   st.el.status.textContent = `Pair ${cur.id} · clips of v${cur.version}` +  // versions named as on the Rounds page
     (todo[1] ? " · next pair loaded" : "");
   const nxt = todo[1];
-  if (nxt) {  // prefetch: decode into blob URLs and let hidden videos buffer them
+  if (nxt) {  // prefetch: decode into blob URLs and let the hidden videos buffer them
+    st.el.preLeft.pause(); st.el.preRight.pause();
     setSrc(st.el.preLeft, blobUrl(st, nxt.left));
     setSrc(st.el.preRight, blobUrl(st, nxt.right));
   }
@@ -213,9 +234,11 @@ export default function (component) {
         preLeft: root.querySelector("video.fkpd-pre-left"), preRight: root.querySelector("video.fkpd-pre-right"),
       },
     };
-    for (const v of [st.el.left, st.el.right]) {
+    for (const v of [st.el.left, st.el.right, st.el.preLeft, st.el.preRight]) {
       trackPlaying(v);
-      v.addEventListener("error", () => { if (v.getAttribute("src")) v.parentElement.classList.add("missing"); });
+      v.addEventListener("error", () => {  // only the video on screen marks its side as missing
+        if (v.getAttribute("src") && (v === st.el.left || v === st.el.right)) v.parentElement.classList.add("missing");
+      });
     }
     root.querySelectorAll("button[data-outcome]").forEach((b) => {
       b.addEventListener("click", () => answer(st, b.dataset.outcome));
@@ -254,7 +277,8 @@ _player = st.components.v2.component("fkpd_pair_player", html=HTML, css=CSS, js=
 
 def pair_player(pairs: list[dict[str, Any]], on_answers: Callable[[], None], key: str = "pair_player",
                 min_view_seconds: float = 0.0) -> Any:
-    """Mount the player with up to two pairs (current, next); ``on_answers`` runs
+    """Mount the player with the pairs leased to this annotator (current first, then the
+    next ones: the first of those is prefetched); ``on_answers`` runs
     (before the page script, as a Streamlit callback) whenever the browser adds an
     answer. The answers are in ``st.session_state[key]["answers"]``. A left/right/equal
     press counts once both clips played ``min_view_seconds`` (or one loop, if shorter)."""

@@ -124,10 +124,18 @@ def test_label_round_and_next_batch_in_a_real_browser(live_app):
         expect(page.get_by_text("Watch both clips")).to_be_visible()
         page.screenshot(path=ARTIFACTS / "label.png")
 
-        # One key press: exactly one comparison, and the next pair shows.
+        # One key press: exactly one comparison, and the next pair shows at once: the
+        # hidden videos that prefetched it trade places with the visible ones (no reload).
         shown = int(player.get_attribute("data-pair-id"))
+        hidden = "v => ({src: v.getAttribute('src'), ready: v.readyState})"
+        wait_for(lambda: all(page.locator(f"video.fkpd-pre-{side}").evaluate(hidden)["ready"] >= 3
+                             for side in ("left", "right")), 30, what="the next pair prefetched")
+        prefetched = {side: page.locator(f"video.fkpd-pre-{side}").evaluate(hidden)["src"] for side in ("left", "right")}
         page.keyboard.press("ArrowLeft")
-        wait_for(lambda: player.get_attribute("data-pair-id") not in ("", str(shown)), 10, what="the next pair")
+        on_screen = {side: page.locator(f"video.fkpd-{side}").evaluate(hidden) for side in ("left", "right")}
+        assert player.get_attribute("data-pair-id") not in ("", str(shown))
+        for side in ("left", "right"):
+            assert on_screen[side]["src"] == prefetched[side] and on_screen[side]["ready"] >= 2, (side, on_screen)
         wait_for(lambda: len(store.comparisons_frame(PROJECT)) > 0, 10, what="the comparison")
         time.sleep(1.5)  # a rerun or a repeated state update must not store it twice
         frame = store.comparisons_frame(PROJECT)

@@ -37,7 +37,9 @@ st.info(s.project.instructions or "Choose the clip whose behaviour you prefer.",
 for msg in st.session_state.pop("answer_problems", []):
     st.warning(msg)
 
-pairs, notices = lease_for_display(s.store, s.project, annotator)
+# The pair on screen and two ahead: the player swaps to the next at once, and a slow
+# rerun of this page (a round training on the same machine) does not leave it empty.
+pairs, notices = lease_for_display(s.store, s.project, annotator, count=3)
 for msg in notices:
     st.warning(msg, icon=":material/videocam_off:")
 if pairs:
