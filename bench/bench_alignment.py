@@ -63,6 +63,16 @@ data, BC policy and the default budget's runs with the plain benchmark::
     python bench/bench_alignment.py --tasks metaworld/door-open-v3 --seeds 0 1 2 --methods forward \
         --query-selection uniform disagreement diversity --label-budgets 100 200 400 \
         --out runs/bench_acquisition --json bench/results/bench_acquisition.json
+
+Label efficiency (issue #13: does a rule reach with B labels what ``uniform`` reaches
+with more?): ``--versus-uniform 400`` also reads each method's ``uniform`` runs at 400
+labels (they must be finished in the same --out) and prints, per rule and budget, the
+paired per-seed difference in final success rate against them (averaged over the tasks,
+with a 95 % bootstrap interval over seeds)::
+
+    python bench/bench_alignment.py --jobs 2 --tasks metaworld/door-open-v3 metaworld/button-press-v3 \
+        --methods in_sigmoid --query-selection uniform disagreement diversity --label-budgets 200 \
+        --versus-uniform 400 --json bench/results/bench_acquisition.json
 """
 
 from __future__ import annotations
@@ -237,6 +247,59 @@ def _label_curves(runs: list[dict], args) -> list[dict]:
     return out
 
 
+def _label_efficiency(runs: list[dict], args) -> list[dict]:
+    """With ``--versus-uniform B``: per method, rule and budget b, the final success rate
+    minus that of the same method's ``uniform`` run at B labels, paired per seed (same
+    data, BC and evaluation seeds), averaged over the tasks that have both; its mean over
+    seeds and 95 % bootstrap interval. ≥ 0 means b labels chosen by the rule did at least
+    as well as B chosen uniformly."""
+    big = args.versus_uniform
+    if not big:
+        return []
+    ref: dict[tuple, float] = {}
+    for task, seed, teacher, method in {(t, s, te, m) for t, s, te, m, _, _ in _work(args)}:
+        summary = _finished(args, _run_dir(args, task, seed, teacher, method, "uniform", big))
+        if summary is not None:
+            ref[(task, seed, teacher, method)] = summary["rounds"][-1]["success_rate"]
+    out = []
+    for teacher in args.teachers:
+        print()
+        print(f"### Label efficiency, teacher `{teacher}`: success − uniform at {big} labels (points, paired per "
+              f"seed, mean over {', '.join(t.split('/')[-1] for t in args.tasks)})")
+        print()
+        print(f"| method | query selection | labels | success | uniform at {big} | per seed | "
+              "mean [95% bootstrap CI over seeds] |")
+        print("|---|---|---|---|---|---|---|")
+        for method in args.methods:
+            for rule in args.query_selection:
+                for budget in _budgets(args):
+                    b = budget or args.rounds * args.pairs_per_round
+                    mine = [r for r in runs if r["teacher"] == teacher and r["method"] == method
+                            and r.get("query_selection", "uniform") == rule and r.get("label_budget") == budget]
+                    per_seed: dict[int, list[tuple[float, float]]] = {}
+                    for r in mine:
+                        k = (r["task"], r["seed"], teacher, method)
+                        if k in ref:
+                            per_seed.setdefault(r["seed"], []).append((r["rounds"][-1]["success_rate"], ref[k]))
+                    n_tasks = max((len(v) for v in per_seed.values()), default=0)
+                    per_seed = {sd: v for sd, v in per_seed.items() if len(v) == n_tasks}
+                    diffs = [float(np.mean([a - u for a, u in per_seed[sd]])) for sd in sorted(per_seed)]
+                    ci = bootstrap_ci(diffs)
+                    mean = float(np.mean(diffs)) if diffs else None
+                    succ = [a for v in per_seed.values() for a, _ in v]
+                    unif = [u for v in per_seed.values() for _, u in v]
+                    out.append({"teacher": teacher, "method": method, "query_selection": rule, "labels": b,
+                                "versus_uniform_labels": big, "tasks": n_tasks, "seeds": sorted(per_seed),
+                                "diffs": diffs, "mean": mean, "ci95": list(ci),
+                                "success_mean": float(np.mean(succ)) if succ else None,
+                                "uniform_success_mean": float(np.mean(unif)) if unif else None})
+                    rule_txt = rule if rule == "uniform" else f"{rule} ×{args.candidate_factor}"
+                    print(f"| {METHODS[method][0]} | {rule_txt} | {b} | {_fmt(succ, pct=True, digits=0)} | "
+                          f"{_fmt(unif, pct=True, digits=0)} | {', '.join(f'{100 * x:+.1f}' for x in diffs)} | "
+                          f"{_pts(mean)} [{_pts(ci[0])}, {_pts(ci[1])}] |")
+    return out
+
+
 def _work(args) -> list[tuple[str, int, str, str, str, int | None]]:
     intent_tasks = args.intent_tasks or args.tasks[:1]
     return [(task, seed, teacher, method, rule, budget)
@@ -377,6 +440,9 @@ def main() -> None:
     ap.add_argument("--label-budgets", nargs="+", type=int, default=None, metavar="B",
                     help="labels per run, one run per budget (--rounds rounds of B / --rounds pairs; B a multiple "
                          "of --rounds); prints a labels curve. Default: --rounds × --pairs-per-round")
+    ap.add_argument("--versus-uniform", type=int, default=0, metavar="B",
+                    help="label efficiency: compare every run with the same method's uniform run at B labels "
+                         "(finished in the same --out; 0: no comparison)")
     ap.add_argument("--segment-length", type=int, default=0,
                     help="L, steps per labelled segment (0: the task's, 64; whole episodes on maze2d)")
     ap.add_argument("--steps", type=int, default=AlignConfig.steps, help="alignment steps per round")
@@ -493,6 +559,7 @@ def main() -> None:
                       f"{_pts(d['mean'])} [{_pts(d['ci95'][0])}, {_pts(d['ci95'][1])}] |")
     overall = _across_tasks(tables, args)
     curves = _label_curves(runs, args)
+    efficiency = _label_efficiency(runs, args)
     round_s = [rd["round_s"] for r in runs for rd in r["rounds"][1:]]
     sps = [rd["align_steps_per_s"] for r in runs for rd in r["rounds"][1:]]
     print()
@@ -508,7 +575,8 @@ def main() -> None:
         "benchmark": "bench_alignment", "args": vars(args), "runs_missing": missing,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                     "cuda": torch.cuda.is_available(), "platform": platform.platform()},
-        "tables": tables, "across_tasks": overall, "label_curves": curves, "runs": runs, "align_steps_per_s": sps,
+        "tables": tables, "across_tasks": overall, "label_curves": curves,
+        "label_efficiency": efficiency, "runs": runs, "align_steps_per_s": sps,
         "round_s": round_s,
         "wall_s": time.time() - t0}), indent=2))
     print(f"results: {out}")

@@ -97,6 +97,8 @@ class Annotator:
         self.empty_s = 0.0          # time with no pair on screen, after the first pair
         self.empty_by_why: dict[str, float] = {}  # the same, by what the page showed (ON_SCREEN's why)
         self.gaps: list[float] = []  # lengths of the stretches without a pair
+        self.gap_log: list[dict] = []  # each stretch: start (s after the first pair), length, what the page showed
+        self._gap_why: dict[str, float] = {}
         self.diagnoses: list[dict] = []  # what the page showed after the first presses that were not taken
         self._empty_since: float | None = None
         self._last_sample: float | None = None
@@ -118,12 +120,12 @@ class Annotator:
             self.empty_s += now - self._last_sample
             why = seen.get("why") or "?"
             self.empty_by_why[why] = self.empty_by_why.get(why, 0.0) + now - self._last_sample
+            self._gap_why[why] = self._gap_why.get(why, 0.0) + now - self._last_sample
         if self.first_pair_at is not None:
             if not pair and self._empty_since is None:
                 self._empty_since = now
             elif pair and self._empty_since is not None:
-                self.gaps.append(now - self._empty_since)
-                self._empty_since = None
+                self._close_gap(now)
         if pair != self.pair:
             self.pair, self.pair_since = pair, now
         if self.pressed is not None and now - self.pressed[1] > 10:
@@ -144,9 +146,30 @@ class Annotator:
             self.pressed = (self.pair, now)
             self.last_answer_at = now
 
+    def _close_gap(self, now: float) -> None:
+        self.gaps.append(now - self._empty_since)
+        self.gap_log.append({"at_s": round(self._empty_since - self.first_pair_at, 2),
+                             "length_s": round(now - self._empty_since, 2),
+                             "why_s": {k: round(v, 2) for k, v in self._gap_why.items()}})
+        self._empty_since, self._gap_why = None, {}
+
     def finish(self, now: float) -> None:
         if self._empty_since is not None:
-            self.gaps.append(now - self._empty_since)
+            self._close_gap(now)
+
+
+def _supply(store, t: float) -> dict:
+    """Open pairs of the served version and the jobs running, ``t`` s after the first pair."""
+    from fkpd.studio import top_up_state
+
+    try:
+        project = store.list_projects()[0]
+        state = top_up_state(store, project)
+        running = [j.kind for j in store.jobs.list(project.id, status=("running",), limit=10)]
+    except Exception as exc:  # noqa: BLE001 - a busy store: note it, keep measuring
+        return {"t_s": round(t, 1), "error": repr(exc)}
+    return {"t_s": round(t, 1), "open_pairs": None if state is None else state.open_pairs,
+            "target": None if state is None else state.target, "running": running}
 
 
 def main() -> None:
@@ -198,7 +221,8 @@ def main() -> None:
                 people.append(Annotator(f"annotator{i + 1}", page, args.gap_s, args.min_view_s, rng))
             deadline_first = time.time() + 60 * args.bootstrap_timeout_min
             end: float | None = None
-            last_report = 0.0
+            last_report = last_supply = 0.0
+            supply: list[dict] = []  # the pair supply every 5 s: is there something to show?
             while True:
                 now = time.time()
                 for a in people:
@@ -213,6 +237,9 @@ def main() -> None:
                     raise RuntimeError(f"no pair on screen after {args.bootstrap_timeout_min} min; see {log}")
                 if end is not None and now >= end:
                     break
+                if end is not None and now - last_supply >= 5:
+                    last_supply = now
+                    supply.append(_supply(store, now - (end - 60 * args.minutes)))
                 if end is not None and now - last_report > 60:
                     last_report = now
                     print(f"  {(now - (end - 60 * args.minutes)) / 60:4.1f} min: "
@@ -242,6 +269,7 @@ def main() -> None:
                                "gap_s_quantiles": {q: float(np.quantile(a.gaps, q / 100)) if a.gaps else None
                                                    for q in (50, 90, 99)},
                                "idle_s_by_reason": a.empty_by_why,
+                               "gap_log": a.gap_log,
                                "dropped_presses_seen": a.diagnoses})
         sent = sum(a.sent for a in people)
         result = {
@@ -254,6 +282,8 @@ def main() -> None:
             "rounds_failed": sum(j.status == "failed" for j in rounds),
             "rounds_started": len(rounds),
             "jobs": [{"kind": j.kind, "status": j.status} for j in jobs],
+            "supply": supply,
+            "supply_empty_fraction": (sum(x.get("open_pairs") == 0 for x in supply) / len(supply)) if supply else None,
             "policy_versions": len(versions),
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                         "platform": platform.platform()},
@@ -273,6 +303,8 @@ def main() -> None:
     print(f"idle fraction {100 * result['idle_fraction']:.2f} % (target <= 2 %); rounds: "
           f"{result['rounds_succeeded']} succeeded, {result['rounds_failed']} failed, {result['rounds_started']} started; "
           f"comparisons stored {result['comparisons_stored']} vs answers sent {result['answers_sent']}")
+    if result["supply_empty_fraction"] is not None:
+        print(f"no open pair in the store in {100 * result['supply_empty_fraction']:.1f} % of the 5-s samples")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
