@@ -58,8 +58,8 @@ def test_label_page_asks_a_name_once_and_shows_instructions_and_progress(app, pr
     assert "Keys: ← left" in page
     assert [a.name for a in project_store.list_annotators()] == ["ada"]
     bob = project_store.get_or_create_annotator("bob")
-    assert project_store.next_pair(PROJECT, bob).id == 3, \
-        "the page leased the current pair and the prefetched next one (pairs 1 and 2) to ada"
+    assert project_store.next_pair(PROJECT, bob).id == 4, \
+        "the page leased the current pair and the two ahead (pairs 1 to 3) to ada"
     at.run()  # a rerun keeps the name (asked once)
     assert "Who is labelling?" not in texts(at)
 

@@ -587,7 +587,7 @@ def test_invite_mode_maps_tokens_to_annotators_and_a_name_creates_nobody(app, pr
     assert "Watch both clips" in _texts(at) and at.session_state["annotator"] == "ada"
     assert at.session_state["invited"] is True and at.query_params["token"] == invite.token
     bob = project_store.get_or_create_annotator("bob")
-    assert project_store.next_pair(PROJECT, bob).id == 3, "ada holds the shown and the prefetched pair"
+    assert project_store.next_pair(PROJECT, bob).id == 4, "ada holds the shown pair and two ahead"
     project_store.revoke_invites(PROJECT, "ada")
     at.run()
     assert "Invitation needed" in _texts(at) and "revoked" in _texts(at)

@@ -360,6 +360,23 @@ def test_a_new_batch_takes_over_from_held_pairs_of_the_previous_round(store):
     assert [p.id for p in store.lease_pairs("proj", a, 2)] == new, "the new batch comes first, at once"
 
 
+def test_older_rounds_fill_in_while_a_new_batch_has_too_few_pairs(store):
+    """A new batch registered pair by pair must not leave annotators waiting while the
+    previous round still has open pairs (issue #13): newest round first, then older."""
+    _, old = make_project(store, 3, round=1)
+    a, b = store.get_or_create_annotator("a"), store.get_or_create_annotator("b")
+    assert [p.id for p in store.lease_pairs("proj", a, 2)] == old[:2]
+    _, new = make_project(store, 1, round=2)  # the new batch's first pair
+    assert [p.id for p in store.lease_pairs("proj", a, 3)] == [new[0], old[0], old[1]], \
+        "the new pair first, then the held pairs of the previous round"
+    assert [p.id for p in store.lease_pairs("proj", b, 3)] == [old[2]], "a holds the rest: b gets what is free"
+    store.answer(new[0], a, "left", NOW)
+    assert [p.id for p in store.lease_pairs("proj", a, 3)] == old[:2], "nothing new: the previous round's pairs"
+    _, newer = make_project(store, 2, round=3)
+    assert [p.id for p in store.lease_pairs("proj", a, 2)] == newer, "a newer batch takes over again"
+    assert store.next_pair("proj", b).id == old[2], "b's held pair of round 1: round 3 is fully leased to a"
+
+
 def test_retire_pair_sets_an_unshowable_pair_aside(store):
     _, pairs = make_project(store, 2)
     a = store.get_or_create_annotator("a")

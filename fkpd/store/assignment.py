@@ -6,7 +6,9 @@ Assignment rules (:meth:`Store.next_pair` / :meth:`Store.answer`):
 
 * An annotator is offered pairs of the **latest round that still has open pairs**, oldest
   pair first, that they have not answered, and whose answers plus other annotators'
-  unexpired leases are fewer than the project's ``labels_per_pair``.
+  unexpired leases are fewer than the project's ``labels_per_pair``; when that round has
+  none left for them (a new batch still being rendered), pairs of the next older round
+  with open pairs, and so on, so nobody waits while any pair is open.
 * The pair is **leased** to the annotator for ``lease_seconds``. While the lease runs,
   calling :meth:`~Store.next_pair` again returns the same pair (and extends the lease), and
   nobody else gets it once it is fully leased (with ``labels_per_pair=1``: nobody else at
@@ -114,7 +116,8 @@ class AssignmentMixin(StoreCore):
 
         Returns the pair of the latest round with open pairs that the annotator already
         holds (extending its lease) if there is one; otherwise leases the oldest eligible
-        pair of that round (see the module docstring for the rules) for the project's
+        pair of that round, or of an older round with open pairs when that one has none for
+        them (see the module docstring for the rules), for the project's
         ``lease_seconds``. Same as ``lease_pairs(project, annotator, 1)``.
 
         Raises:
@@ -126,8 +129,12 @@ class AssignmentMixin(StoreCore):
     def lease_pairs(self, project: Any, annotator: Any, count: int = 2) -> list[PairView]:
         """Lease up to ``count`` pairs to ``annotator``: the one to show now, then the next.
 
-        The labelling page asks for two so that it can load the next pair's videos while
-        the annotator judges the current one (prefetching). The pairs the annotator
+        The labelling page asks for three so that it can load the next pair's videos while
+        the annotator judges the current one (prefetching). Pairs come from the latest
+        round with open pairs first; only when it has too few for this annotator, from
+        the next older rounds with open pairs, newest first (a new batch still being
+        rendered, pair by pair, would otherwise leave the annotator with nothing while
+        the previous round has open pairs). Within a round, the pairs the annotator
         already holds come first, oldest first, with their leases extended; the rest are
         newly leased under the rules of :meth:`next_pair`. After answering the first
         pair, the next call returns the second one first, so the order is stable.
@@ -147,17 +154,24 @@ class AssignmentMixin(StoreCore):
             ann = self.annotator_row(s, annotator)
             settings = validate_settings(proj.settings)
             expires = now + timedelta(seconds=settings["lease_seconds"])
-            round_ = self._latest_round(s, proj.id, open_only=True)
-            if round_ is None:
-                return []
-            pairs = self._renew_held_leases(s, proj.id, ann.id, now, expires, count, round_)
-            while len(pairs) < count:
-                pair = self._lease_new(s, ann.id, proj.id, round_, settings["labels_per_pair"], now, expires,
-                                       exclude=[p.id for p in pairs])
-                if pair is None:
+            pairs: list[m.Pair] = []
+            for round_ in self._open_rounds(s, proj.id):  # newest first; older ones only to fill up
+                pairs += self._renew_held_leases(s, proj.id, ann.id, now, expires, count - len(pairs), round_)
+                while len(pairs) < count:
+                    pair = self._lease_new(s, ann.id, proj.id, round_, settings["labels_per_pair"], now, expires,
+                                           exclude=[p.id for p in pairs])
+                    if pair is None:
+                        break
+                    pairs.append(pair)
+                if len(pairs) >= count:
                     break
-                pairs.append(pair)
             return [self._pair_view(s, p, expires) for p in pairs]
+
+    @staticmethod
+    def _open_rounds(s: Session, project_id: int) -> list[int]:
+        """The rounds with open pairs, newest first."""
+        return list(s.scalars(select(m.Pair.round).where(m.Pair.project_id == project_id, m.Pair.status == "open")
+                              .group_by(m.Pair.round).order_by(m.Pair.round.desc())))
 
     def _lease_new(self, s: Session, annotator_id: int, project_id: int, round_: int, labels_per_pair: int,
                    now: datetime, expires: datetime, exclude: list[int]) -> m.Pair | None:
@@ -204,8 +218,9 @@ class AssignmentMixin(StoreCore):
         round_: int,
     ) -> list[m.Pair]:
         """Renew (and return, oldest first) up to ``limit`` live leases of the annotator on
-        open pairs of ``round_``; leases on older rounds are left to expire, so a new batch
-        takes over from the previous one at once."""
+        open pairs of ``round_``. :meth:`lease_pairs` asks the newest round first, so a new
+        batch takes over from the previous one at once; leases on older rounds not needed
+        to fill up are left to expire."""
         leases = m.Lease.__table__
         held = s.scalars(
             select(leases.c.pair_id)
