@@ -53,7 +53,7 @@ if pairs:
 else:
     # No player while nothing is open: its answers were stored by the callback already.
 
-    @st.fragment(run_every=2)
+    @st.fragment(run_every=1)  # a pair shows within a second of being registered
     def waiting() -> None:
         if s.store.lease_pairs(s.project.id, annotator.id, 1):
             st.rerun(scope="app")
