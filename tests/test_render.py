@@ -222,3 +222,39 @@ def test_top_ups_wait_until_the_job_adding_the_batch_pair_by_pair_has_ended(stor
     store.jobs.finish(job.id, {}, worker_id="w")
     state = top_up_state(store, project)
     assert (state.rendering, state.batch_ready) == (False, True) and maybe_top_up(store, project) is not None
+
+
+def test_render_processes_exit_when_their_parent_is_killed(tmp_path):
+    """A worker killed mid-batch (SIGKILL: no cleanup) must not leave its render
+    processes behind, rendering for nobody (seen after a benchmark stopped its app)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import time\n"
+        "from fkpd.envs.render import ClipRenderer\n"
+        "if __name__ == '__main__':\n"
+        "    r = ClipRenderer('metaworld/door-open-v3', render_size=(32, 32), workers=1)\n"
+        "    print(r._warm[0].result(timeout=120), flush=True)\n"
+        "    time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "MUJOCO_GL": "egl"})
+    try:
+        child = int(parent.stdout.readline())
+        os.kill(child, 0)  # the render process runs
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+
+        def gone() -> bool:  # no such process, or a zombie (exited, not yet reaped by init)
+            try:
+                with open(f"/proc/{child}/stat") as fh:
+                    return fh.read().rsplit(") ", 1)[1].startswith("Z")
+            except FileNotFoundError:
+                return True
+
+        wait_for(gone, 15, what="the orphaned render process to exit")
+    finally:
+        parent.kill()

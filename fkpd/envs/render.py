@@ -29,6 +29,8 @@ import multiprocessing as mp
 import os
 import shutil
 import tempfile
+import threading
+import time
 import uuid
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
@@ -91,8 +93,25 @@ def render_states(env: Any, reset_seed: int, states: np.ndarray | Sequence[np.nd
 _WORKER: dict[str, Any] = {}
 
 
+#: Seconds between a render process's checks that the process that made its pool lives.
+PARENT_POLL_S = 1.0
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Exit this render process once the process that made the pool is gone (killed
+    without closing it, e.g. a worker SIGKILLed mid-batch): an orphan would render the
+    rest of the queue for nobody, or wait on it forever, holding a core and its EGL
+    context."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os._exit(0)
+
+
 def _init_worker(task_id: str, render_size: tuple[int, int], camera: str | None, max_steps: int | None) -> None:
-    """Build the worker's environment once (its EGL context is made by the first frame)."""
+    """Build the worker's environment once (its EGL context is made by the first frame),
+    and watch the parent (:func:`_exit_with_parent`)."""
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="fkpd-render-parent-watch",
+                     daemon=True).start()
     os.environ.setdefault("MUJOCO_GL", "egl")
     _WORKER.clear()
     _WORKER["env"] = make_env(task_id, max_episode_steps=max_steps, render_size=render_size, camera=camera)
