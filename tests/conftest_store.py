@@ -132,14 +132,16 @@ def make_project(
     lease_seconds: float = 120.0,
     round: int = 0,
     with_video: bool = False,
+    second_opinions: int = 0,
 ) -> tuple[ProjectInfo, list[int]]:
     """A project (created if new) with one policy version of ``round`` and ``n_pairs``
-    open pairs, each of two clips from its own reset seed."""
+    open pairs, each of two clips from its own reset seed. Second opinions are off unless
+    asked for (the store's default is 1), so a pair takes exactly ``labels_per_pair``."""
     project = store.create_project(
         name,
         "metaworld/door-open-v3",
         "Which arm opens the door more smoothly?",
-        {"labels_per_pair": labels_per_pair, "lease_seconds": lease_seconds},
+        {"labels_per_pair": labels_per_pair, "lease_seconds": lease_seconds, "second_opinions": second_opinions},
         exist_ok=True,
     )
     version = store.add_policy_version(project.id, round=round)

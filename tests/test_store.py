@@ -518,6 +518,52 @@ def test_many_threads_answering_at_once(store):
     _check_exactly_once(store, pairs, answered, k=1)
 
 
+def test_second_opinions_only_when_no_open_pair_is_free(store):
+    """Issue #13: an annotator with nothing open to label gets completed pairs others
+    answered (newest first), up to labels_per_pair + second_opinions answers each; open
+    pairs always come first; the pair stays done; it trains like any comparison."""
+    project, pairs = make_project(store, 2, second_opinions=1, with_video=True)
+    a, b, c = (store.get_or_create_annotator(n) for n in "abc")
+    for pair in store.lease_pairs("proj", a, 2):
+        store.answer(pair.id, a, "left", NOW)
+    assert store.lease_pairs("proj", a, 3) == [], "never a second opinion on one's own answer"
+    assert [p.id for p in store.lease_pairs("proj", b, 3)] == [pairs[1], pairs[0]], "newest first"
+    assert [p.id for p in store.lease_pairs("proj", b, 3)] == [pairs[1], pairs[0]], "a rerun: the same, in order"
+    assert store.lease_pairs("proj", c, 3) == [], "b holds both: the cap counts live leases"
+    record = store.answer(pairs[1], b, "right", NOW)
+    assert record.created and record.pair_done
+    assert [p.id for p in store.lease_pairs("proj", b, 3)] == [pairs[0]]
+    store.release(pairs[0], b)
+    assert [p.id for p in store.lease_pairs("proj", c, 3)] == [pairs[0]], "pair 2 is full (1 + 1 answers)"
+    with pytest.raises(PairUnavailableError, match="takes no more answers"):
+        store.answer(pairs[1], c, "left", NOW)  # never leased to c, and full
+    _, new = make_project(store, 1, round=1, second_opinions=1, with_video=True)
+    assert [p.id for p in store.lease_pairs("proj", c, 3)] == [new[0], pairs[0]], "an open pair comes first"
+    frame = store.comparisons_frame("proj")
+    assert sorted(Counter(frame["pair_id"]).values()) == [1, 2]
+    assert sorted(store.training_pairs(project.id), key=str) and len(store.training_pairs(project.id)) == 3
+    assert store.batch_progress("proj", 0) == (2, 2), "progress counts labels_per_pair per pair"
+
+
+@pytest.mark.parametrize("second_opinions", [1, 2])
+def test_many_threads_with_second_opinions_fill_each_pair_exactly(store, second_opinions):
+    _, pairs = make_project(store, 20, second_opinions=second_opinions, with_video=True)
+    url, artifacts = store.url.render_as_string(hide_password=False), str(store.artifact_dir)
+    with ThreadPoolExecutor(6) as pool:
+        answered = [x for r in pool.map(lambda i: annotate_until_empty(url, artifacts, "proj", [f"t{i}"]), range(6))
+                    for x in r]
+    frame = store.comparisons_frame("proj")
+    assert max(Counter(int(p) for p in frame["pair_id"]).values()) <= 1 + second_opinions, "over the cap"
+    # a thread stops at its first "nothing for you", which can come while another holds the
+    # last pairs: fresh annotators, one after the other, fill what is left
+    answered += annotate_until_empty(url, artifacts, "proj", ["late1", "late2", "late3"])
+    frame = store.comparisons_frame("proj")
+    stored = {(int(p), a): int(c) for p, a, c in zip(frame["pair_id"], frame["annotator"], frame["comparison_id"])}
+    assert {(p, a): c for p, a, c in answered} == stored and len(answered) == len(stored), "lost or phantom answers"
+    assert set(Counter(int(p) for p in frame["pair_id"]).values()) == {1 + second_opinions}
+    assert store.batch_progress("proj") == (len(pairs), len(pairs))
+
+
 def test_threads_sharing_one_store_with_labels_per_pair(store):
     _, pairs = make_project(store, 15, labels_per_pair=3)
 

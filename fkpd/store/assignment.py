@@ -9,6 +9,13 @@ Assignment rules (:meth:`Store.next_pair` / :meth:`Store.answer`):
   unexpired leases are fewer than the project's ``labels_per_pair``; when that round has
   none left for them (a new batch still being rendered), pairs of the next older round
   with open pairs, and so on, so nobody waits while any pair is open.
+* **Second opinions**: when no open pair is free for an annotator, they are handed
+  completed pairs that others answered and they did not (newest first), up to the
+  project's ``second_opinions`` answers beyond ``labels_per_pair`` (default 1; 0 turns it
+  off). Rendering limits the supply of new pairs on a CPU (issue #13); a second opinion
+  costs nothing to make, measures agreement between annotators
+  (:meth:`~Store.annotator_stats`), and trains like any other comparison. The pair's
+  status stays ``done``.
 * The pair is **leased** to the annotator for ``lease_seconds``. While the lease runs,
   calling :meth:`~Store.next_pair` again returns the same pair (and extends the lease), and
   nobody else gets it once it is fully leased (with ``labels_per_pair=1``: nobody else at
@@ -22,7 +29,8 @@ Assignment rules (:meth:`Store.next_pair` / :meth:`Store.answer`):
 * :meth:`~Store.answer` is idempotent per (pair, annotator): a double click, a page rerun
   or a retry after a lost reply returns the stored answer instead of adding a second one
   (unique constraint, ``ON CONFLICT DO NOTHING``). A new answer is refused once the pair
-  already holds ``labels_per_pair`` answers, so a pair never gets more than that.
+  already holds ``labels_per_pair`` answers, except a second opinion from a lease on the
+  completed pair, so a pair never gets more than ``labels_per_pair + second_opinions``.
 * **Every answer counts toward completion, skips included**: a pair is ``done`` after
   ``labels_per_pair`` answers of any outcome. A skip usually means the pair is not worth
   judging (both clips equally broken, nothing happens); handing it to more people wastes
@@ -53,7 +61,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, delete, exists, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from fkpd.store import models as m
 from fkpd.store.core import StoreCore, validate_settings
@@ -165,7 +173,59 @@ class AssignmentMixin(StoreCore):
                     pairs.append(pair)
                 if len(pairs) >= count:
                     break
+            if len(pairs) < count and settings["second_opinions"] > 0:
+                pairs += self._lease_second_opinions(s, proj.id, ann.id, settings, now, expires, count - len(pairs),
+                                                     exclude=[p.id for p in pairs])
             return [self._pair_view(s, p, expires) for p in pairs]
+
+    def _lease_second_opinions(self, s: Session, project_id: int, annotator_id: int, settings: dict[str, Any],
+                               now: datetime, expires: datetime, limit: int, exclude: list[int]) -> list[m.Pair]:
+        """Up to ``limit`` completed pairs for a second opinion: the annotator's live leases
+        on completed pairs first (renewed), then new leases on completed
+        pairs of the newest rounds that they have not answered and whose answers plus
+        others' live leases are fewer than ``labels_per_pair + second_opinions``
+        (newest pair first: the clips of the latest versions), and whose clips both have
+        videos (imported labels have none)."""
+        cap = settings["labels_per_pair"] + settings["second_opinions"]
+        leases = m.Lease.__table__
+        answers = select(func.count(m.Comparison.id)).where(m.Comparison.pair_id == m.Pair.id).scalar_subquery()
+        others = (select(func.count(m.Lease.id))
+                  .where(m.Lease.pair_id == m.Pair.id, m.Lease.expires_at > now, m.Lease.annotator_id != annotator_id)
+                  .scalar_subquery())
+        mine = exists().where(m.Comparison.pair_id == m.Pair.id, m.Comparison.annotator_id == annotator_id)
+        held = exists().where(leases.c.pair_id == m.Pair.id, leases.c.annotator_id == annotator_id,
+                              leases.c.expires_at > now)
+        room = answers + others < cap
+        left, right = aliased(m.Clip), aliased(m.Clip)  # both videos rendered (not imported labels)
+        shown = and_(exists().where(left.id == m.Pair.left_clip_id, left.video_path.is_not(None)),
+                     exists().where(right.id == m.Pair.right_clip_id, right.video_path.is_not(None)))
+        base = (select(m.Pair).where(m.Pair.project_id == project_id, m.Pair.status == "done", ~mine, shown)
+                .with_for_update(skip_locked=True, of=m.Pair).execution_options(populate_existing=True))
+        out: list[m.Pair] = []
+        rejected = list(exclude)
+        newest = (m.Pair.round.desc(), m.Pair.id.desc())  # one order for held and new: a rerun keeps it
+        for renew, query in ((True, base.where(held).order_by(*newest)),
+                             (False, base.where(~held, room).order_by(*newest))):
+            while len(out) < limit:
+                taken = rejected + [p.id for p in out]
+                pair = s.scalars(query.where(m.Pair.id.not_in(taken)) if taken else query).first()
+                if pair is None:
+                    break
+                # as in _lease_new: on PostgreSQL, re-check under the row lock with a fresh statement
+                if not renew and self.backend == "postgresql" and s.scalar(
+                        select(m.Pair.id).where(m.Pair.id == pair.id, room)) is None:
+                    rejected.append(pair.id)
+                    continue
+                # a renewed lease keeps its start (the minimum viewing time counts from it)
+                s.execute(
+                    self.insert(leases)
+                    .values(pair_id=pair.id, annotator_id=annotator_id, leased_at=now, expires_at=expires)
+                    .on_conflict_do_update(index_elements=["pair_id", "annotator_id"],
+                                           set_={"expires_at": expires} if renew else
+                                           {"leased_at": now, "expires_at": expires})
+                )
+                out.append(pair)
+        return out
 
     @staticmethod
     def _open_rounds(s: Session, project_id: int) -> list[int]:
@@ -360,22 +420,27 @@ class AssignmentMixin(StoreCore):
             if existing is not None:
                 s.execute(drop_my_lease)
                 return self._record(existing, created=False, pair_done=pair.status == "done")
-            if pair.status != "open":
-                raise PairUnavailableError(
-                    f"pair {pair.id} is {pair.status} and takes no more answers; "
-                    "ask for the next pair"
-                )
             project_row = self.get_row(s, m.Project, pair.project_id, "project")
-            k = validate_settings(project_row.settings)["labels_per_pair"]
-            if len(answers) >= k:
-                raise PairUnavailableError(
-                    f"pair {pair.id} already has {len(answers)} answer(s) (labels_per_pair={k}); "
-                    "ask for the next pair"
-                )
+            settings = validate_settings(project_row.settings)
+            k = settings["labels_per_pair"]
             leased = s.execute(
                 select(leases.c.id, leases.c.leased_at)
                 .where(leases.c.pair_id == pair.id, leases.c.annotator_id == ann.id)
             ).first()
+            # a completed pair takes an answer only from a lease it was handed out on for a
+            # second opinion (completing a pair drops every lease on it)
+            second_opinion = (pair.status == "done" and leased is not None
+                              and len(answers) < k + settings["second_opinions"])
+            if pair.status != "open" and not second_opinion:
+                raise PairUnavailableError(
+                    f"pair {pair.id} is {pair.status} and takes no more answers; "
+                    "ask for the next pair"
+                )
+            if len(answers) >= k and not second_opinion:
+                raise PairUnavailableError(
+                    f"pair {pair.id} already has {len(answers)} answer(s) (labels_per_pair={k}); "
+                    "ask for the next pair"
+                )
             if leased is None:
                 log.warning("refused the answer of annotator %r for pair %s of project %r: the pair is not leased "
                             "to them", ann.name, pair.id, project_row.name)
@@ -410,7 +475,9 @@ class AssignmentMixin(StoreCore):
                 s.execute(drop_my_lease)
                 return self._record(existing, created=False, pair_done=pair.status == "done")
             done = len(answers) + 1 >= k
-            if done:
+            if second_opinion:  # the pair was complete already
+                s.execute(drop_my_lease)
+            elif done:
                 pair.status = "done"
                 pair.completed_at = now
                 s.execute(delete(leases).where(leases.c.pair_id == pair.id))

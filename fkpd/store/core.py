@@ -48,15 +48,19 @@ from fkpd.store.queue import JobQueue
 from fkpd.store.views import AnnotatorInfo, ProjectInfo
 
 #: Settings every project has; :meth:`Store.create_project` fills in what is not given.
-DEFAULT_SETTINGS: dict[str, Any] = {"labels_per_pair": 1, "lease_seconds": 120.0}
+#: ``labels_per_pair``: answers that complete a pair; ``lease_seconds``: how long a pair
+#: handed out stays reserved; ``second_opinions``: answers a completed pair may take
+#: beyond ``labels_per_pair`` from other annotators, handed out only when no open pair is
+#: free for them (:meth:`fkpd.store.Store.lease_pairs`; 0: never).
+DEFAULT_SETTINGS: dict[str, Any] = {"labels_per_pair": 1, "lease_seconds": 120.0, "second_opinions": 1}
 
 
 def validate_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     """Return ``DEFAULT_SETTINGS`` updated with ``settings``, after checking known keys.
 
     Raises:
-        StoreInputError: ``labels_per_pair`` is not an int ≥ 1, or ``lease_seconds`` is
-            not a number > 0.
+        StoreInputError: ``labels_per_pair`` is not an int ≥ 1, ``lease_seconds`` is
+            not a number > 0, or ``second_opinions`` is not an int ≥ 0.
     """
     merged = {**DEFAULT_SETTINGS, **dict(settings)}
     labels = merged["labels_per_pair"]
@@ -66,6 +70,9 @@ def validate_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not lease > 0:
         raise StoreInputError(f"lease_seconds must be a number > 0, got {lease!r}")
     merged["lease_seconds"] = float(lease)
+    extra = merged["second_opinions"]
+    if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
+        raise StoreInputError(f"second_opinions must be an integer >= 0, got {extra!r}")
     return merged
 
 

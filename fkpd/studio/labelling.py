@@ -225,15 +225,19 @@ def lease_for_display(store: Store, project: ProjectInfo, annotator: AnnotatorIn
         ``(pairs, notices)``: up to ``count`` pairs, and one message per pair set aside.
     """
     notices: list[str] = []
-    for _ in range(100):  # each pass retires at least one bad pair, or returns
-        leased: list[PairView] = store.lease_pairs(project.id, annotator.id, count)
+    unshowable: set[int] = set()  # completed pairs (second opinions) that cannot be shown: not retired
+    for _ in range(100):  # each pass retires (or leaves out) at least one bad pair, or returns
+        leased: list[PairView] = [p for p in store.lease_pairs(project.id, annotator.id, count + len(unshowable))
+                                  if p.id not in unshowable][:count]
         good: list[DisplayPair] = []
         bad = False
         for pair in leased:
             try:
                 left, right = clip_video_b64(pair.left, store.artifacts), clip_video_b64(pair.right, store.artifacts)
             except (OSError, ValueError) as exc:
-                store.retire_pair(pair.id)
+                if not store.retire_pair(pair.id):  # a completed pair keeps its answers and status
+                    store.release(pair.id, annotator.id)
+                    unshowable.add(pair.id)
                 notices.append(f"Pair {pair.id} was set aside and skipped: {exc}. Tell whoever runs the project; "
                                "the other pairs are unaffected.")
                 log.warning("retired pair %s: %s", pair.id, exc)
