@@ -278,6 +278,8 @@ def main() -> None:
             "annotators": people_out,
             "idle_fraction": sum(p["idle_s"] for p in people_out) / sum(p["labelling_s"] for p in people_out),
             "answers_sent": sent, "comparisons_stored": int(len(frame)),
+            # answers beyond a pair's first: second opinions (Store.lease_pairs) when labels_per_pair is 1
+            "answers_beyond_first": int(len(frame) - frame["pair_id"].nunique()) if len(frame) else 0,
             "rounds_succeeded": sum(j.status == "succeeded" for j in rounds),
             "rounds_failed": sum(j.status == "failed" for j in rounds),
             "rounds_started": len(rounds),
@@ -302,7 +304,8 @@ def main() -> None:
               "page showed: " + ", ".join(f"{k} {v:.1f} s" for k, v in p["idle_s_by_reason"].items()))
     print(f"idle fraction {100 * result['idle_fraction']:.2f} % (target <= 2 %); rounds: "
           f"{result['rounds_succeeded']} succeeded, {result['rounds_failed']} failed, {result['rounds_started']} started; "
-          f"comparisons stored {result['comparisons_stored']} vs answers sent {result['answers_sent']}")
+          f"comparisons stored {result['comparisons_stored']} vs answers sent {result['answers_sent']}; "
+          f"{result['answers_beyond_first']} of them second opinions (answers beyond a pair's first)")
     if result["supply_empty_fraction"] is not None:
         print(f"no open pair in the store in {100 * result['supply_empty_fraction']:.1f} % of the 5-s samples")
     out = Path(args.json)
