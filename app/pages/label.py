@@ -53,8 +53,8 @@ if pairs:
 else:
     # No player while nothing is open: its answers were stored by the callback already.
 
-    # Every 2 s: each run leases and reads the job queue; two waiting pages at 1 s took
-    # ~60 % of a core from the bootstrap's training on 2 cores (bench_session, issue #13).
+    # Every 2 s: each run leases and reads the job queue; with two pages waiting at 1 s the
+    # app's process averaged ~60 % of a core during a bootstrap on 2 cores (issue #13).
     @st.fragment(run_every=2)
     def waiting() -> None:
         if s.store.lease_pairs(s.project.id, annotator.id, 1):
