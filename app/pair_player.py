@@ -21,8 +21,9 @@ The next pair is prefetched: its videos are decoded into blob URLs and loaded in
 hidden video element on each side while the current pair plays; an answer swaps the
 hidden and visible elements (no reload: the next clips are on screen, decoded, at once),
 before the server has even stored the answer. The page passes up to three pairs (the
-current one and two ahead), so a slow server rerun does not leave the player empty. Both clips start together (each waits for
-the other to be ready), loop, are muted, and have the same size.
+current one and two ahead), so a slow server rerun does not leave the player empty. Both
+clips start together (each waits for the other to be ready), loop, are muted, and have
+the same size.
 """
 
 from __future__ import annotations
