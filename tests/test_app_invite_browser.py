@@ -77,6 +77,7 @@ def test_invite_mode_refuses_and_logs_answers_for_pairs_leased_to_someone_else(i
         mallorys = _current_pair(mallory)
         bob = _open(browser, f"{url}/?token={tokens['bob']}")
         bobs = _current_pair(bob)
+        bob_shown = time.monotonic()
         assert bobs != mallorys
         expect(bob.get_by_text("bob", exact=True)).to_be_visible(timeout=30_000)  # the sidebar names the invited annotator
 
@@ -90,7 +91,9 @@ def test_invite_mode_refuses_and_logs_answers_for_pairs_leased_to_someone_else(i
                  what="the refusal in the app's log")
         assert f"refused an answer of annotator 'mallory' for pair {bobs}" in log.read_text()
 
-        # Bob's own answer to his pair is accepted, and so is mallory's to hers.
+        # Bob's own answer to his pair is accepted, and so is mallory's to hers, once both
+        # clips played the minimum viewing time (1.5 s; an earlier press is not stored).
+        time.sleep(max(0.0, bob_shown + 2.0 - time.monotonic()))
         bob.keyboard.press("ArrowRight")
         mallory.keyboard.press("ArrowDown")
         wait_for(lambda: len(store.comparisons_frame(PROJECT)) == 2, 20, what="both answers")
