@@ -94,8 +94,9 @@ class AssignmentMixin(StoreCore):
     :class:`fkpd.store.Store`; rules in the module docstring)."""
 
     @staticmethod
-    def _available(annotator_id: int, labels_per_pair: int, now: datetime) -> ColumnElement[bool]:
-        """SQL condition: ``Pair`` is open, unanswered by the annotator, and has room."""
+    def _room_terms(annotator_id: int, now: datetime) -> tuple[ColumnElement[bool], ColumnElement[int]]:
+        """SQL terms on ``Pair``: (answered by the annotator, its answers plus other
+        annotators' live leases)."""
         answers = (
             select(func.count(m.Comparison.id))
             .where(m.Comparison.pair_id == m.Pair.id)
@@ -113,10 +114,27 @@ class AssignmentMixin(StoreCore):
         answered_by_me = exists().where(
             m.Comparison.pair_id == m.Pair.id, m.Comparison.annotator_id == annotator_id
         )
-        return and_(
-            m.Pair.status == "open",
-            ~answered_by_me,
-            answers + others_leases < labels_per_pair,
+        return answered_by_me, answers + others_leases
+
+    @classmethod
+    def _available(cls, annotator_id: int, labels_per_pair: int, now: datetime) -> ColumnElement[bool]:
+        """SQL condition: ``Pair`` is open, unanswered by the annotator, and has room."""
+        answered_by_me, taken = cls._room_terms(annotator_id, now)
+        return and_(m.Pair.status == "open", ~answered_by_me, taken < labels_per_pair)
+
+    def _put_lease(self, s: Session, pair_id: int, annotator_id: int, now: datetime, expires: datetime,
+                   restart: bool = True) -> None:
+        """Lease ``pair_id`` to the annotator until ``expires``: a new lease, or their
+        existing one renewed; ``restart`` moves its start to ``now``, else it keeps its
+        start (the minimum viewing time counts from it)."""
+        lease = m.Lease.__table__
+        s.execute(
+            self.insert(lease)
+            .values(pair_id=pair_id, annotator_id=annotator_id, leased_at=now, expires_at=expires)
+            .on_conflict_do_update(
+                index_elements=["pair_id", "annotator_id"],
+                set_={"leased_at": now, "expires_at": expires} if restart else {"expires_at": expires},
+            )
         )
 
     def next_pair(self, project: Any, annotator: Any) -> PairView | None:
@@ -188,14 +206,10 @@ class AssignmentMixin(StoreCore):
         videos (imported labels have none)."""
         cap = settings["labels_per_pair"] + settings["second_opinions"]
         leases = m.Lease.__table__
-        answers = select(func.count(m.Comparison.id)).where(m.Comparison.pair_id == m.Pair.id).scalar_subquery()
-        others = (select(func.count(m.Lease.id))
-                  .where(m.Lease.pair_id == m.Pair.id, m.Lease.expires_at > now, m.Lease.annotator_id != annotator_id)
-                  .scalar_subquery())
-        mine = exists().where(m.Comparison.pair_id == m.Pair.id, m.Comparison.annotator_id == annotator_id)
+        mine, taken = self._room_terms(annotator_id, now)
         held = exists().where(leases.c.pair_id == m.Pair.id, leases.c.annotator_id == annotator_id,
                               leases.c.expires_at > now)
-        room = answers + others < cap
+        room = taken < cap
         left, right = aliased(m.Clip), aliased(m.Clip)  # both videos rendered (not imported labels)
         shown = and_(exists().where(left.id == m.Pair.left_clip_id, left.video_path.is_not(None)),
                      exists().where(right.id == m.Pair.right_clip_id, right.video_path.is_not(None)))
@@ -216,14 +230,7 @@ class AssignmentMixin(StoreCore):
                         select(m.Pair.id).where(m.Pair.id == pair.id, room)) is None:
                     rejected.append(pair.id)
                     continue
-                # a renewed lease keeps its start (the minimum viewing time counts from it)
-                s.execute(
-                    self.insert(leases)
-                    .values(pair_id=pair.id, annotator_id=annotator_id, leased_at=now, expires_at=expires)
-                    .on_conflict_do_update(index_elements=["pair_id", "annotator_id"],
-                                           set_={"expires_at": expires} if renew else
-                                           {"leased_at": now, "expires_at": expires})
-                )
+                self._put_lease(s, pair.id, annotator_id, now, expires, restart=not renew)
                 out.append(pair)
         return out
 
@@ -263,14 +270,7 @@ class AssignmentMixin(StoreCore):
                 continue
             lease = m.Lease.__table__
             s.execute(delete(lease).where(lease.c.pair_id == pair.id, lease.c.expires_at <= now))
-            s.execute(
-                self.insert(lease)
-                .values(pair_id=pair.id, annotator_id=annotator_id, leased_at=now, expires_at=expires)
-                .on_conflict_do_update(
-                    index_elements=["pair_id", "annotator_id"],
-                    set_={"leased_at": now, "expires_at": expires},
-                )
-            )
+            self._put_lease(s, pair.id, annotator_id, now, expires)
             return pair
 
     def _renew_held_leases(
