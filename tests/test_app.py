@@ -181,6 +181,42 @@ def test_data_page_tables_filters_and_export(app, project_store):
     assert exported["annotator"].tolist() == ["bob", "bob"], "the export follows the filters (issue #13)"
 
 
+def test_data_page_admin_changes_who_answers_what(app, project_store):
+    """Labels per pair, second opinions and the lease time are set on the Data page by an
+    admin and reach the store's leasing: with second opinions at 0 a completed pair is no
+    longer handed to a second annotator."""
+    from fkpd.studio import StudioError, set_assignment
+
+    at = app()
+    at.switch_page("pages/data.py").run()
+    assert not any(b.label == "Save assignment settings" for b in at.button), "for admins only"
+    at.text_input(key="admin_pw").input(ADMIN_PASSWORD)
+    next(b for b in at.button if b.label == "Sign in").click().run()
+    assert not at.exception
+    assert at.number_input(key="second_opinions").value == 1, "the store's default"
+    at.number_input(key="second_opinions").set_value(0)
+    at.number_input(key="lease_seconds").set_value(300.0)
+    next(b for b in at.button if b.label == "Save assignment settings").click().run()
+    assert not at.exception and any("Saved" in e.value for e in at.success)
+    settings = project_store.get_project(PROJECT).settings
+    assert (settings["labels_per_pair"], settings["second_opinions"], settings["lease_seconds"]) == (1, 0, 300.0)
+
+    ada, bob = project_store.get_or_create_annotator("ada"), project_store.get_or_create_annotator("bob")
+    pairs = project_store.lease_pairs(PROJECT, ada, count=10_000)
+    for pair in pairs:
+        project_store.answer(pair.id, ada, "left")
+    assert pairs and project_store.lease_pairs(PROJECT, bob, count=5) == [], \
+        "every pair is done and second opinions are off: nothing for bob"
+    set_assignment(project_store, project_store.get_project(PROJECT), second_opinions=1)
+    assert len(project_store.lease_pairs(PROJECT, bob, count=5)) > 0, "second opinions on again: bob gets some"
+
+    with pytest.raises(StudioError, match="labels_per_pair"):
+        set_assignment(project_store, project_store.get_project(PROJECT), labels_per_pair=0, second_opinions=3)
+    with pytest.raises(StudioError, match="unknown"):
+        set_assignment(project_store, project_store.get_project(PROJECT), min_view_seconds=2)
+    assert project_store.get_project(PROJECT).settings["second_opinions"] == 1, "a refused change changes nothing"
+
+
 def test_compare_page_queues_a_comparison_of_two_versions(app, project_store):
     at = app()
     at.switch_page("pages/compare.py").run()

@@ -1,10 +1,10 @@
 """Data page: the comparisons, per-annotator statistics and label quality (gold accuracy,
-agreement, speed), excluding annotators from training (admin), label-quality settings
-(admin), export."""
+agreement, speed), excluding annotators from training (admin), label-quality and
+assignment settings (admin: labels per pair, second opinions, lease time), export."""
 
 import streamlit as st
 
-from fkpd.studio import LabelQuality, StudioError, export_bytes, set_label_quality
+from fkpd.studio import LabelQuality, StudioError, export_bytes, set_assignment, set_label_quality
 from studio_ui import admin_sign_in, studio
 
 s = studio()
@@ -109,6 +109,28 @@ if admin_sign_in(s):
                 set_label_quality(s.store, s.project, min_view_seconds=min_view, gold_share=share,
                                   gold_return_margin=margin)
                 st.success("Saved: new batches and answers follow them.")
+            except StudioError as exc:
+                st.error(str(exc))
+
+    with st.form("assignment_form"):
+        st.markdown("**Who answers what**")
+        current = s.store.get_project(s.project.id).settings
+        a1, a2, a3 = st.columns(3)
+        per_pair = a1.number_input("Labels per pair", 1, 20, int(current["labels_per_pair"]), 1,
+                                   key="labels_per_pair",
+                                   help="Answers from different annotators that complete a pair.")
+        second = a2.number_input("Second opinions per pair", 0, 20, int(current["second_opinions"]), 1,
+                                 key="second_opinions",
+                                 help="Answers a completed pair may still take from others, handed out only when "
+                                      "no open pair is free for them (0: never). They measure agreement and train "
+                                      "like any comparison.")
+        lease = a3.number_input("Lease (s)", 10.0, 3600.0, float(current["lease_seconds"]), 10.0,
+                                key="lease_seconds", help="How long a pair handed to someone stays theirs.")
+        if st.form_submit_button("Save assignment settings"):
+            try:
+                set_assignment(s.store, s.project, labels_per_pair=per_pair, second_opinions=second,
+                               lease_seconds=lease)
+                st.success("Saved: the next pairs handed out follow them.")
             except StudioError as exc:
                 st.error(str(exc))
 

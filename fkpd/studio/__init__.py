@@ -46,7 +46,7 @@ from fkpd.studio.history import (
     version_label,
 )
 from fkpd.studio.labelling import DisplayPair, LabelQuality, batch_caption, clip_video_b64, lease_for_display, \
-    record_answers, set_label_quality
+    record_answers, set_assignment, set_label_quality
 from fkpd.studio.topup import TopUpState, maybe_top_up, top_up_state
 from fkpd.studio.batches import roll_back, served_versions
 from fkpd.train.evaluate import describe_comparison
@@ -61,4 +61,4 @@ __all__ = ['COMPARE', 'TRAINING_KINDS', 'ACTIVE', 'OUTCOMES', 'ROUND_FIELDS', 'D
            'compare_videos', 'version_label', 'ParamError', 'RoundError', 'BatchSettings', 'BootstrapParams',
            'RoundParams', 'round_defaults', 'roll_back', 'describe_comparison', 'start_local_workers',
            'AutoRoundState', 'auto_round_state', 'maybe_start_round', 'set_auto_rounds', 'TopUpState', 'maybe_top_up',
-           'top_up_state', 'batch_caption', 'LabelQuality', 'set_label_quality']
+           'top_up_state', 'batch_caption', 'LabelQuality', 'set_label_quality', 'set_assignment']

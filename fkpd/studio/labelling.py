@@ -9,7 +9,8 @@
   minimum viewing time (:class:`LabelQuality`), checked again on the server's clock.
 * :class:`LabelQuality` — a project's label-quality settings (minimum viewing time, gold
   share and margin), read with :meth:`LabelQuality.of`, changed with
-  :func:`set_label_quality`.
+  :func:`set_label_quality`; :func:`set_assignment` changes who answers what (labels per
+  pair, second opinions, lease time).
 
 No function here takes a filesystem path from the browser: videos are read from the
 artifact store by clip id (paths that escape it are refused). With a remote store
@@ -120,6 +121,42 @@ def set_label_quality(store: Store, project: ProjectInfo, **values: float) -> La
     quality = LabelQuality(**{**current.as_settings(), **values})
     store.update_project(project.id, settings=quality.as_settings())
     return quality
+
+
+#: The store's assignment settings an admin may change from the Data page
+#: (:data:`fkpd.store.core.DEFAULT_SETTINGS`, checked by the store).
+ASSIGNMENT_SETTINGS = ("labels_per_pair", "second_opinions", "lease_seconds")
+
+
+def set_assignment(store: Store, project: ProjectInfo, **values: float) -> dict[str, Any]:
+    """Change who answers what in a project (the Data page's admin form): answers that
+    complete a pair, second opinions a completed pair may take beyond them, and how long
+    a leased pair stays reserved (:meth:`fkpd.store.Store.lease_pairs`). They apply to
+    the next leases; answers already stored are kept.
+
+    Args:
+        values: ``labels_per_pair`` (int ≥ 1), ``second_opinions`` (int ≥ 0) and/or
+            ``lease_seconds`` (seconds, > 0). Whole floats are taken as ints.
+
+    Returns:
+        The project's three assignment settings after the change.
+
+    Raises:
+        StudioError: an unknown setting or a value out of range (nothing is changed).
+    """
+    unknown = sorted(set(values) - set(ASSIGNMENT_SETTINGS))
+    if unknown:
+        raise StudioError(f"unknown assignment setting(s) {unknown}; known: {', '.join(ASSIGNMENT_SETTINGS)}")
+    clean: dict[str, Any] = {}
+    for key, value in values.items():
+        if key != "lease_seconds" and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        clean[key] = value
+    try:
+        info = store.update_project(project.id, settings=clean)
+    except StoreError as exc:
+        raise StudioError(f"{exc}; the settings were not changed") from exc
+    return {k: info.settings[k] for k in ASSIGNMENT_SETTINGS}
 
 
 def mark_gold(store: Store, project: ProjectInfo, pair_ids: Iterable[int]) -> dict[int, str]:
