@@ -42,8 +42,10 @@ REPO = Path(__file__).resolve().parents[1]
 # Each annotator gets a browser of their own, as people do; Chromium must not pause or
 # throttle a page it thinks is in the background (videos that do not play never reach the
 # minimum viewing time, and every press would be refused).
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-background-media-suspend",
+sys.path.insert(0, str(REPO / "tests"))
+from app_harness import CHROMIUM_ARGS as _BASE_ARGS, FIND_PLAYER_JS, launch_app, stop_app  # noqa: E402  (tests/app_harness.py)
+
+CHROMIUM_ARGS = [*_BASE_ARGS, "--disable-background-media-suspend",
                  "--disable-renderer-backgrounding", "--disable-backgrounding-occluded-windows",
                  "--disable-background-timer-throttling", "--autoplay-policy=no-user-gesture-required"]
 
@@ -52,9 +54,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 # replace the player element, whose own count, data-answers, then starts again at 0).
 ON_SCREEN = """
 () => {
-  const root = document.querySelector(".fkpd-player") ||
-    [...document.querySelectorAll("*")].map(e => e.shadowRoot).filter(Boolean)
-      .map(r => r.querySelector(".fkpd-player")).find(Boolean);
+  const root = FIND_PLAYER;
   const answers = Number(window.__fkpdAnswersSent || 0);
   if (!root) return {pair: "", answers: answers, why: "no player"};
   if (!root.dataset.pairId) return {pair: "", answers: answers, why: "no pair in the player"};
@@ -62,15 +62,13 @@ ON_SCREEN = """
   const ready = l && r && l.readyState >= 2 && r.readyState >= 2;
   return {pair: ready ? root.dataset.pairId : "", answers: answers, why: ready ? "" : "videos loading"};
 }
-"""
+""".replace("FIND_PLAYER", FIND_PLAYER_JS)
 
 
 # What the player shows when a press was not taken (kept in the JSON to say why).
 DIAGNOSE = """
 () => {
-  const root = document.querySelector(".fkpd-player") ||
-    [...document.querySelectorAll("*")].map(e => e.shadowRoot).filter(Boolean)
-      .map(r => r.querySelector(".fkpd-player")).find(Boolean);
+  const root = FIND_PLAYER;
   if (!root) return {player: false, text: document.body.innerText.slice(0, 300)};
   const v = (c) => { const e = root.querySelector("video." + c);
     return e ? {paused: e.paused, t: e.currentTime, ready: e.readyState, err: e.error && e.error.code} : null; };
@@ -78,7 +76,7 @@ DIAGNOSE = """
           hint: (root.querySelector(".fkpd-hint") || {}).textContent, status: (root.querySelector(".fkpd-status") || {}).textContent,
           left: v("fkpd-left"), right: v("fkpd-right"), focus: document.hasFocus(), visibility: document.visibilityState};
 }
-"""
+""".replace("FIND_PLAYER", FIND_PLAYER_JS)
 
 
 class Annotator:
@@ -193,8 +191,6 @@ def main() -> None:
 
     from fkpd.store import Store
 
-    sys.path.insert(0, str(REPO / "tests"))
-    from app_harness import launch_app, stop_app  # the test harness: tests/app_harness.py
 
     root = Path(tempfile.mkdtemp(prefix="bench_session_"))
     env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "FKPD_TASK": args.task,

@@ -42,8 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from app_harness import CHROMIUM_ARGS, FIND_PLAYER_JS, launch_app, stop_app  # noqa: E402  (tests/app_harness.py)
 
 # Installed once per page: stamps every keydown, then waits (one check per animation
 # frame) until the player shows another pair with both videos showing a frame.
@@ -52,9 +52,7 @@ PROBE = """
   window.__lat = [];
   document.addEventListener("keydown", () => {
     const t0 = performance.now();
-    const root = document.querySelector(".fkpd-player") ||
-      [...document.querySelectorAll("*")].map(e => e.shadowRoot).filter(Boolean)
-        .map(r => r.querySelector(".fkpd-player")).find(Boolean);
+    const root = FIND_PLAYER;
     const before = root.dataset.pairId;
     const tick = () => {
       const l = root.querySelector("video.fkpd-left"), r = root.querySelector("video.fkpd-right");
@@ -67,7 +65,7 @@ PROBE = """
     requestAnimationFrame(tick);
   }, true);
 }
-"""
+""".replace("FIND_PLAYER", FIND_PLAYER_JS)
 
 
 def main() -> None:
@@ -94,8 +92,6 @@ def main() -> None:
     from fkpd.studio import StudioConfig, open_project, start_local_workers
     from fkpd.studio.history import enqueue_round
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from app_harness import launch_app, stop_app  # the test harness: tests/app_harness.py
 
     root = Path(tempfile.mkdtemp(prefix="bench_ui_"))
     bootstrap = {"dataset_episodes": 4, "max_episode_steps": 100, "bc_steps": 30,

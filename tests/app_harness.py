@@ -3,7 +3,8 @@
 Test harness, not library code: :func:`launch_app` runs ``streamlit run
 app/streamlit_app.py`` headless in a session of its own and waits until it answers;
 :func:`stop_app` stops it and the local worker it started. ``bench/bench_ui.py`` puts
-this directory on ``sys.path`` to import it.
+this directory on ``sys.path`` to import it (and ``bench/bench_session.py``, with
+the Chromium flags and the player-finding script below).
 """
 
 from __future__ import annotations
@@ -16,6 +17,17 @@ from typing import Mapping
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP_SCRIPT = REPO_ROOT / "app" / "streamlit_app.py"
+
+#: Chromium's flags for the browser tests and benches: Debian's ``chromium`` headless,
+#: without a sandbox (a container), a GPU or anything that phones home.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+#: A JavaScript expression for the pair player's root element (``.fkpd-player``), in the
+#: page or inside a component's shadow root; ``undefined`` when there is none. Spliced
+#: into the benches' page scripts (``bench/bench_session.py``, ``bench/bench_ui.py``).
+FIND_PLAYER_JS = ('(document.querySelector(".fkpd-player") || [...document.querySelectorAll("*")]'
+                  '.map(e => e.shadowRoot).filter(Boolean).map(r => r.querySelector(".fkpd-player")).find(Boolean))')
 
 
 def launch_app(env: Mapping[str, str], log_file: Path, port: int | None = None,

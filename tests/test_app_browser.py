@@ -23,15 +23,13 @@ from pathlib import Path
 
 import pytest
 
-from app_harness import launch_app, stop_app
+from app_harness import CHROMIUM_ARGS, launch_app, stop_app
 from conftest_app import ADMIN_PASSWORD, PROJECT, bootstrapped_project, project_dir, studio_env  # noqa: F401
 from conftest_store import wait_for
 from fkpd.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("FKPD_TEST_ARTIFACTS", REPO / "test-artifacts"))
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 
 
 def _skip_or_fail(reason: str) -> None:
