@@ -545,6 +545,23 @@ def test_second_opinions_only_when_no_open_pair_is_free(store):
     assert store.batch_progress("proj", 0) == (2, 2), "progress counts labels_per_pair per pair"
 
 
+def test_lease_pairs_leaves_out_excluded_pairs(store):
+    """``exclude``: pairs the Label page could not show are neither renewed, nor leased
+    anew, nor handed out as second opinions; the rest fill the request."""
+    _, pairs = make_project(store, 4, second_opinions=1, with_video=True)
+    a, b = store.get_or_create_annotator("a"), store.get_or_create_annotator("b")
+    assert [p.id for p in store.lease_pairs("proj", a, 2)] == pairs[:2]
+    assert [p.id for p in store.lease_pairs("proj", a, 2, exclude=[pairs[0]])] == [pairs[1], pairs[2]], \
+        "a held pair in exclude is not renewed; the next free pair takes its place"
+    assert [p.id for p in store.lease_pairs("proj", a, 4, exclude=(pairs[0], pairs[0]))] == pairs[1:]
+    for pair in pairs:
+        store.answer(pair, a, "left", NOW)
+    assert [p.id for p in store.lease_pairs("proj", b, 4, exclude={pairs[3], pairs[1]})] == [pairs[2], pairs[0]], \
+        "second opinions leave out the excluded completed pairs too (newest first)"
+    assert [p.id for p in store.lease_pairs("proj", b, 4)] == [pairs[2], pairs[0], pairs[3], pairs[1]], \
+        "without exclude: b's held second opinions (renewed), then the others, newest first"
+
+
 @pytest.mark.parametrize("second_opinions", [1, 2])
 def test_many_threads_with_second_opinions_fill_each_pair_exactly(store, second_opinions):
     _, pairs = make_project(store, 20, second_opinions=second_opinions, with_video=True)

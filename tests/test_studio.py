@@ -156,6 +156,30 @@ def test_a_missing_video_sets_the_pair_aside_and_the_next_one_shows(project_stor
     assert victim.id not in [p.id for p in pairs] and "checksum" in notices[0]
 
 
+def test_an_unshowable_second_opinion_is_skipped_and_left_to_others(project_store):
+    """A completed pair whose video is gone cannot be retired (it keeps its answers): the
+    Label page skips it with a notice, shows the next completed pairs, and does not keep
+    it leased (another annotator can still take it)."""
+    store = project_store
+    project = store.get_project(PROJECT)
+    ada, bob, carl = (store.get_or_create_annotator(n) for n in ("ada", "bob", "carl"))
+    for pair in store.lease_pairs(project.id, ada, count=10_000):
+        store.answer(pair.id, ada, "left")
+    newest = store.lease_pairs(project.id, bob, count=1)[0]  # the first second opinion bob would get
+    store.release(newest.id, bob)
+    video = newest.left.video_file
+    saved = video.read_bytes()
+    video.unlink()
+    pairs, notices = lease_for_display(store, project, bob)
+    assert len(pairs) == 2 and newest.id not in [p.id for p in pairs]
+    assert len(notices) == 1 and f"Pair {newest.id}" in notices[0]
+    frame = store.comparisons_frame(project.id)
+    assert (frame["pair_id"] == newest.id).sum() == 1, "a completed pair keeps its answer"
+    video.write_bytes(saved)
+    assert newest.id in [p.id for p in store.lease_pairs(project.id, carl, count=10_000)], \
+        "bob holds no lease on it: carl may give it a second opinion"
+
+
 def test_enqueue_round_checks_parameters_and_state(project_store):
     store = project_store
     project = store.get_project(PROJECT)

@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Iterable
 
 from sqlalchemy import ColumnElement, and_, delete, exists, func, select
 from sqlalchemy.orm import Session, aliased
@@ -152,7 +152,8 @@ class AssignmentMixin(StoreCore):
         pairs = self.lease_pairs(project, annotator, 1)
         return pairs[0] if pairs else None
 
-    def lease_pairs(self, project: Any, annotator: Any, count: int = 2) -> list[PairView]:
+    def lease_pairs(self, project: Any, annotator: Any, count: int = 2,
+                    exclude: Iterable[int] = ()) -> list[PairView]:
         """Lease up to ``count`` pairs to ``annotator``: the one to show now, then the next.
 
         The labelling page asks for three so that it can load the next pair's videos while
@@ -164,6 +165,8 @@ class AssignmentMixin(StoreCore):
         already holds come first, oldest first, with their leases extended; the rest are
         newly leased under the rules of :meth:`next_pair`. After answering the first
         pair, the next call returns the second one first, so the order is stable.
+        Pairs in ``exclude`` (ids) are neither renewed nor leased: the Label page passes
+        the completed pairs it could not show, so that they are not handed out again.
 
         Returns:
             Between 0 and ``count`` pairs; fewer when the batch is running out.
@@ -174,6 +177,7 @@ class AssignmentMixin(StoreCore):
         """
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise StoreInputError(f"count must be an int >= 1, got {count!r}")
+        skip = list(dict.fromkeys(int(i) for i in exclude))
         now = self.now()
         with self.session(write=True) as s:
             proj = self.project_row(s, project)
@@ -182,10 +186,11 @@ class AssignmentMixin(StoreCore):
             expires = now + timedelta(seconds=settings["lease_seconds"])
             pairs: list[m.Pair] = []
             for round_ in self._open_rounds(s, proj.id):  # newest first; older ones only to fill up
-                pairs += self._renew_held_leases(s, proj.id, ann.id, now, expires, count - len(pairs), round_)
+                pairs += self._renew_held_leases(s, proj.id, ann.id, now, expires, count - len(pairs), round_,
+                                                 skip)
                 while len(pairs) < count:
                     pair = self._lease_new(s, ann.id, proj.id, round_, settings["labels_per_pair"], now, expires,
-                                           exclude=[p.id for p in pairs])
+                                           exclude=skip + [p.id for p in pairs])
                     if pair is None:
                         break
                     pairs.append(pair)
@@ -193,7 +198,7 @@ class AssignmentMixin(StoreCore):
                     break
             if len(pairs) < count and settings["second_opinions"] > 0:
                 pairs += self._lease_second_opinions(s, proj.id, ann.id, settings, now, expires, count - len(pairs),
-                                                     exclude=[p.id for p in pairs])
+                                                     exclude=skip + [p.id for p in pairs])
             return [self._pair_view(s, p, expires) for p in pairs]
 
     def _lease_second_opinions(self, s: Session, project_id: int, annotator_id: int, settings: dict[str, Any],
@@ -275,10 +280,10 @@ class AssignmentMixin(StoreCore):
 
     def _renew_held_leases(
         self, s: Session, project_id: int, annotator_id: int, now: datetime, expires: datetime, limit: int,
-        round_: int,
+        round_: int, exclude: list[int],
     ) -> list[m.Pair]:
         """Renew (and return, oldest first) up to ``limit`` live leases of the annotator on
-        open pairs of ``round_``. :meth:`lease_pairs` asks the newest round first, so a new
+        open pairs of ``round_``, leaving out the pair ids in ``exclude``. :meth:`lease_pairs` asks the newest round first, so a new
         batch takes over from the previous one at once; leases on older rounds not needed
         to fill up are left to expire."""
         leases = m.Lease.__table__
@@ -291,6 +296,8 @@ class AssignmentMixin(StoreCore):
         for pair_id in held:
             if len(renewed_pairs) >= limit:
                 break
+            if pair_id in exclude:
+                continue
             pair = self._lock_pair(s, pair_id)
             if pair is None or pair.project_id != project_id or pair.status != "open" or pair.round != round_:
                 continue

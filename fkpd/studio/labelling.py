@@ -264,8 +264,7 @@ def lease_for_display(store: Store, project: ProjectInfo, annotator: AnnotatorIn
     notices: list[str] = []
     unshowable: set[int] = set()  # completed pairs (second opinions) that cannot be shown: not retired
     for _ in range(100):  # each pass retires (or leaves out) at least one bad pair, or returns
-        leased: list[PairView] = [p for p in store.lease_pairs(project.id, annotator.id, count + len(unshowable))
-                                  if p.id not in unshowable][:count]
+        leased: list[PairView] = store.lease_pairs(project.id, annotator.id, count, exclude=unshowable)
         good: list[DisplayPair] = []
         bad = False
         for pair in leased:
