@@ -73,6 +73,14 @@ with a 95 % bootstrap interval over seeds)::
     python bench/bench_alignment.py --jobs 2 --tasks metaworld/door-open-v3 metaworld/button-press-v3 \
         --methods in_sigmoid --query-selection uniform disagreement diversity --label-budgets 200 \
         --versus-uniform 400 --json bench/results/bench_acquisition.json
+
+Two loop configurations (``--versus-out DIR``): runs in another --out directory made with
+other rounds, pairs per round, steps or β, but the same data, BC and evaluation settings,
+pair per task and seed with these; the table gives each method's success here minus
+there, averaged over the tasks, with a 95 % bootstrap interval over seeds::
+
+    python bench/bench_alignment.py --jobs 2 --methods in_sigmoid --rounds 4 --pairs-per-round 100 \\
+        --out runs/bench_alignment_r4 --json bench/results/bench_alignment_r4.json --versus-out runs/bench_alignment
 """
 
 from __future__ import annotations
@@ -420,6 +428,75 @@ def _check_out_dir(args) -> None:
         f.write_text(json.dumps(mine, indent=2))
 
 
+#: Settings two --out directories must share for ``--versus-out`` to pair their runs
+#: (the same data, BC policy and evaluation episodes per task and seed).
+_SHARED_KEYS = ("bc_steps", "bc_episodes", "eval_episodes", "max_episode_steps")
+
+
+def _versus_out(runs: list[dict], args) -> list[dict]:
+    """With ``--versus-out DIR``: every method's plain runs here against the same
+    method's runs in DIR, another --out directory of this benchmark made with another
+    loop configuration (rounds, pairs per round, steps, β, ...) but the same data, BC and
+    evaluation settings (:data:`_SHARED_KEYS`, checked), so the runs pair per task and
+    seed. Per seed, the final success rate here minus there, averaged over the tasks
+    both have; the mean over seeds and its 95 % bootstrap interval.
+
+    Raises:
+        SystemExit: DIR is not an --out directory of this benchmark, or its data, BC or
+            evaluation settings differ from these.
+    """
+    other = args.versus_out
+    if not other:
+        return []
+    f = Path(other) / "bench_args.json"
+    if not f.exists():
+        raise SystemExit(f"--versus-out {other}: no bench_args.json there; pass an --out directory of "
+                         "bench_alignment.py")
+    theirs = json.loads(f.read_text())
+    diff = {k: (theirs.get(k), getattr(args, k)) for k in _SHARED_KEYS if theirs.get(k) != getattr(args, k)}
+    if diff:
+        raise SystemExit(f"--versus-out {other} has other data, BC or evaluation settings ({diff}, as (there, "
+                         "here)): its runs do not pair with these")
+    there = f"{theirs.get('rounds')} × {theirs.get('pairs_per_round')} pairs, {theirs.get('steps')} steps"
+    here = f"{args.rounds} × {args.pairs_per_round} pairs, {args.steps} steps"
+    out = []
+    for teacher in args.teachers:
+        print()
+        print(f"### This configuration ({here}) against {other} ({there}), teacher `{teacher}`: success, "
+              "paired per seed (points, mean over tasks)")
+        print()
+        print("| method | success here | success there | per seed | mean [95% bootstrap CI over seeds] | tasks |")
+        print("|---|---|---|---|---|---|")
+        for method in args.methods:
+            per_seed: dict[int, list[tuple[float, float]]] = {}
+            for r in runs:
+                if r["teacher"] != teacher or r["method"] != method or "key" in r:
+                    continue
+                g = Path(other) / r["task"].replace("/", "_") / f"seed{r['seed']}" / teacher / method / "loop.json"
+                if not g.exists():
+                    continue
+                rounds = json.loads(g.read_text()).get("rounds", [])
+                if len(rounds) != theirs.get("rounds", 0) + 1:
+                    continue  # not finished there
+                per_seed.setdefault(r["seed"], []).append((r["rounds"][-1]["success_rate"],
+                                                           rounds[-1]["success_rate"]))
+            n_tasks = max((len(v) for v in per_seed.values()), default=0)
+            per_seed = {sd: v for sd, v in per_seed.items() if len(v) == n_tasks}
+            diffs = [float(np.mean([a - b for a, b in per_seed[sd]])) for sd in sorted(per_seed)]
+            ci = bootstrap_ci(diffs)
+            mean = float(np.mean(diffs)) if diffs else None
+            mine = [a for v in per_seed.values() for a, _ in v]
+            other_s = [b for v in per_seed.values() for _, b in v]
+            out.append({"teacher": teacher, "method": method, "versus_out": other, "here": here, "there": there,
+                        "tasks": n_tasks, "seeds": sorted(per_seed), "diffs": diffs, "mean": mean,
+                        "ci95": list(ci), "success_mean": float(np.mean(mine)) if mine else None,
+                        "other_success_mean": float(np.mean(other_s)) if other_s else None})
+            print(f"| {METHODS[method][0]} | {_fmt(mine, pct=True, digits=0)} | {_fmt(other_s, pct=True, digits=0)} | "
+                  f"{', '.join(f'{100 * x:+.1f}' for x in diffs)} | {_pts(mean)} [{_pts(ci[0])}, {_pts(ci[1])}] | "
+                  f"{n_tasks} |")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=["metaworld/door-open-v3", "metaworld/button-press-v3",
@@ -443,6 +520,9 @@ def main() -> None:
     ap.add_argument("--versus-uniform", type=int, default=0, metavar="B",
                     help="label efficiency: compare every run with the same method's uniform run at B labels "
                          "(finished in the same --out; 0: no comparison)")
+    ap.add_argument("--versus-out", default=None, metavar="DIR",
+                    help="pair every method's runs with the same method's runs in DIR, another --out of this "
+                         "benchmark (another loop configuration, the same data, BC and evaluation settings)")
     ap.add_argument("--segment-length", type=int, default=0,
                     help="L, steps per labelled segment (0: the task's, 64; whole episodes on maze2d)")
     ap.add_argument("--steps", type=int, default=AlignConfig.steps, help="alignment steps per round")
@@ -560,6 +640,7 @@ def main() -> None:
     overall = _across_tasks(tables, args)
     curves = _label_curves(runs, args)
     efficiency = _label_efficiency(runs, args)
+    versus = _versus_out(runs, args)
     round_s = [rd["round_s"] for r in runs for rd in r["rounds"][1:]]
     sps = [rd["align_steps_per_s"] for r in runs for rd in r["rounds"][1:]]
     print()
@@ -576,7 +657,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                     "cuda": torch.cuda.is_available(), "platform": platform.platform()},
         "tables": tables, "across_tasks": overall, "label_curves": curves,
-        "label_efficiency": efficiency, "runs": runs, "align_steps_per_s": sps,
+        "label_efficiency": efficiency, "versus_out": versus, "runs": runs, "align_steps_per_s": sps,
         "round_s": round_s,
         "wall_s": time.time() - t0}), indent=2))
     print(f"results: {out}")

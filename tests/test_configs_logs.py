@@ -179,6 +179,47 @@ def test_benchmark_takes_a_config_file(tmp_path):
     assert proc.returncode == 2 and "unknown key 'stepz'" in proc.stderr and str(config) in proc.stderr
 
 
+def _fake_runs(out: Path, rounds: int, final: dict[tuple[str, int], float], bc_steps: int = 4000) -> None:
+    """bench_alignment's --out layout with finished in_sigmoid runs: BC at 0.3, then
+    ``rounds`` rounds ending at ``final[(task, seed)]``."""
+    out.mkdir(parents=True)
+    (out / "bench_args.json").write_text(json.dumps({
+        "rounds": rounds, "pairs_per_round": 400 // rounds, "segment_length": 0, "steps": 300, "beta": 500.0,
+        "lam": 100.0, "bc_steps": bc_steps, "bc_episodes": 100, "eval_episodes": 50, "max_episode_steps": 0}))
+    for (task, seed), success in final.items():
+        metrics = {"mean_return": 1.0, "intent_score": 0.0, "ood_action_dist": 0.5, "implicit_acc": 0.7,
+                   "round_s": 10.0, "align_steps_per_s": 5.0}
+        summary = {"rounds": [{"round": 0, "success_rate": 0.3, "mean_return": 1.0}]
+                   + [{**metrics, "round": r, "success_rate": success} for r in range(1, rounds + 1)]}
+        d = out / task.replace("/", "_") / f"seed{seed}" / "return" / "in_sigmoid"
+        d.mkdir(parents=True)
+        (d / "loop.json").write_text(json.dumps(summary))
+
+
+def test_benchmark_pairs_two_loop_configurations(tmp_path):
+    """--versus-out: the same method in two --out directories (other rounds × pairs, same
+    data, BC and evaluation settings), paired per seed and averaged over the tasks."""
+    tasks = ["metaworld/door-open-v3", "metaworld/button-press-v3"]
+    here = {(t, s): v for t, vals in zip(tasks, ([0.8, 0.6, 0.5], [0.7, 0.7, 0.9])) for s, v in enumerate(vals)}
+    there = {(t, s): v for t, vals in zip(tasks, ([0.6, 0.5, 0.5], [0.6, 0.7, 0.8])) for s, v in enumerate(vals)}
+    _fake_runs(tmp_path / "r4", 4, here)
+    _fake_runs(tmp_path / "r2", 2, there)
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_alignment.py"), "--report-only", "--methods", "in_sigmoid",
+           "--tasks", *tasks, "--rounds", "4", "--pairs-per-round", "100", "--out", str(tmp_path / "r4"),
+           "--json", str(tmp_path / "bench.json"), "--versus-out", str(tmp_path / "r2")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [versus] = json.loads((tmp_path / "bench.json").read_text())["versus_out"]
+    assert versus["tasks"] == 2 and versus["seeds"] == [0, 1, 2]
+    assert versus["diffs"] == pytest.approx([0.15, 0.05, 0.05]), "per seed: here − there, mean over the two tasks"
+    assert versus["mean"] == pytest.approx(0.25 / 3) and versus["ci95"][0] <= versus["mean"] <= versus["ci95"][1]
+    assert "4 × 100 pairs" in proc.stdout and "2 × 200 pairs" in proc.stdout
+    _fake_runs(tmp_path / "other_bc", 2, there, bc_steps=1000)
+    proc = subprocess.run(cmd[:-1] + [str(tmp_path / "other_bc")], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode != 0 and "do not pair" in proc.stderr and "bc_steps" in proc.stderr
+
+
 @pytest.mark.slow
 def test_wandb_offline_run(tiny_dataset, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
