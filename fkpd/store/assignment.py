@@ -283,9 +283,10 @@ class AssignmentMixin(StoreCore):
         round_: int, exclude: list[int],
     ) -> list[m.Pair]:
         """Renew (and return, oldest first) up to ``limit`` live leases of the annotator on
-        open pairs of ``round_``, leaving out the pair ids in ``exclude``. :meth:`lease_pairs` asks the newest round first, so a new
-        batch takes over from the previous one at once; leases on older rounds not needed
-        to fill up are left to expire."""
+        open pairs of ``round_``, leaving out the pair ids in ``exclude``.
+        :meth:`lease_pairs` asks the newest round first, so a new batch takes over from
+        the previous one at once; leases on older rounds not needed to fill up are left
+        to expire."""
         leases = m.Lease.__table__
         held = s.scalars(
             select(leases.c.pair_id)
