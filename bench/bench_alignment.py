@@ -255,6 +255,19 @@ def _label_curves(runs: list[dict], args) -> list[dict]:
     return out
 
 
+def _paired_over_tasks(per_seed: dict[int, list[tuple[float, float]]]) -> dict:
+    """``per_seed``: seed -> [(success here, success there) per task]. Keeps the seeds
+    that have the most tasks, averages ``here − there`` over their tasks, and returns
+    ``tasks``, ``seeds``, ``diffs`` (per seed), ``mean``, ``ci95`` (bootstrap over seeds)
+    and the successes on both sides (``here``, ``there``, flat lists)."""
+    n_tasks = max((len(v) for v in per_seed.values()), default=0)
+    kept = {sd: v for sd, v in per_seed.items() if len(v) == n_tasks}
+    diffs = [float(np.mean([a - b for a, b in kept[sd]])) for sd in sorted(kept)]
+    return {"tasks": n_tasks, "seeds": sorted(kept), "diffs": diffs,
+            "mean": float(np.mean(diffs)) if diffs else None, "ci95": list(bootstrap_ci(diffs)),
+            "here": [a for v in kept.values() for a, _ in v], "there": [b for v in kept.values() for _, b in v]}
+
+
 def _label_efficiency(runs: list[dict], args) -> list[dict]:
     """With ``--versus-uniform B``: per method, rule and budget b, the final success rate
     minus that of the same method's ``uniform`` run at B labels, paired per seed (same
@@ -289,15 +302,11 @@ def _label_efficiency(runs: list[dict], args) -> list[dict]:
                         k = (r["task"], r["seed"], teacher, method)
                         if k in ref:
                             per_seed.setdefault(r["seed"], []).append((r["rounds"][-1]["success_rate"], ref[k]))
-                    n_tasks = max((len(v) for v in per_seed.values()), default=0)
-                    per_seed = {sd: v for sd, v in per_seed.items() if len(v) == n_tasks}
-                    diffs = [float(np.mean([a - u for a, u in per_seed[sd]])) for sd in sorted(per_seed)]
-                    ci = bootstrap_ci(diffs)
-                    mean = float(np.mean(diffs)) if diffs else None
-                    succ = [a for v in per_seed.values() for a, _ in v]
-                    unif = [u for v in per_seed.values() for _, u in v]
+                    p = _paired_over_tasks(per_seed)
+                    n_tasks, diffs, mean, ci = p["tasks"], p["diffs"], p["mean"], p["ci95"]
+                    succ, unif = p["here"], p["there"]
                     out.append({"teacher": teacher, "method": method, "query_selection": rule, "labels": b,
-                                "versus_uniform_labels": big, "tasks": n_tasks, "seeds": sorted(per_seed),
+                                "versus_uniform_labels": big, "tasks": n_tasks, "seeds": p["seeds"],
                                 "diffs": diffs, "mean": mean, "ci95": list(ci),
                                 "success_mean": float(np.mean(succ)) if succ else None,
                                 "uniform_success_mean": float(np.mean(unif)) if unif else None})
@@ -480,15 +489,11 @@ def _versus_out(runs: list[dict], args) -> list[dict]:
                     continue  # not finished there
                 per_seed.setdefault(r["seed"], []).append((r["rounds"][-1]["success_rate"],
                                                            rounds[-1]["success_rate"]))
-            n_tasks = max((len(v) for v in per_seed.values()), default=0)
-            per_seed = {sd: v for sd, v in per_seed.items() if len(v) == n_tasks}
-            diffs = [float(np.mean([a - b for a, b in per_seed[sd]])) for sd in sorted(per_seed)]
-            ci = bootstrap_ci(diffs)
-            mean = float(np.mean(diffs)) if diffs else None
-            mine = [a for v in per_seed.values() for a, _ in v]
-            other_s = [b for v in per_seed.values() for _, b in v]
+            p = _paired_over_tasks(per_seed)
+            n_tasks, diffs, mean, ci = p["tasks"], p["diffs"], p["mean"], p["ci95"]
+            mine, other_s = p["here"], p["there"]
             out.append({"teacher": teacher, "method": method, "versus_out": other, "here": here, "there": there,
-                        "tasks": n_tasks, "seeds": sorted(per_seed), "diffs": diffs, "mean": mean,
+                        "tasks": n_tasks, "seeds": p["seeds"], "diffs": diffs, "mean": mean,
                         "ci95": list(ci), "success_mean": float(np.mean(mine)) if mine else None,
                         "other_success_mean": float(np.mean(other_s)) if other_s else None})
             print(f"| {METHODS[method][0]} | {_fmt(mine, pct=True, digits=0)} | {_fmt(other_s, pct=True, digits=0)} | "
