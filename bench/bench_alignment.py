@@ -466,6 +466,9 @@ def _versus_out(runs: list[dict], args) -> list[dict]:
     if diff:
         raise SystemExit(f"--versus-out {other} has other data, BC or evaluation settings ({diff}, as (there, "
                          "here)): its runs do not pair with these")
+    # DIR's runs are found and checked as finished with this file's own helpers, under its settings
+    other_args = argparse.Namespace(**{**vars(args), "out": other, "rounds": theirs.get("rounds"),
+                                       "pairs_per_round": theirs.get("pairs_per_round")})
     there = f"{theirs.get('rounds')} × {theirs.get('pairs_per_round')} pairs, {theirs.get('steps')} steps"
     here = f"{args.rounds} × {args.pairs_per_round} pairs, {args.steps} steps"
     out = []
@@ -481,14 +484,10 @@ def _versus_out(runs: list[dict], args) -> list[dict]:
             for r in runs:
                 if r["teacher"] != teacher or r["method"] != method or "key" in r:
                     continue
-                g = Path(other) / r["task"].replace("/", "_") / f"seed{r['seed']}" / teacher / method / "loop.json"
-                if not g.exists():
-                    continue
-                rounds = json.loads(g.read_text()).get("rounds", [])
-                if len(rounds) != theirs.get("rounds", 0) + 1:
-                    continue  # not finished there
-                per_seed.setdefault(r["seed"], []).append((r["rounds"][-1]["success_rate"],
-                                                           rounds[-1]["success_rate"]))
+                summary = _finished(other_args, _run_dir(other_args, r["task"], r["seed"], teacher, method))
+                if summary is not None:
+                    per_seed.setdefault(r["seed"], []).append((r["rounds"][-1]["success_rate"],
+                                                               summary["rounds"][-1]["success_rate"]))
             p = _paired_over_tasks(per_seed)
             n_tasks, diffs, mean, ci = p["tasks"], p["diffs"], p["mean"], p["ci95"]
             mine, other_s = p["here"], p["there"]

@@ -191,7 +191,6 @@ def main() -> None:
 
     from fkpd.store import Store
 
-
     root = Path(tempfile.mkdtemp(prefix="bench_session_"))
     env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "FKPD_TASK": args.task,
            "FKPD_DATABASE_URL": f"sqlite:///{root / 'fkpd.sqlite'}", "FKPD_ARTIFACT_DIR": str(root / "artifacts"),

@@ -92,7 +92,6 @@ def main() -> None:
     from fkpd.studio import StudioConfig, open_project, start_local_workers
     from fkpd.studio.history import enqueue_round
 
-
     root = Path(tempfile.mkdtemp(prefix="bench_ui_"))
     bootstrap = {"dataset_episodes": 4, "max_episode_steps": 100, "bc_steps": 30,
                  "bc": {"batch_size": 32, "warmup_steps": 5}, "policy": {"hidden_dim": 64, "n_blocks": 1},
