@@ -69,6 +69,35 @@ def test_frames_from_states_equal_frames_rendered_inline(rolled):
         render_states(env, 7, np.zeros((0, 3)))
 
 
+@pytest.mark.parametrize("task", [MW, MAZE])
+def test_plain_scene_drops_shadows_reflections_and_multisampling_unless_asked(task):
+    """The default look renders without shadows, reflections and MSAA (the costly parts in
+    software OpenGL); ``shadows=True`` keeps the model's own settings."""
+    import mujoco
+
+    def viewer_of(env):
+        inner = env._env.point_env if task == MAZE else env._env
+        return inner.mujoco_renderer, inner.model
+
+    plain, full = make_env(task, render_size=SIZE), make_env(task, render_size=SIZE, shadows=True)
+    try:
+        _, model = viewer_of(full)
+        model_samples = int(model.vis.quality.offsamples)
+        frames = []
+        for env in (plain, full):
+            env.reset(seed=3)
+            frames.append(env.render())
+        (rp, mp), (rf, mf) = viewer_of(plain), viewer_of(full)
+        vp, vf = rp._get_viewer("rgb_array"), rf._get_viewer("rgb_array")
+        assert int(mp.vis.quality.offsamples) == 0 and int(mf.vis.quality.offsamples) == model_samples > 0
+        for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION):
+            assert vp.scn.flags[flag] == 0 and vf.scn.flags[flag] == 1
+        assert frames[0].shape == frames[1].shape == (*SIZE, 3) and frames[0].std() > 0
+    finally:
+        plain.close()
+        full.close()
+
+
 def test_clip_renderer_processes_render_and_encode_the_same_frames(rolled, tmp_path):
     import imageio.v2 as imageio
 

@@ -356,10 +356,11 @@ def test_local_workers_run_niced_below_the_app(tmp_path):
     assert bad.returncode != 0 and "--nice must be from 0 to 19" in bad.stderr + bad.stdout
 
 
-def test_the_bootstrap_trains_bc_on_every_core_and_gives_the_worker_its_threads_back(tmp_path):
-    """With ``threads`` 0 the bootstrap's BC uses every core (nothing else runs then; the
-    app's worker runs with one torch thread), recorded in the BC checkpoint; the worker's
-    thread count is restored for what follows (issue #15: first pair sooner)."""
+def test_bc_and_a_round_train_on_every_core_and_give_the_worker_its_threads_back(tmp_path):
+    """With ``threads`` 0 the bootstrap's BC and a round's alignment use every core (the
+    app's worker runs with one torch thread, niced below the app), recorded in the BC
+    checkpoint and the round's config; the worker's thread count is restored for the
+    batch that follows (issue #15: first pair and rounds sooner)."""
     import json
 
     import torch
@@ -380,5 +381,16 @@ def test_the_bootstrap_trains_bc_on_every_core_and_gives_the_worker_its_threads_
             v0 = store.latest_policy_version(project.id)
             meta = read_checkpoint_meta(checkpoint_dir(store, v0))
             assert meta["train"]["threads"] == (os.cpu_count() or 1)
+            ada = store.get_or_create_annotator("ada")
+            for outcome in ("left", "right"):
+                store.answer(store.next_pair(project.id, ada).id, ada, outcome)
+            round_job = enqueue_round(store, project, {"steps": 3})
+            assert run_worker(store, once=True, handler_modules=["fkpd.studio"], stale_after_s=None) == 1
+            assert store.jobs.get(round_job.id).status == "succeeded", store.jobs.get(round_job.id).error
+            assert torch.get_num_threads() == 1, "the worker's thread count is back after the round"
+            v1 = store.latest_policy_version(project.id)
+            assert v1.round == 1
+            config = json.loads((checkpoint_dir(store, v1).parent / "config.json").read_text())
+            assert config["align"]["threads"] == (os.cpu_count() or 1)
     finally:
         torch.set_num_threads(before)

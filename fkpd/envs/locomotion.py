@@ -88,7 +88,8 @@ class LocomotionEnv(gym.Env):
         max_episode_steps: truncation horizon in steps (D4RL: 1000).
         render_size: ``(height, width)`` of frames in pixels.
         camera: MuJoCo camera name (default: the env's tracking camera).
-        shadows: render shadows and reflections (slow in software rendering).
+        shadows: render shadows, reflections and multisampling (slow in software
+            rendering; :func:`fkpd.envs._mujoco.plain_scene`).
     """
 
     metadata = {"render_modes": ["rgb_array"]}

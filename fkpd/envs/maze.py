@@ -213,7 +213,7 @@ class MazeEnv(gym.Env):
         render_size: ``(height, width)`` of frames in pixels.
         camera: None for the top-down view; ``"free"`` for Gymnasium-Robotics' default
             oblique camera.
-        shadows: render shadows and reflections.
+        shadows: render shadows, reflections and multisampling (:func:`fkpd.envs._mujoco.plain_scene`).
     """
 
     metadata = {"render_modes": ["rgb_array"]}

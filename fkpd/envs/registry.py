@@ -114,7 +114,8 @@ def make_env(
         render_size: ``(height, width)`` of frames from ``render()``.
         camera: camera name; defaults to ``corner`` on MetaWorld, the top-down view on
             maze2d and the tracking camera on locomotion.
-        shadows: render shadows and reflections (slow in software rendering).
+        shadows: render shadows, reflections and multisampling (slow in software
+            rendering; :func:`fkpd.envs._mujoco.plain_scene`).
 
     Returns:
         A ``gymnasium.Env`` with the guarantees of the module docstring.

@@ -186,7 +186,8 @@ class TaskSpec:
             max_episode_steps: horizon in steps; default :attr:`max_episode_steps`.
             render_size: ``(height, width)`` of frames from ``render()`` in pixels.
             camera: camera name; default :attr:`default_camera`.
-            shadows: render shadows and reflections (slow in software rendering).
+            shadows: render shadows, reflections and multisampling (slow in software
+                rendering; :func:`fkpd.envs._mujoco.plain_scene`).
         """
         horizon = self.max_episode_steps if max_episode_steps is None else max_episode_steps
         return self.family.make_env(self, max_episode_steps=horizon, render_size=render_size,

@@ -25,14 +25,15 @@ Shapes follow DESIGN.md §3: L segment length, Do/Da observation/action dims.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from typing import Any
 
 from fkpd.config import json_safe
 from fkpd.store import JobContext, PolicyVersionInfo, ProjectInfo, register_handler
-from fkpd.studio.batches import (Stage, Watch, apply_threads, checkpoint_dir, ensure_sole_training_job,
-                                 render_if_missing, round_engine, served_versions)
+from fkpd.studio.batches import (Stage, Watch, apply_threads, checkpoint_dir, ensure_sole_training_job, every_core,
+                                 render_if_missing, round_engine, served_versions, training_threads)
 from fkpd.studio.errors import RoundError
 from fkpd.studio.params import ALIGNMENT_ROUND, RoundParams
 from fkpd.train.engine import NoLabelsError, RoundEngine, RoundResult
@@ -75,7 +76,10 @@ def alignment_round(ctx: JobContext) -> dict[str, Any]:
                          "bootstrap job first")
     settings = params.settings((reference.metrics.get("bootstrap") or {}).get("settings"))
     apply_threads(settings.threads)
-    engine = round_engine(store, project, settings, reference, ctx.job_id, params.align_config(settings))
+    align_cfg = params.align_config(settings)
+    # aligning and evaluating on every core unless the batch settings say otherwise (every_core)
+    align_cfg = dataclasses.replace(align_cfg, threads=training_threads(align_cfg.threads))
+    engine = round_engine(store, project, settings, reference, ctx.job_id, align_cfg)
     mine = [v for v in versions if v.metrics.get("job_id") == ctx.job_id and v.metrics.get("kind") == ALIGNMENT_ROUND]
     if mine:  # an earlier attempt of this job registered the version, then died before its batch
         version = mine[-1]
@@ -133,9 +137,10 @@ def _train_and_register(ctx: JobContext, engine: RoundEngine, project: ProjectIn
             "steps_per_s": a.steps_per_s, "vs_parent": result.comparison}))
 
     try:
-        result = engine.run_round(round_, init_dir, out, register=register, on_start=started,
-                                  on_step=Watch(ctx, stage, "aligning"), eval_progress=Stage(ctx, 0.75, 0.85),
-                                  parent_evaluation=previous.metrics)
+        with every_core(engine.align_cfg.threads):  # the batch's rollouts after it take the worker's count
+            result = engine.run_round(round_, init_dir, out, register=register, on_start=started,
+                                      on_step=Watch(ctx, stage, "aligning"), eval_progress=Stage(ctx, 0.75, 0.85),
+                                      parent_evaluation=previous.metrics)
     except NoLabelsError:
         answered, total = store.batch_progress(project.id)
         raise RoundError(

@@ -52,10 +52,12 @@ Shapes follow DESIGN.md §3: L segment length, Do/Da observation/action dims.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -213,6 +215,37 @@ def apply_threads(threads: int) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def training_threads(threads: int = 0) -> int:
+    """Torch CPU threads for a job's training: ``threads``, or every core when it is 0."""
+    return threads if threads > 0 else (os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def every_core(threads: int = 0) -> Iterator[int]:
+    """Torch CPU threads for one stretch of a job's training, then the worker's own count again.
+
+    The app's training worker runs with one torch thread (``fkpd worker --threads 1``),
+    which suits the rollouts of a batch (the render processes take the other cores) but
+    leaves a core idle while BC trains or a round aligns and evaluates. Inside this
+    block torch uses :func:`training_threads` threads (every core unless ``threads`` is
+    set). The worker is niced (:attr:`fkpd.studio.config.StudioConfig.worker_nice`), so
+    the app's own process still answers clicks first (``bench/bench_ui.py
+    --during-round`` measures it).
+
+    Yields:
+        The thread count used inside the block.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    n = training_threads(threads)
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------ the store as labeller

@@ -29,22 +29,23 @@ Shapes follow DESIGN.md §3: L segment length, Do/Da observation/action dims.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fkpd.config import json_safe, to_json_dict
 from fkpd.data import generate_dataset, load_dataset
 from fkpd.errors import DatasetError
-from fkpd.policy import DiffusionPolicy, PolicyConfig, read_checkpoint_meta
+from fkpd.policy import DiffusionPolicy, read_checkpoint_meta
 from fkpd.store import JobContext, register_handler, sha256_file
 from fkpd.studio.batches import (Stage, Watch, apply_threads, dataset_pairs, ensure_sole_training_job, evaluator,
-                                 render_if_missing, round_engine, served_versions)
+                                 every_core, render_if_missing, round_engine, served_versions)
 from fkpd.studio.errors import RoundError
 from fkpd.studio.params import BOOTSTRAP, BootstrapParams
-from fkpd.train.bc import BCConfig, train_bc
+from fkpd.train.bc import train_bc
 
 log = logging.getLogger(__name__)
 
@@ -142,27 +143,6 @@ def _bootstrap_dataset(ctx: JobContext, store, root: str, task: str, params: Boo
     return dataset, artifacts.publish_file(dataset, rel)[1]
 
 
-def _train_bc_on_all_cores(cfg: BCConfig, policy_cfg: PolicyConfig | None,
-                           on_step: Callable[[int, int], None]) -> Path:
-    """:func:`fkpd.train.bc.train_bc`, with every core when ``cfg.threads`` is 0: nothing
-    else runs during a bootstrap (no batch to top up yet, nobody labelling), and a worker
-    started with one thread (the app's, ``fkpd worker --threads 1``) would leave a core
-    idle (BC 4000 steps: 34 vs 46-55 steps/s on 2 cores). The worker's thread count is
-    restored afterwards.
-    """
-    import dataclasses
-
-    import torch
-
-    before = torch.get_num_threads()
-    if not cfg.threads:
-        cfg = dataclasses.replace(cfg, threads=os.cpu_count() or 1)
-    try:
-        return train_bc(cfg, policy_cfg, progress=False, on_step=on_step)
-    finally:
-        torch.set_num_threads(before)
-
-
 @register_handler(BOOTSTRAP)
 def bootstrap(ctx: JobContext) -> dict[str, Any]:
     """Job handler: offline data → BC → version 0 → first labelling batch (round 1).
@@ -251,7 +231,11 @@ def bootstrap(ctx: JobContext) -> dict[str, Any]:
             outcome["bc"] = "resumed"
         stage = Stage(ctx, 0.1, 0.7)
         stage((saved or 0) / bc_cfg.steps, f"training BC: step {saved or 0}/{bc_cfg.steps}")
-        ckpt = _train_bc_on_all_cores(bc_cfg, params.policy_config(), on_step=Watch(ctx, stage, "training BC"))
+        # every core: nothing else runs during a bootstrap (no batch to top up yet, nobody
+        # labelling); BC 4000 steps at 34 vs 46-55 steps/s on 2 cores
+        with every_core(bc_cfg.threads) as threads:
+            ckpt = train_bc(dataclasses.replace(bc_cfg, threads=threads), params.policy_config(), progress=False,
+                            on_step=Watch(ctx, stage, "training BC"))
         meta = read_checkpoint_meta(ckpt)
         policy = DiffusionPolicy.load(ckpt, task_id=task)
         evaluation = evaluator(task, settings)(policy, progress=Stage(ctx, 0.7, 0.8))
