@@ -230,9 +230,9 @@ def every_core(threads: int = 0) -> Iterator[int]:
     which suits the rollouts of a batch (the render processes take the other cores) but
     leaves a core idle while BC trains or a round aligns and evaluates. Inside this
     block torch uses :func:`training_threads` threads (every core unless ``threads`` is
-    set). The worker is niced (:attr:`fkpd.studio.config.StudioConfig.worker_nice`), so
-    the app's own process still answers clicks first (``bench/bench_ui.py
-    --during-round`` measures it).
+    set). The app's local workers are niced (:attr:`fkpd.studio.config.StudioConfig.worker_nice`),
+    so the app's own process still answers clicks first (``bench/bench_ui.py
+    --during-round``: p95 20.5 ms while a round aligns on both cores).
 
     Yields:
         The thread count used inside the block.
