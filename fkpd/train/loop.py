@@ -75,8 +75,9 @@ class LoopConfig:
 
     task: str = field(default=DEFAULT_TASK, metadata={"help": "task id"})
     teacher: str = field(default="return", metadata={"help": "scripted teacher (see fkpd.prefs.teachers.TEACHERS)"})
-    # 4 × 100: the four-task benchmark's best FKPD configuration (+15.3 points over BC,
-    # against +11.8 for 2 × 200 with the same 400 labels; README, issue #12).
+    # 4 × 100: the four-task benchmark's best FKPD configuration (+15.3 points over BC on
+    # seeds 0-2, +13.2 with a fresh fourth seed, against +11.8 for 2 × 200 with the same
+    # 400 labels; README, issue #12).
     rounds: int = field(default=4, metadata={"help": "K, alignment rounds"})
     pairs_per_round: int = field(default=100, metadata={"help": "M, pairs rolled out and labelled per round"})
     segment_length: int = field(default=0, metadata={"help": "L, steps per segment (0: the task's, 64; whole "
