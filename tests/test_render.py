@@ -81,13 +81,12 @@ def test_plain_scene_drops_shadows_reflections_and_multisampling_unless_asked(ta
 
     plain, full = make_env(task, render_size=SIZE), make_env(task, render_size=SIZE, shadows=True)
     try:
-        _, model = viewer_of(full)
-        model_samples = int(model.vis.quality.offsamples)
+        (rp, mp), (rf, mf) = viewer_of(plain), viewer_of(full)
+        model_samples = int(mf.vis.quality.offsamples)  # the model's own, before any render
         frames = []
         for env in (plain, full):
             env.reset(seed=3)
             frames.append(env.render())
-        (rp, mp), (rf, mf) = viewer_of(plain), viewer_of(full)
         vp, vf = rp._get_viewer("rgb_array"), rf._get_viewer("rgb_array")
         assert int(mp.vis.quality.offsamples) == 0 and int(mf.vis.quality.offsamples) == model_samples > 0
         for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION):
