@@ -102,7 +102,7 @@ from fkpd.config import json_safe, read_config_file, save_config_toml
 from fkpd.errors import ConfigError
 from fkpd.prefs.pairs import MAX_CANDIDATE_FACTOR
 from fkpd.train.acquisition import DEFAULT_CANDIDATE_FACTOR, QUERY_SELECTIONS
-from fkpd.train.loop import LoopConfig, run_loop
+from fkpd.train.loop import LABEL_SOURCES, LoopConfig, run_loop
 from fkpd.train.bc import BCConfig, train_bc
 
 #: method -> (table label, AlignConfig overrides). Each method names its objective,
@@ -157,7 +157,10 @@ def _fmt(values: list[float], pct: bool = False, digits: int = 1) -> str:
 
 # The settings that must match for runs in one --out directory to be comparable.
 _RUN_KEYS = ("rounds", "pairs_per_round", "segment_length", "steps", "beta", "lam", "bc_steps", "bc_episodes",
-             "eval_episodes", "max_episode_steps")
+             "eval_episodes", "max_episode_steps", "segment_start", "label_source", "dataset_share")
+#: Values of run settings added after the first --out directories were written (their
+#: bench_args.json lacks the key: they were made with these).
+_RUN_DEFAULTS = {"segment_start": 0, "label_source": "policy", "dataset_share": 0.5}
 
 
 def _pts(x) -> str:
@@ -403,7 +406,8 @@ def _worker(args) -> None:
             pairs = args.pairs_per_round if budget is None else budget // args.rounds
             cfg = LoopConfig(task=task, teacher=teacher, rounds=args.rounds, pairs_per_round=pairs,
                              query_selection=rule, candidate_factor=args.candidate_factor,
-                             segment_length=args.segment_length, out_dir=str(run_dir),
+                             segment_length=args.segment_length, segment_start=args.segment_start,
+                             label_source=args.label_source, dataset_share=args.dataset_share, out_dir=str(run_dir),
                              dataset=str(_seed_root(args, task, seed) / "data.hdf5"), bc_checkpoint=str(bc),
                              eval_episodes=args.eval_episodes, max_episode_steps=args.max_episode_steps,
                              n_envs=args.n_envs, seed=seed)
@@ -427,7 +431,8 @@ def _check_out_dir(args) -> None:
     f = Path(args.out) / "bench_args.json"
     mine = {k: getattr(args, k) for k in _RUN_KEYS}
     if f.exists():
-        theirs = {k: v for k, v in json.loads(f.read_text()).items() if k in _RUN_KEYS}
+        written = json.loads(f.read_text())
+        theirs = {k: written.get(k, _RUN_DEFAULTS.get(k)) for k in _RUN_KEYS}
         diff = {k: (theirs.get(k), mine[k]) for k in _RUN_KEYS if theirs.get(k) != mine[k]}
         if diff:
             raise SystemExit(f"{f} was written with other settings ({diff}, as (there, here)); pass another --out "
@@ -440,6 +445,22 @@ def _check_out_dir(args) -> None:
 #: Settings two --out directories must share for ``--versus-out`` to pair their runs
 #: (the same data, BC policy and evaluation episodes per task and seed).
 _SHARED_KEYS = ("bc_steps", "bc_episodes", "eval_episodes", "max_episode_steps")
+
+
+def _describe(settings: dict) -> str:
+    """A loop configuration in words, from an --out directory's settings (bench_args.json
+    or the command line's): rounds × pairs, steps, and the segments and label source
+    where they are not the defaults."""
+    s = {**_RUN_DEFAULTS, **settings}
+    words = f"{s.get('rounds')} × {s.get('pairs_per_round')} pairs, {s.get('steps')} steps"
+    if s.get("segment_length"):
+        words += f", L = {s['segment_length']}"
+    if s["segment_start"] != 0:
+        words += ", random segment starts" if s["segment_start"] < 0 else f", segments from step {s['segment_start']}"
+    if s["label_source"] != "policy":
+        words += f", {s['label_source']} pairs" + (f" (share {s['dataset_share']:g})" if s["label_source"] == "mix"
+                                                 else "")
+    return words
 
 
 def _versus_out(runs: list[dict], args) -> list[dict]:
@@ -469,8 +490,7 @@ def _versus_out(runs: list[dict], args) -> list[dict]:
     # DIR's runs are found and checked as finished with this file's own helpers, under its settings
     other_args = argparse.Namespace(**{**vars(args), "out": other, "rounds": theirs.get("rounds"),
                                        "pairs_per_round": theirs.get("pairs_per_round")})
-    there = f"{theirs.get('rounds')} × {theirs.get('pairs_per_round')} pairs, {theirs.get('steps')} steps"
-    here = f"{args.rounds} × {args.pairs_per_round} pairs, {args.steps} steps"
+    there, here = _describe(theirs), _describe(vars(args))
     out = []
     for teacher in args.teachers:
         print()
@@ -529,6 +549,12 @@ def main() -> None:
                          "benchmark (another loop configuration, the same data, BC and evaluation settings)")
     ap.add_argument("--segment-length", type=int, default=0,
                     help="L, steps per labelled segment (0: the task's, 64; whole episodes on maze2d)")
+    ap.add_argument("--segment-start", type=int, default=LoopConfig.segment_start,
+                    help="first step of every segment (-1: random per pair)")
+    ap.add_argument("--label-source", default=LoopConfig.label_source, choices=list(LABEL_SOURCES),
+                    help="pairs of current-policy rollouts, of offline dataset segments, or a mix")
+    ap.add_argument("--dataset-share", type=float, default=LoopConfig.dataset_share,
+                    help="with --label-source mix: share of dataset pairs per round")
     ap.add_argument("--steps", type=int, default=AlignConfig.steps, help="alignment steps per round")
     ap.add_argument("--beta", type=float, default=AlignConfig.beta)
     ap.add_argument("--lam", type=float, default=AlignConfig.lam, help="λ of both regularisers")

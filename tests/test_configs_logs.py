@@ -220,6 +220,29 @@ def test_benchmark_pairs_two_loop_configurations(tmp_path):
     assert proc.returncode != 0 and "do not pair" in proc.stderr and "bc_steps" in proc.stderr
 
 
+def test_benchmark_out_dir_keeps_one_label_source(tmp_path):
+    """An --out directory written before --segment-start/--label-source existed holds runs
+    made with their defaults: it reports with the defaults, refuses other values, and
+    --versus-out names the other configuration's label source."""
+    tasks = ["metaworld/door-open-v3"]
+    _fake_runs(tmp_path / "r4", 4, {(tasks[0], s): 0.5 for s in range(3)})
+    base = [sys.executable, str(ROOT / "bench" / "bench_alignment.py"), "--report-only", "--methods", "in_sigmoid",
+            "--tasks", *tasks, "--rounds", "4", "--pairs-per-round", "100", "--json", str(tmp_path / "bench.json")]
+    proc = subprocess.run(base + ["--out", str(tmp_path / "r4")], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = subprocess.run(base + ["--out", str(tmp_path / "r4"), "--label-source", "dataset"], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode != 0 and "other settings" in proc.stderr and "label_source" in proc.stderr
+    proc = subprocess.run(base + ["--out", str(tmp_path / "dataset"), "--label-source", "dataset", "--segment-start",
+                                  "-1", "--versus-out", str(tmp_path / "r4")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    written = json.loads((tmp_path / "dataset" / "bench_args.json").read_text())
+    assert written["label_source"] == "dataset" and written["segment_start"] == -1
+    assert "random segment starts, dataset pairs) against" in proc.stdout and "(4 × 100 pairs, 300 steps)" in proc.stdout
+
+
 @pytest.mark.slow
 def test_wandb_offline_run(tiny_dataset, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
