@@ -157,10 +157,12 @@ def _fmt(values: list[float], pct: bool = False, digits: int = 1) -> str:
 
 # The settings that must match for runs in one --out directory to be comparable.
 _RUN_KEYS = ("rounds", "pairs_per_round", "segment_length", "steps", "beta", "lam", "bc_steps", "bc_episodes",
-             "eval_episodes", "max_episode_steps", "segment_start", "label_source", "dataset_share")
+             "eval_episodes", "max_episode_steps", "segment_start", "label_source", "dataset_share",
+             "validation_episodes", "continue_from")
 #: Values of run settings added after the first --out directories were written (their
 #: bench_args.json lacks the key: they were made with these).
-_RUN_DEFAULTS = {"segment_start": 0, "label_source": "policy", "dataset_share": 0.5}
+_RUN_DEFAULTS = {"segment_start": 0, "label_source": "policy", "dataset_share": 0.5, "validation_episodes": 0,
+                 "continue_from": "latest"}
 
 
 def _pts(x) -> str:
@@ -246,7 +248,7 @@ def _label_curves(runs: list[dict], args) -> list[dict]:
             print("|---|---|" + "---|" * len(args.label_budgets))
             for method in args.methods:
                 for rule in args.query_selection:
-                    per_budget = {b: [r["rounds"][-1]["success_rate"] for r in sel
+                    per_budget = {b: [r["final"]["success_rate"] for r in sel
                                       if r["method"] == method and r.get("query_selection", "uniform") == rule
                                       and r.get("label_budget") == b] for b in args.label_budgets}
                     out.append({"task": task, "teacher": teacher, "method": method, "query_selection": rule,
@@ -284,7 +286,7 @@ def _label_efficiency(runs: list[dict], args) -> list[dict]:
     for task, seed, teacher, method in {(t, s, te, m) for t, s, te, m, _, _ in _work(args)}:
         summary = _finished(args, _run_dir(args, task, seed, teacher, method, "uniform", big))
         if summary is not None:
-            ref[(task, seed, teacher, method)] = summary["rounds"][-1]["success_rate"]
+            ref[(task, seed, teacher, method)] = _final(summary)["success_rate"]
     out = []
     for teacher in args.teachers:
         print()
@@ -304,7 +306,7 @@ def _label_efficiency(runs: list[dict], args) -> list[dict]:
                     for r in mine:
                         k = (r["task"], r["seed"], teacher, method)
                         if k in ref:
-                            per_seed.setdefault(r["seed"], []).append((r["rounds"][-1]["success_rate"], ref[k]))
+                            per_seed.setdefault(r["seed"], []).append((r["final"]["success_rate"], ref[k]))
                     p = _paired_over_tasks(per_seed)
                     n_tasks, diffs, mean, ci = p["tasks"], p["diffs"], p["mean"], p["ci95"]
                     succ, unif = p["here"], p["there"]
@@ -338,6 +340,16 @@ def _run_dir(args, task, seed, teacher, method, rule="uniform", budget=None) -> 
     d = _seed_root(args, task, seed) / teacher / (method if rule == "uniform" else
                                                   f"{method}+{rule}x{args.candidate_factor}")
     return d if budget is None or budget == args.rounds * args.pairs_per_round else d / f"labels{budget}"
+
+
+def _final(summary: dict) -> dict:
+    """The version a run delivers: the last round's, or, when the loop chose its best
+    version on held-out validation episodes (``--validation-episodes``), that one. Its
+    figures are the evaluation episodes' either way (the same seeds for every version)."""
+    best = summary.get("best") or {}
+    if best.get("selected_by") == "validation":
+        return summary["rounds"][best["round"]]
+    return summary["rounds"][-1]
 
 
 def _finished(args, run_dir: Path) -> dict | None:
@@ -410,14 +422,15 @@ def _worker(args) -> None:
                              label_source=args.label_source, dataset_share=args.dataset_share, out_dir=str(run_dir),
                              dataset=str(_seed_root(args, task, seed) / "data.hdf5"), bc_checkpoint=str(bc),
                              eval_episodes=args.eval_episodes, max_episode_steps=args.max_episode_steps,
-                             n_envs=args.n_envs, seed=seed)
+                             n_envs=args.n_envs, seed=seed, validation_episodes=args.validation_episodes,
+                             continue_from=args.continue_from)
             acfg = AlignConfig(**{"steps": args.steps, "beta": args.beta, "lam": args.lam, "threads": args.threads,
                                   "device": args.device, **METHODS[method][1]})
             tr = time.time()
             tag = f"[{task} seed {seed} {teacher} {_variant(method, rule, budget)}]"
             summary = run_loop(cfg, acfg, progress=False, log=lambda s: print(f"{tag} {s}", flush=True))
-            last = summary["rounds"][-1]
-            print(f"{tag} done: success {last['success_rate']:.0%}, return {last['mean_return']:.1f}, "
+            last = _final(summary)
+            print(f"{tag} done (round {last['round']}): success {last['success_rate']:.0%}, return {last['mean_return']:.1f}, "
                   f"intent {last['intent_score']:.4g}, {time.time() - tr:.0f} s", flush=True)
             (run_dir / ".claim").unlink(missing_ok=True)
             started = True
@@ -457,6 +470,10 @@ def _describe(settings: dict) -> str:
         words += f", L = {s['segment_length']}"
     if s["segment_start"] != 0:
         words += ", random segment starts" if s["segment_start"] < 0 else f", segments from step {s['segment_start']}"
+    if s["validation_episodes"]:
+        words += f", best of {s['validation_episodes']} validation episodes"
+    if s["continue_from"] != "latest":
+        words += f", continuing from the {s['continue_from']}"
     if s["label_source"] != "policy":
         words += f", {s['label_source']} pairs" + (f" (share {s['dataset_share']:g})" if s["label_source"] == "mix"
                                                  else "")
@@ -506,8 +523,8 @@ def _versus_out(runs: list[dict], args) -> list[dict]:
                     continue
                 summary = _finished(other_args, _run_dir(other_args, r["task"], r["seed"], teacher, method))
                 if summary is not None:
-                    per_seed.setdefault(r["seed"], []).append((r["rounds"][-1]["success_rate"],
-                                                               summary["rounds"][-1]["success_rate"]))
+                    per_seed.setdefault(r["seed"], []).append((r["final"]["success_rate"],
+                                                               _final(summary)["success_rate"]))
             p = _paired_over_tasks(per_seed)
             n_tasks, diffs, mean, ci = p["tasks"], p["diffs"], p["mean"], p["ci95"]
             mine, other_s = p["here"], p["there"]
@@ -555,6 +572,11 @@ def main() -> None:
                     help="pairs of current-policy rollouts, of offline dataset segments, or a mix")
     ap.add_argument("--dataset-share", type=float, default=LoopConfig.dataset_share,
                     help="with --label-source mix: share of dataset pairs per round")
+    ap.add_argument("--validation-episodes", type=int, default=LoopConfig.validation_episodes,
+                    help="held-out validation episodes per version; > 0: a run delivers its best version by them "
+                         "(reported on the evaluation episodes)")
+    ap.add_argument("--continue-from", default=LoopConfig.continue_from, choices=["latest", "best"],
+                    help="each round starts from the previous round's version or the best so far")
     ap.add_argument("--steps", type=int, default=AlignConfig.steps, help="alignment steps per round")
     ap.add_argument("--beta", type=float, default=AlignConfig.beta)
     ap.add_argument("--lam", type=float, default=AlignConfig.lam, help="λ of both regularisers")
@@ -614,7 +636,7 @@ def main() -> None:
         summary = _finished(args, _run_dir(args, task, seed, teacher, method, rule, budget))
         if summary is not None:
             runs.append({"task": task, "seed": seed, "teacher": teacher, "method": method,
-                         "rounds": summary["rounds"], "wall_s": summary.get("wall_s"),
+                         "rounds": summary["rounds"], "final": _final(summary), "wall_s": summary.get("wall_s"),
                          **({} if rule == "uniform" and budget is None else
                             {"query_selection": rule, "label_budget": budget,
                              "key": _variant(method, rule, budget)})})
@@ -635,7 +657,7 @@ def main() -> None:
                 outcomes = [rd.get("outcomes", {}) for r in mine for rd in r["rounds"][1:]]
                 n = sum(sum(o.values()) for o in outcomes)
                 decided = sum(o.get("left", 0) + o.get("right", 0) for o in outcomes)
-                rows.append({"method": label, "key": method, "per_seed": [r["rounds"][-1] for r in mine],
+                rows.append({"method": label, "key": method, "per_seed": [r["final"] for r in mine],
                              "seeds": [r["seed"] for r in mine], "decided_labels": decided / n if n else None})
             bc_success = {s: rd["success_rate"] for s, rd in first.items()}
             for row in rows[1:]:

@@ -403,3 +403,46 @@ def test_loop_compares_rounds_with_their_parent_and_can_continue_from_the_best(t
     assert summary["best"]["round"] == max(rounds, key=key)["round"]
     assert f"best version so far: round {summary['best']['round']}" in printed and "vs round" in printed
     assert main(["loop", "--continue-from", "sideways", "--out-dir", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.slow
+def test_loop_chooses_the_best_version_on_held_out_validation_episodes(tiny_dataset, tiny_checkpoint, tmp_path,
+                                                                       capsys):
+    """--validation-episodes: every version is also rolled out on reset seeds apart from the
+    evaluation's; "best" (the next round's parent, the loop's result) is chosen there, and
+    the result still reports the evaluation's figures."""
+    out = tmp_path / "val"
+    args = ["loop", "--task", TASK, "--teacher", "return", "--rounds", "2", "--pairs-per-round", "3",
+            "--segment-length", "8", "--max-episode-steps", "20", "--eval-episodes", "3", "--n-envs", "4",
+            "--bc-checkpoint", str(tiny_checkpoint), "--dataset", str(tiny_dataset), "--out-dir", str(out),
+            "--steps", "4", "--batch-pairs", "2", "--bc-batch-size", "16", "--device", "cpu",
+            "--continue-from", "best", "--validation-episodes", "4"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "loop.json").read_text())
+    rounds = summary["rounds"]
+    assert all(r["validation"]["episodes"] == 4 and len(r["episode_successes"]) == 3 for r in rounds)
+    val = lambda row: (row["validation"]["success_rate"], row["validation"]["mean_return"])  # noqa: E731
+    assert rounds[2]["parent_round"] == max(rounds[:2], key=val)["round"]
+    best = summary["best"]
+    assert best["selected_by"] == "validation" and best["round"] == max(rounds, key=val)["round"]
+    chosen = rounds[best["round"]]
+    assert best["success_rate"] == chosen["success_rate"] and best["validation"] == chosen["validation"]
+    assert "chosen on 4 validation episodes" in printed and "validation " in printed
+    assert main(["loop", "--validation-episodes", "-1", "--out-dir", str(tmp_path / "x")]) == 2
+
+
+def test_validation_episodes_start_from_other_states(tiny_checkpoint):
+    """Validation episodes use reset seeds VALIDATION_SEED_BASE + i, so their initial
+    states are not the evaluation episodes' (EVAL_SEED_BASE + i)."""
+    from fkpd.envs import make_env
+    from fkpd.policy.rollout import EVAL_SEED_BASE, VALIDATION_SEED_BASE, evaluate_in_process
+
+    policy = DiffusionPolicy.load(tiny_checkpoint)
+    envs = [make_env(TASK, max_episode_steps=3) for _ in range(2)]
+    ev, ev_eps = evaluate_in_process(policy, envs, 2)
+    val, val_eps = evaluate_in_process(policy, envs, 2, seed_base=VALIDATION_SEED_BASE)
+    assert ev.reset_seeds == [EVAL_SEED_BASE, EVAL_SEED_BASE + 1]
+    assert val.reset_seeds == [VALIDATION_SEED_BASE, VALIDATION_SEED_BASE + 1]
+    for a, b in zip(ev_eps, val_eps):
+        assert not np.allclose(a.observations[0], b.observations[0])

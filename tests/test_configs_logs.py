@@ -179,18 +179,24 @@ def test_benchmark_takes_a_config_file(tmp_path):
     assert proc.returncode == 2 and "unknown key 'stepz'" in proc.stderr and str(config) in proc.stderr
 
 
-def _fake_runs(out: Path, rounds: int, final: dict[tuple[str, int], float], bc_steps: int = 4000) -> None:
+def _fake_runs(out: Path, rounds: int, final: dict[tuple[str, int], float], bc_steps: int = 4000,
+               chosen: int | None = None) -> None:
     """bench_alignment's --out layout with finished in_sigmoid runs: BC at 0.3, then
-    ``rounds`` rounds ending at ``final[(task, seed)]``."""
+    ``rounds`` rounds ending at ``final[(task, seed)]``; with ``chosen``, the runs chose
+    that round on validation episodes, and it is the one at ``final`` (the others at 0.1)."""
     out.mkdir(parents=True)
     (out / "bench_args.json").write_text(json.dumps({
         "rounds": rounds, "pairs_per_round": 400 // rounds, "segment_length": 0, "steps": 300, "beta": 500.0,
-        "lam": 100.0, "bc_steps": bc_steps, "bc_episodes": 100, "eval_episodes": 50, "max_episode_steps": 0}))
+        "lam": 100.0, "bc_steps": bc_steps, "bc_episodes": 100, "eval_episodes": 50, "max_episode_steps": 0,
+        **({} if chosen is None else {"validation_episodes": 50, "continue_from": "best"})}))
     for (task, seed), success in final.items():
         metrics = {"mean_return": 1.0, "intent_score": 0.0, "ood_action_dist": 0.5, "implicit_acc": 0.7,
                    "round_s": 10.0, "align_steps_per_s": 5.0}
+        at = lambda r: success if chosen in (None, r) else 0.1  # noqa: E731
         summary = {"rounds": [{"round": 0, "success_rate": 0.3, "mean_return": 1.0}]
-                   + [{**metrics, "round": r, "success_rate": success} for r in range(1, rounds + 1)]}
+                   + [{**metrics, "round": r, "success_rate": at(r)} for r in range(1, rounds + 1)]}
+        if chosen is not None:
+            summary["best"] = {"round": chosen, "selected_by": "validation"}
         d = out / task.replace("/", "_") / f"seed{seed}" / "return" / "in_sigmoid"
         d.mkdir(parents=True)
         (d / "loop.json").write_text(json.dumps(summary))
@@ -218,6 +224,29 @@ def test_benchmark_pairs_two_loop_configurations(tmp_path):
     proc = subprocess.run(cmd[:-1] + [str(tmp_path / "other_bc")], capture_output=True, text=True, timeout=300,
                           cwd=tmp_path)
     assert proc.returncode != 0 and "do not pair" in proc.stderr and "bc_steps" in proc.stderr
+
+
+def test_benchmark_reports_the_version_chosen_on_validation_episodes(tmp_path):
+    """Runs that chose their best version on validation episodes are reported (and paired
+    against other configurations) by that version's evaluation, not the last round's."""
+    tasks = ["metaworld/door-open-v3"]
+    here = {(tasks[0], s): v for s, v in enumerate([0.8, 0.6, 0.5])}
+    _fake_runs(tmp_path / "val", 4, here, chosen=2)
+    _fake_runs(tmp_path / "r4", 4, {k: 0.4 for k in here})
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_alignment.py"), "--report-only", "--methods", "in_sigmoid",
+           "--tasks", *tasks, "--rounds", "4", "--pairs-per-round", "100", "--out", str(tmp_path / "val"),
+           "--validation-episodes", "50", "--continue-from", "best", "--json", str(tmp_path / "bench.json"),
+           "--versus-out", str(tmp_path / "r4")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    [table] = report["tables"]
+    fkpd = table["rows"][1]
+    assert [p["round"] for p in fkpd["per_seed"]] == [2, 2, 2]
+    assert fkpd["paired_success_vs_bc"]["diffs"] == pytest.approx([0.5, 0.3, 0.2])
+    [versus] = report["versus_out"]
+    assert versus["diffs"] == pytest.approx([0.4, 0.2, 0.1])
+    assert "best of 50 validation episodes, continuing from the best" in proc.stdout
 
 
 def test_benchmark_out_dir_keeps_one_label_source(tmp_path):

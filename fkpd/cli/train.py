@@ -142,7 +142,10 @@ def _cmd_loop(args: argparse.Namespace) -> int:
         summary = run_loop(cfg, align_cfg, pcfg)
     print(f"final checkpoint: {summary['rounds'][-1]['checkpoint']}")
     best = summary["best"]
-    print(f"best version so far: round {best['round']} ({best['checkpoint']}), success {best['success_rate']:.0%}")
+    chosen = (f", chosen on {best['validation']['episodes']} validation episodes "
+              f"({best['validation']['success_rate']:.0%} there)" if best.get("selected_by") == "validation" else "")
+    print(f"best version so far: round {best['round']} ({best['checkpoint']}), success {best['success_rate']:.0%}"
+          f"{chosen}")
     flagged = [row["round"] for row in summary["rounds"][1:] if row.get("worse_than_parent")]
     if flagged:
         print(f"WARNING: round(s) {flagged} evaluated worse than their parent beyond the 95% interval; "

@@ -31,6 +31,10 @@ from fkpd.envs.render import write_video  # noqa: F401  (re-exported: the clip e
 #: Reset seeds of evaluation episodes are ``EVAL_SEED_BASE + i``, disjoint from dataset
 #: seeds (``seed * 1_000_003 + i``) and pair seeds (:func:`fkpd.prefs.pairs.pair_seed`).
 EVAL_SEED_BASE = 10_000
+#: Reset seeds of *validation* episodes (``VALIDATION_SEED_BASE + i``): held out from
+#: the evaluation seeds (for up to 10 000 evaluation episodes), so that choosing a
+#: version by them does not bias the evaluation that reports it.
+VALIDATION_SEED_BASE = 20_000
 
 
 def eval_noise_seed(policy_seed: int, reset_seed: int) -> int:
@@ -396,10 +400,10 @@ def rollout_clips(policy, envs: Sequence, requests: Sequence[ClipRequest], progr
 
 
 def evaluate_in_process(policy, envs: Sequence, episodes: int, seed: int = 0,
-                        progress=None) -> tuple[EvalResult, list[Episode]]:
+                        progress=None, seed_base: int = EVAL_SEED_BASE) -> tuple[EvalResult, list[Episode]]:
     """Evaluate ``policy`` on ``episodes`` full episodes in this process, in lock step.
 
-    The same reset seeds (``EVAL_SEED_BASE + i``) and per-episode noise seeds as
+    The same reset seeds (``seed_base + i``, by default ``EVAL_SEED_BASE + i``) and per-episode noise seeds as
     :func:`fkpd.policy.rollout.evaluate`, but rolled out with :func:`rollout_clips` (one
     batched DDIM call per replan, no worker processes to spawn), and the episodes are
     returned too, for metrics that need their arrays.
@@ -410,11 +414,12 @@ def evaluate_in_process(policy, envs: Sequence, episodes: int, seed: int = 0,
         episodes: number of episodes.
         seed: seeds the sampling noise.
         progress: optional callback ``(episodes done)``, as in :func:`rollout_clips`.
+        seed_base: first reset seed (:data:`VALIDATION_SEED_BASE` for validation episodes).
 
     Returns:
         ``(EvalResult with raw returns and success flags, the episodes)``.
     """
-    seeds = [EVAL_SEED_BASE + i for i in range(episodes)]
+    seeds = [int(seed_base) + i for i in range(episodes)]
     eps = rollout_clips(policy, envs, [ClipRequest(s, noise_seed=eval_noise_seed(seed, s)) for s in seeds],
                         progress=progress)
     res = EvalResult(task_id=policy.task_id, reset_seeds=seeds, returns=[e.ret for e in eps],

@@ -21,7 +21,7 @@ from scipy.spatial import cKDTree
 
 from fkpd.data import OfflineDataset
 from fkpd.policy import DiffusionPolicy
-from fkpd.policy.rollout import Episode, evaluate_in_process
+from fkpd.policy.rollout import EVAL_SEED_BASE, Episode, evaluate_in_process
 from fkpd.prefs.pairs import close_envs
 from fkpd.prefs.segments import cut_segment
 from fkpd.prefs.teachers import ScriptedTeacher, intent_scores
@@ -68,7 +68,8 @@ class ActionOOD:
 
 def evaluate_version(policy: DiffusionPolicy, envs: Sequence, episodes: int, seed: int = 0, *,
                      teacher: ScriptedTeacher | None = None, ood: ActionOOD | None = None,
-                     progress: Callable[[float, str], None] | None = None) -> dict[str, Any]:
+                     progress: Callable[[float, str], None] | None = None,
+                     seed_base: int = EVAL_SEED_BASE) -> dict[str, Any]:
     """Evaluate a policy on ``episodes`` full episodes, batched in lock step.
 
     Args:
@@ -82,6 +83,9 @@ def evaluate_version(policy: DiffusionPolicy, envs: Sequence, episodes: int, see
             episodes.
         ood: when given, ``ood_action_dist`` (:class:`ActionOOD`).
         progress: optional ``(fraction, message)`` callback.
+        seed_base: first reset seed: the evaluation seeds by default,
+            :data:`fkpd.policy.rollout.VALIDATION_SEED_BASE` for held-out validation
+            episodes.
 
     Returns:
         ``success_rate`` (0..1), ``success_ci95`` ([lo, hi], Wilson), ``mean_return``
@@ -100,7 +104,7 @@ def evaluate_version(policy: DiffusionPolicy, envs: Sequence, episodes: int, see
         if progress is not None:
             progress(done / episodes, f"evaluating: episode {done}/{episodes}")
 
-    res, eps = evaluate_in_process(policy, envs, episodes, seed=seed, progress=tick)
+    res, eps = evaluate_in_process(policy, envs, episodes, seed=seed, progress=tick, seed_base=seed_base)
     summary = res.summary()
     segments = [cut_segment(e, 0, len(e)) for e in eps]
     out: dict[str, Any] = {k: summary[k] for k in SUMMARY_KEYS if k in summary}
@@ -125,19 +129,21 @@ class Evaluator:
             environments are closed afterwards.
         episodes: episodes per evaluation.
         seed: seeds the sampling noise.
-        teacher, ood: as in :func:`evaluate_version`.
+        teacher, ood, seed_base: as in :func:`evaluate_version`.
     """
 
     def __init__(self, envs: Sequence | Callable[[int], list], episodes: int, seed: int = 0, *,
-                 teacher: ScriptedTeacher | None = None, ood: ActionOOD | None = None) -> None:
+                 teacher: ScriptedTeacher | None = None, ood: ActionOOD | None = None,
+                 seed_base: int = EVAL_SEED_BASE) -> None:
         self.envs, self.episodes, self.seed, self.teacher, self.ood = envs, int(episodes), int(seed), teacher, ood
+        self.seed_base = int(seed_base)
 
     def __call__(self, policy: DiffusionPolicy,
                  progress: Callable[[float, str], None] | None = None) -> dict[str, Any]:
         envs = self.envs(self.episodes) if callable(self.envs) else self.envs
         try:
             return evaluate_version(policy, envs, self.episodes, self.seed, teacher=self.teacher, ood=self.ood,
-                                    progress=progress)
+                                    progress=progress, seed_base=self.seed_base)
         finally:
             if callable(self.envs):
                 close_envs(envs)

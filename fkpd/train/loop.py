@@ -50,6 +50,7 @@ from fkpd.envs import DEFAULT_TASK, get_task, make_env
 from fkpd.errors import CheckpointError, ConfigError
 from fkpd.io import atomic_path
 from fkpd.policy import DiffusionPolicy, PolicyConfig, read_checkpoint_meta
+from fkpd.policy.rollout import VALIDATION_SEED_BASE
 from fkpd.prefs.labellers import ScriptedLabeller
 from fkpd.prefs.dataset_pairs import DatasetPairSource
 from fkpd.prefs.pairs import (CANDIDATE_LAYER, MAX_CANDIDATE_FACTOR, PairSource, RolloutPairSource,
@@ -113,7 +114,12 @@ class LoopConfig:
     seed: int = field(default=0, metadata={"help": "seeds data, BC, pairs, teacher and alignment"})
     continue_from: str = field(default="latest", metadata={
         "help": "the version each round starts from and rolls out its pairs with: latest (the previous round's) "
-                "or best (the best so far by success rate, then mean return, on the same evaluation seeds)"})
+                "or best (the best so far by success rate, then mean return: on the validation episodes with "
+                "--validation-episodes, else on the evaluation episodes)"})
+    validation_episodes: int = field(default=0, metadata={
+        "help": "held-out validation episodes per version (reset seeds 20000 + i, apart from the evaluation "
+                "seeds); with > 0 the best version (--continue-from best, and the loop's result) is chosen by "
+                "them, so the evaluation that reports it is not also the one that picked it"})
 
     def __post_init__(self) -> None:
         if self.continue_from not in ("latest", "best"):
@@ -132,6 +138,9 @@ class LoopConfig:
         if self.query_selection != "uniform" and self.candidate_factor > 1 and self.pairs_per_round > CANDIDATE_LAYER:
             raise ConfigError(f"--pairs-per-round must be at most {CANDIDATE_LAYER} with --query-selection "
                               f"{self.query_selection}, got {self.pairs_per_round}")
+        if isinstance(self.validation_episodes, bool) or not isinstance(self.validation_episodes, int) \
+                or self.validation_episodes < 0:
+            raise ConfigError(f"--validation-episodes must be an integer >= 0, got {self.validation_episodes!r}")
         for name in ("rounds", "pairs_per_round", "bc_episodes", "bc_steps", "eval_episodes", "n_envs", "ood_k"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"LoopConfig.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -212,9 +221,13 @@ def run_loop(cfg: LoopConfig, align_cfg: AlignConfig | None = None, policy_cfg: 
         The summary written to ``OUT/loop.json``: config, paths, ``rounds`` (one dict of
         metrics per round, round 0 = BC; from round 1 on, ``parent_round``, ``vs_parent``
         (:func:`fkpd.train.evaluate.compare_with_parent`, paired on the evaluation seeds)
-        and ``worse_than_parent``), ``best`` (the best version by success rate, then
-        return) and ``wall_s``. With ``continue_from="best"`` each round starts from the
-        best version so far instead of the previous round's.
+        and ``worse_than_parent``; with ``validation_episodes``, ``validation``: success
+        rate, its interval and mean return on the held-out validation seeds), ``best``
+        (the best version by success rate, then return: on the validation episodes when
+        there are any, else on the evaluation episodes; ``selected_by`` says which; its
+        ``success_rate`` and ``mean_return`` are always the evaluation's) and
+        ``wall_s``. With ``continue_from="best"`` each round starts from the best
+        version so far instead of the previous round's.
 
     Raises:
         FKPDError subclasses from data generation, BC, alignment and evaluation;
@@ -337,24 +350,33 @@ def run_loop(cfg: LoopConfig, align_cfg: AlignConfig | None = None, policy_cfg: 
                 "label_return_agreement": float(np.mean(gt)) if gt else float("nan"),
                 "implicit_acc_new": acc_new, "rollout_s": rollout_s, **selection}
 
+    validator = (Evaluator(envs, cfg.validation_episodes, cfg.seed, seed_base=VALIDATION_SEED_BASE)
+                 if cfg.validation_episodes else None)
+
+    def validate(policy: DiffusionPolicy) -> dict[str, Any]:
+        """The version's validation figures ({} without validation episodes)."""
+        if validator is None:
+            return {}
+        v = validator(policy)
+        return {"validation": {k: v[k] for k in ("success_rate", "success_ci95", "mean_return", "episodes")}}
+
+    def score(row: dict[str, Any]) -> tuple[float, float]:
+        return _score(row["validation"] if validator is not None else row)
+
     ev = engine.evaluator(ref)
-    summary["rounds"].append({"round": 0, "checkpoint": str(bc), "labels": 0, **ev})
+    summary["rounds"].append({"round": 0, "checkpoint": str(bc), "labels": 0, **ev, **validate(ref)})
     log(_format_row(summary["rounds"][-1]))
     write()
     tb = RunLog(out / "tb", "loop")  # per-round metrics, x = round (fkpd.train.tracking)
     tb.log(summary["rounds"][-1], 0)
-    # (round, checkpoint, policy, evaluation) of the version the next round starts from
-    parent = (0, Path(bc), ref, ev)
+    # (round, checkpoint, policy, evaluation, its row) of the version the next round starts from
+    parent = (0, Path(bc), ref, ev, summary["rounds"][-1])
     best = parent
     for r in range(1, cfg.rounds + 1):
         t_round = time.time()
-        parent_round, current, policy, parent_ev = parent
+        parent_round, current, policy, parent_ev, _ = parent
         offered = offer(policy, r)
         res = engine.run_round(r, current, out / f"round{r}" / "align", progress=progress, parent_evaluation=parent_ev)
-        this = (r, res.checkpoint, res.policy, res.evaluation)
-        if _score(res.evaluation) > _score(best[3]):
-            best = this
-        parent = best if cfg.continue_from == "best" else this
         a = res.alignment
         row = {"round": r, "parent_round": parent_round, "checkpoint": str(res.checkpoint), "labels": res.labels_used,
                "trained_pairs": a.after["pairs"], "outcomes": offered["outcomes"],
@@ -365,15 +387,21 @@ def run_loop(cfg: LoopConfig, align_cfg: AlignConfig | None = None, policy_cfg: 
                "rollout_s": offered["rollout_s"], "align_s": res.align_s, **res.evaluation,
                **({"query_selection": offered["query_selection"]} if "query_selection" in offered else {}),
                "vs_parent": res.comparison, "worse_than_parent": bool(res.comparison and res.comparison["worse"]),
-               "round_s": time.time() - t_round}
+               **validate(res.policy), "round_s": time.time() - t_round}
         summary["rounds"].append(row)
+        this = (r, res.checkpoint, res.policy, res.evaluation, row)
+        if score(row) > score(best[4]):
+            best = this
+        parent = best if cfg.continue_from == "best" else this
         tb.log(row, r)
         tb.flush()
         log(_format_row(row))
         log(f"round {r} vs round {parent_round}: {describe_comparison(res.comparison, f'round {parent_round}')}")
         write()
     summary["best"] = {"round": best[0], "checkpoint": str(best[1]), "success_rate": best[3].get("success_rate"),
-                       "mean_return": best[3].get("mean_return")}
+                       "mean_return": best[3].get("mean_return"),
+                       "selected_by": "validation" if validator is not None else "evaluation",
+                       **({"validation": best[4]["validation"]} if validator is not None else {})}
     for env in envs:
         env.close()
     tb.close()
@@ -392,6 +420,8 @@ def _format_row(row: dict[str, Any]) -> str:
              f"return {row['mean_return']:.1f}", f"intent {row['intent_score']:.4g}",
              *([f"D4RL score {row['d4rl_normalized_score']:.1f}"] if "d4rl_normalized_score" in row else []),
              f"ood {row['ood_action_dist']:.3f}"]
+    if "validation" in row:
+        parts.append(f"validation {row['validation']['success_rate']:.0%}")
     if row["round"] > 0:
         parts += [f"acc new {row['implicit_acc_new']:.2f}", f"acc all {row['implicit_acc']:.2f}",
                   f"labels {row['labels']}", f"{row['round_s']:.0f} s"]
