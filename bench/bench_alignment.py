@@ -74,6 +74,13 @@ with a 95 % bootstrap interval over seeds)::
         --methods in_sigmoid --query-selection uniform disagreement diversity --label-budgets 200 \
         --versus-uniform 400 --json bench/results/bench_acquisition.json
 
+Segments, label source and version choice are run settings too (``--segment-start``,
+``--label-source``, ``--dataset-share``, ``--validation-episodes``, ``--continue-from``; one
+value per --out directory). With ``--validation-episodes V`` every version is also rolled
+out on V held-out validation episodes and a run delivers its best version by them (with
+``--continue-from best``, each round also starts from it); the tables then report that
+version's evaluation, so choosing and reporting use different episodes.
+
 Two loop configurations (``--versus-out DIR``): runs in another --out directory made with
 other rounds, pairs per round, steps or β, but the same data, BC and evaluation settings,
 pair per task and seed with these; the table gives each method's success here minus
