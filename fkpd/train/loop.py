@@ -11,7 +11,9 @@
    current-policy pairs are chosen from ``--candidate-factor`` times as many candidates,
    :mod:`fkpd.train.acquisition`), let the teacher label them (:class:`fkpd.prefs.labellers.ScriptedLabeller`), align on
    *all* labels so far starting from π_{r−1} against π_ref (:func:`fkpd.train.align.align`),
-   and evaluate π_r (:class:`fkpd.train.evaluate.Evaluator`).
+   and evaluate π_r (:class:`fkpd.train.evaluate.Evaluator`). With ``--validation-episodes
+   V`` π_r is also rolled out on V held-out validation episodes, and the best version so
+   far (``--continue-from best``'s parent, and the loop's result) is chosen on those.
 
 Per round it logs the success rate (95% Wilson CI), mean return, the teacher's intent
 score on evaluation episodes, the implicit accuracy of π_{r−1} on the new labels
@@ -27,7 +29,8 @@ on all labels, and an out-of-distribution diagnostic
     OUT/tb/                                  (the per-round metrics as TensorBoard events, x = round;
                                               OUT/bc/tb/, OUT/round<r>/align/tb/: BC's and each round's training)
 
-Reset seeds: evaluation uses ``10_000 + i`` (as :func:`fkpd.policy.rollout.evaluate`), pairs
+Reset seeds: evaluation uses ``10_000 + i`` (as :func:`fkpd.policy.rollout.evaluate`),
+validation ``20_000 + i`` (:data:`fkpd.policy.rollout.VALIDATION_SEED_BASE`), pairs
 :func:`fkpd.prefs.pairs.pair_seed` ``(seed, r, i) = 1_000_000_000 + 10_000_000·seed +
 100_000·r + i``, both disjoint from dataset seeds; round r aligns with seed ``1000·seed + r``.
 """
