@@ -437,8 +437,9 @@ def _worker(args) -> None:
             tag = f"[{task} seed {seed} {teacher} {_variant(method, rule, budget)}]"
             summary = run_loop(cfg, acfg, progress=False, log=lambda s: print(f"{tag} {s}", flush=True))
             last = _final(summary)
-            print(f"{tag} done (round {last['round']}): success {last['success_rate']:.0%}, return {last['mean_return']:.1f}, "
-                  f"intent {last['intent_score']:.4g}, {time.time() - tr:.0f} s", flush=True)
+            print(f"{tag} done (round {last['round']}): success {last['success_rate']:.0%}, "
+                  f"return {last['mean_return']:.1f}, intent {last['intent_score']:.4g}, {time.time() - tr:.0f} s",
+                  flush=True)
             (run_dir / ".claim").unlink(missing_ok=True)
             started = True
             break
@@ -469,8 +470,8 @@ _SHARED_KEYS = ("bc_steps", "bc_episodes", "eval_episodes", "max_episode_steps")
 
 def _describe(settings: dict) -> str:
     """A loop configuration in words, from an --out directory's settings (bench_args.json
-    or the command line's): rounds × pairs, steps, and the segments and label source
-    where they are not the defaults."""
+    or the command line's): rounds × pairs, steps, and the segments, version choice and
+    label source where they are not the defaults."""
     s = {**_RUN_DEFAULTS, **settings}
     words = f"{s.get('rounds')} × {s.get('pairs_per_round')} pairs, {s.get('steps')} steps"
     if s.get("segment_length"):

@@ -269,7 +269,8 @@ def test_benchmark_out_dir_keeps_one_label_source(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     written = json.loads((tmp_path / "dataset" / "bench_args.json").read_text())
     assert written["label_source"] == "dataset" and written["segment_start"] == -1
-    assert "random segment starts, dataset pairs) against" in proc.stdout and "(4 × 100 pairs, 300 steps)" in proc.stdout
+    assert "random segment starts, dataset pairs) against" in proc.stdout
+    assert "(4 × 100 pairs, 300 steps)" in proc.stdout
 
 
 @pytest.mark.slow
