@@ -580,11 +580,14 @@ def main() -> None:
                     help="pairs of current-policy rollouts, of offline dataset segments, or a mix")
     ap.add_argument("--dataset-share", type=float, default=LoopConfig.dataset_share,
                     help="with --label-source mix: share of dataset pairs per round")
-    ap.add_argument("--validation-episodes", type=int, default=LoopConfig.validation_episodes,
+    # 0 and latest (not fkpd loop's defaults, 50 and best): the benchmark's default
+    # configuration and its committed runs are the ones without a version choice
+    ap.add_argument("--validation-episodes", type=int, default=_RUN_DEFAULTS["validation_episodes"],
                     help="held-out validation episodes per version; > 0: a run delivers its best version by them "
-                         "(reported on the evaluation episodes)")
-    ap.add_argument("--continue-from", default=LoopConfig.continue_from, choices=["latest", "best"],
-                    help="each round starts from the previous round's version or the best so far")
+                         "(reported on the evaluation episodes); fkpd loop's default is 50")
+    ap.add_argument("--continue-from", default=_RUN_DEFAULTS["continue_from"], choices=["latest", "best"],
+                    help="each round starts from the previous round's version or the best so far (fkpd loop's "
+                         "default)")
     ap.add_argument("--steps", type=int, default=AlignConfig.steps, help="alignment steps per round")
     ap.add_argument("--beta", type=float, default=AlignConfig.beta)
     ap.add_argument("--lam", type=float, default=AlignConfig.lam, help="λ of both regularisers")

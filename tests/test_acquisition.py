@@ -199,7 +199,8 @@ def _loop(tmp_path, tiny_checkpoint, tiny_dataset, rule):
 
     cfg = LoopConfig(task=TASK, rounds=2, pairs_per_round=2, segment_length=6, max_episode_steps=12, eval_episodes=2,
                      n_envs=4, bc_checkpoint=str(tiny_checkpoint), dataset=str(tiny_dataset), seed=1,
-                     out_dir=str(tmp_path / rule), query_selection=rule, candidate_factor=2)
+                     out_dir=str(tmp_path / rule), query_selection=rule, candidate_factor=2,
+                     continue_from="latest", validation_episodes=0)  # round 2 rolls out from π_1
     acfg = AlignConfig(steps=2, batch_pairs=2, bc_batch_size=16, device="cpu", log_every=1, threads=1)
     return run_loop(cfg, acfg, progress=False, log=lambda s: None)
 

@@ -15,6 +15,7 @@ from fkpd.errors import CheckpointError, ConfigError
 from fkpd.policy import DiffusionPolicy, PolicyConfig, read_checkpoint_meta
 from fkpd.prefs.segments import PreferenceError, Segment, load_preferences, save_preferences
 from fkpd.train.bc import TrainingError
+from fkpd.train.loop import LoopConfig
 
 TASK = "metaworld/door-open-v3"
 OTHER = "metaworld/button-press-v3"
@@ -358,11 +359,13 @@ def test_loop_cli_smoke(tiny_dataset, tiny_checkpoint, tmp_path, capsys):
     args = ["loop", "--task", TASK, "--teacher", "smooth", "--rounds", "2", "--pairs-per-round", "3",
             "--segment-length", "8", "--max-episode-steps", "20", "--eval-episodes", "2", "--n-envs", "3",
             "--bc-checkpoint", str(tiny_checkpoint), "--dataset", str(tiny_dataset), "--out-dir", str(out),
-            "--steps", "4", "--batch-pairs", "2", "--bc-batch-size", "16", "--device", "cpu"]
+            "--steps", "4", "--batch-pairs", "2", "--bc-batch-size", "16", "--device", "cpu",
+            "--continue-from", "latest", "--validation-episodes", "0"]  # the loop before validation was default
     assert main(args) == 0
     summary = json.loads((out / "loop.json").read_text())
     rounds = summary["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2] and rounds[2]["labels"] == 6
+    assert all("validation" not in r for r in rounds) and summary["best"]["selected_by"] == "evaluation"
     for key in ("success_rate", "mean_return", "intent_score", "ood_action_dist", "success_ci95"):
         assert all(key in r for r in rounds)
     assert rounds[0]["intent_score"] <= 0 and rounds[0]["ood_action_dist"] >= 0
@@ -385,7 +388,7 @@ def test_loop_compares_rounds_with_their_parent_and_can_continue_from_the_best(t
             "--segment-length", "8", "--max-episode-steps", "20", "--eval-episodes", "3", "--n-envs", "3",
             "--bc-checkpoint", str(tiny_checkpoint), "--dataset", str(tiny_dataset), "--out-dir", str(out),
             "--steps", "4", "--batch-pairs", "2", "--bc-batch-size", "16", "--device", "cpu",
-            "--continue-from", "best"]
+            "--continue-from", "best", "--validation-episodes", "0"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "loop.json").read_text())
@@ -401,7 +404,8 @@ def test_loop_compares_rounds_with_their_parent_and_can_continue_from_the_best(t
     key = lambda row: (row["success_rate"], row["mean_return"])  # noqa: E731
     assert rounds[2]["parent_round"] == max(rounds[:2], key=key)["round"]
     assert summary["best"]["round"] == max(rounds, key=key)["round"]
-    assert f"best version so far: round {summary['best']['round']}" in printed and "vs round" in printed
+    assert f"result (best version): round {summary['best']['round']}" in printed and "vs round" in printed
+    assert "chosen on the evaluation episodes" in printed
     assert main(["loop", "--continue-from", "sideways", "--out-dir", str(tmp_path / "x")]) == 2
 
 
@@ -410,13 +414,15 @@ def test_loop_chooses_the_best_version_on_held_out_validation_episodes(tiny_data
                                                                        capsys):
     """--validation-episodes: every version is also rolled out on reset seeds apart from the
     evaluation's; "best" (the next round's parent, the loop's result) is chosen there, and
-    the result still reports the evaluation's figures."""
+    the result still reports the evaluation's figures. Continuing from the best version is
+    the default (issue #12's benchmark), so the command does not ask for it."""
+    assert LoopConfig().continue_from == "best" and LoopConfig().validation_episodes > 0
     out = tmp_path / "val"
     args = ["loop", "--task", TASK, "--teacher", "return", "--rounds", "2", "--pairs-per-round", "3",
             "--segment-length", "8", "--max-episode-steps", "20", "--eval-episodes", "3", "--n-envs", "4",
             "--bc-checkpoint", str(tiny_checkpoint), "--dataset", str(tiny_dataset), "--out-dir", str(out),
             "--steps", "4", "--batch-pairs", "2", "--bc-batch-size", "16", "--device", "cpu",
-            "--continue-from", "best", "--validation-episodes", "4"]
+            "--validation-episodes", "4"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "loop.json").read_text())

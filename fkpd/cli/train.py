@@ -140,16 +140,18 @@ def _cmd_loop(args: argparse.Namespace) -> int:
     _save_config(out, args, sections)
     with wandb_run(track, out, _resolved(args, sections), job_type="loop"):
         summary = run_loop(cfg, align_cfg, pcfg)
-    print(f"final checkpoint: {summary['rounds'][-1]['checkpoint']}")
+    print(f"last round's checkpoint: {summary['rounds'][-1]['checkpoint']}")
     best = summary["best"]
     chosen = (f", chosen on {best['validation']['episodes']} validation episodes "
-              f"({best['validation']['success_rate']:.0%} there)" if best.get("selected_by") == "validation" else "")
-    print(f"best version so far: round {best['round']} ({best['checkpoint']}), success {best['success_rate']:.0%}"
+              f"({best['validation']['success_rate']:.0%} there)" if best.get("selected_by") == "validation"
+              else ", chosen on the evaluation episodes")
+    print(f"result (best version): round {best['round']} ({best['checkpoint']}), success {best['success_rate']:.0%}"
           f"{chosen}")
     flagged = [row["round"] for row in summary["rounds"][1:] if row.get("worse_than_parent")]
     if flagged:
-        print(f"WARNING: round(s) {flagged} evaluated worse than their parent beyond the 95% interval; "
-              "see loop.json (vs_parent), or rerun with --continue-from best")
+        then = ("later rounds started from the best version so far" if cfg.continue_from == "best"
+                else "see loop.json (vs_parent), or rerun with --continue-from best")
+        print(f"WARNING: round(s) {flagged} evaluated worse than their parent beyond the 95% interval; {then}")
     print(f"metrics: {out / 'loop.json'}  plot: {out / 'loop.png'}  labels: {out / 'prefs.json'}")
     print(f"config: {out / 'config.toml'}; TensorBoard: tensorboard --logdir {out}")
     return 0
