@@ -11,9 +11,10 @@
    current-policy pairs are chosen from ``--candidate-factor`` times as many candidates,
    :mod:`fkpd.train.acquisition`), let the teacher label them (:class:`fkpd.prefs.labellers.ScriptedLabeller`), align on
    *all* labels so far starting from π_{r−1} against π_ref (:func:`fkpd.train.align.align`),
-   and evaluate π_r (:class:`fkpd.train.evaluate.Evaluator`). With ``--validation-episodes
-   V`` π_r is also rolled out on V held-out validation episodes, and the best version so
-   far (``--continue-from best``'s parent, and the loop's result) is chosen on those.
+   and evaluate π_r (:class:`fkpd.train.evaluate.Evaluator`). π_r is also rolled out on
+   ``--validation-episodes`` V held-out validation episodes (50 by default, 0: none), and
+   the best version so far (the next round's parent with ``--continue-from best``, the
+   default, and the loop's result) is chosen on those.
 
 Per round it logs the success rate (95% Wilson CI), mean return, the teacher's intent
 score on evaluation episodes, the implicit accuracy of π_{r−1} on the new labels
