@@ -186,10 +186,10 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path, title: str, best_round: 
     sr = np.array([row["success_rate"] for row in rows])
     ci = np.array([row["success_ci95"] for row in rows], dtype=float)
     axes[0].errorbar(r, sr, yerr=[sr - ci[:, 0], ci[:, 1] - sr], marker="o", capsize=3, label="evaluation")
-    if any("validation" in row for row in rows):
-        axes[0].plot([row["round"] for row in rows if "validation" in row],
-                     [row["validation"]["success_rate"] for row in rows if "validation" in row], marker="x",
-                     linestyle="--", label="validation (chooses)")
+    validated = [row for row in rows if "validation" in row]
+    if validated:
+        axes[0].plot([row["round"] for row in validated], [row["validation"]["success_rate"] for row in validated],
+                     marker="x", linestyle="--", label="validation (chooses)")
     if best_round is not None and 0 <= best_round < len(rows):
         axes[0].plot([best_round], [rows[best_round]["success_rate"]], marker="*", markersize=16, linestyle="none",
                      color="gold", markeredgecolor="black", label="best version")
