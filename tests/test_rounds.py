@@ -255,6 +255,45 @@ def test_alignment_round_registers_version_1_and_renders_its_batch(store):
 
 
 @pytest.mark.slow
+def test_a_round_after_a_roll_back_trains_from_the_parent_and_renders_a_new_batch(store):
+    """Round numbers are never reused: after version 1 is rolled back, the next round
+    trains from version 0 as round 2 and renders batch 3 from the new version (batch 2,
+    rolled out by the rolled-back version 1, stays and is labelled too)."""
+    from fkpd.studio import current_version, roll_back, rounds_history
+
+    bootstrap(store)
+    project = store.get_project(PROJECT)
+    v0 = store.latest_policy_version(PROJECT)
+    answer_batch(store, "ann", ["left", "right", "equal"])
+    assert run_job(store, ALIGNMENT_ROUND, ALIGN).status == "succeeded"
+    v1 = store.latest_policy_version(PROJECT)
+    assert v1.round == 1 and store.batch_progress(PROJECT, 2) == (0, PAIRS)
+
+    assert roll_back(store, project).id == v0.id
+    # the open batch is still the rolled-back version's; its answers train the next round
+    pair = store.next_pair(PROJECT, store.get_or_create_annotator("ann"))
+    assert (pair.round, pair.policy_version_id) == (2, v1.id)
+    store.answer(pair.id, store.get_or_create_annotator("ann"), "left")
+
+    job = run_job(store, ALIGNMENT_ROUND, ALIGN)
+    assert job.status == "succeeded", job.error
+    v2 = store.latest_policy_version(PROJECT)
+    assert (v2.round, v2.parent_id, v2.metrics["reference_id"]) == (2, v0.id, v0.id)
+    assert v2.metrics["labels_used"] == PAIRS + 1, "the rolled-back version's comparison is trained on"
+    meta = read_checkpoint_meta(store.resolve(v2.checkpoint_path))
+    assert meta["parent"] == str(store.resolve(v0.checkpoint_path).parent) and meta["round"] == 2
+    assert current_version(store, project).id == v2.id
+    assert job.result["next_round"] == 3 and len(job.result["pair_ids"]) == PAIRS
+    assert store.batch_progress(PROJECT, 3) == (0, PAIRS), "a batch of the new version, not none"
+    pair = store.next_pair(PROJECT, store.get_or_create_annotator("newcomer"))
+    assert (pair.round, pair.policy_version_id) == (3, v2.id), "the new version's clips are served first"
+    hist = rounds_history(store, project).set_index("version")
+    assert hist.loc[v1.id, "status"] == "rolled back" and hist.loc[v2.id, "status"] == "served"
+    assert sorted(hist["round"]) == [0, 1, 2], "every version has a round of its own"
+    assert_artifacts_intact(store)
+
+
+@pytest.mark.slow
 def test_ctrl_c_puts_a_training_bootstrap_back_in_the_queue(fresh_store, tmp_path):
     """Ctrl-C (SIGINT) on a worker that is training BC: it stops at the next step, the job is
     queued again with BC's saved state kept for the next start, and the process exits."""

@@ -4,7 +4,8 @@ Run by a worker (``fkpd worker``); the Rounds page only enqueues it
 (:func:`fkpd.studio.enqueue_round`). The round itself is :class:`fkpd.train.engine.RoundEngine`'s, the
 same code ``fkpd loop`` runs; :mod:`fkpd.studio.batches` wires it to the store.
 
-**alignment_round** (DESIGN.md §1, steps 3-4), for the latest version π_{r−1} (round r−1):
+**alignment_round** (DESIGN.md §1, steps 3-4), for the served version π_{r−1}, as round r,
+one past the highest round of the project (:func:`next_round`):
 
 1. read every non-skip comparison of the project (:meth:`Store.training_pairs`), load
    its segments (sha256-checked) and convert the labels to winner-first pairs
@@ -16,6 +17,12 @@ same code ``fkpd loop`` runs; :mod:`fkpd.studio.batches` wires it to the store.
    success rate, labels used, ...);
 5. render the next batch from version r and register its clips, then its pairs, for
    round r+1.
+
+After a roll-back (:func:`fkpd.studio.batches.roll_back`) the served version is older
+than the project's last round, so r is not the parent's round + 1: it counts on from the
+rolled-back version's, whose batch (round r) already exists. Otherwise the new version
+would repeat that round number and find "its" next batch already rendered by the
+rolled-back version, and annotators would never see the new policy's clips.
 
 Why this order is crash-safe, and how long work reports progress and stops: see
 :mod:`fkpd.studio.batches`.
@@ -31,7 +38,7 @@ import uuid
 from typing import Any
 
 from fkpd.config import json_safe
-from fkpd.store import JobContext, PolicyVersionInfo, ProjectInfo, register_handler
+from fkpd.store import JobContext, PolicyVersionInfo, ProjectInfo, Store, register_handler
 from fkpd.studio.batches import (Stage, Watch, apply_threads, checkpoint_dir, ensure_sole_training_job, every_core,
                                  render_if_missing, round_engine, served_versions, training_threads)
 from fkpd.studio.errors import RoundError
@@ -59,8 +66,8 @@ def alignment_round(ctx: JobContext) -> dict[str, Any]:
 
     Raises:
         RoundError: bad parameters, no policy version yet (run bootstrap first), no
-            comparisons to train on, another training job running, or another version
-            registered while this round trained.
+            comparisons to train on, another training job running, or the served version
+            changed (a version registered or rolled back to) while this round trained.
         TrainingError: a NaN/inf loss; nothing is registered and the previous
             checkpoint is untouched.
         FKPDError: other alignment, checkpoint or artifact errors.
@@ -96,12 +103,23 @@ def alignment_round(ctx: JobContext) -> dict[str, Any]:
         "pair_ids": pair_ids})
 
 
+def next_round(store: Store, project: ProjectInfo) -> int:
+    """The round number of the project's next version: 1 + the highest round of any of
+    its versions, rolled back ones included (so round numbers, and the batches they
+    name, are never reused after a roll-back).
+
+    Raises:
+        NotFoundError: unknown project.
+    """
+    return 1 + max((v.round for v in store.list_policy_versions(project.id)), default=0)
+
+
 def _train_and_register(ctx: JobContext, engine: RoundEngine, project: ProjectInfo, reference: PolicyVersionInfo,
                         previous: PolicyVersionInfo) -> PolicyVersionInfo:
     """Steps 1-4 of a round (see the module docstring), through
     :meth:`fkpd.train.engine.RoundEngine.run_round`; returns the registered version."""
     store = ctx.store
-    round_ = previous.round + 1
+    round_ = next_round(store, project)
     ctx.progress(0.0, "loading comparisons")
     init_dir = checkpoint_dir(store, previous)
     out_rel = (f"projects/{project.id}/rounds/round{round_:03d}-job{ctx.job_id}-a{ctx.job.attempts}-"
@@ -117,9 +135,9 @@ def _train_and_register(ctx: JobContext, engine: RoundEngine, project: ProjectIn
         ctx.check_cancelled()
         latest = served_versions(store, project)[-1]
         if latest.id != previous.id:
-            raise RoundError(f"policy version {latest.id} was registered while this round trained from version "
-                             f"{previous.id}; this round's checkpoint {out} is left unregistered. Enqueue a new "
-                             "round.")
+            raise RoundError(f"the served policy changed to version {latest.id} (registered or rolled back to) "
+                             f"while this round trained from version {previous.id}; this round's checkpoint {out} "
+                             "is left unregistered. Enqueue a new round.")
         cfg, a = result.config, result.alignment
         ckpt_rel = f"{out_rel}/{result.checkpoint.resolve().relative_to(out.resolve()).as_posix()}"
         hashes = store.artifacts.publish_dir(result.checkpoint, ckpt_rel)
